@@ -1,0 +1,437 @@
+"""CheckpointManager: the only code that reads or writes checkpoint files.
+
+    checkpoints/step_00000200/
+      model.safetensors config.json   GPT2LMHeadModel.from_pretrained(dir) works
+      tokenizer.json ...              AutoTokenizer.from_pretrained(dir) works
+      optimizer.pt                    optimizer + grad scaler; tensors only (torch.load weights_only=True)
+      trainer_state.json              counters, sampler, schedule, RNG, W&B id, config hash, metrics
+      manifest.json                   size + sha256 of every file above; written last
+    checkpoints/latest                names the newest committed checkpoint
+    checkpoints/corrupt/              checkpoints that failed verification, kept for inspection
+
+A save writes into a hidden temporary sibling, fsyncs every file, writes the manifest, renames the
+directory into place, fsyncs the parent, replaces `latest` atomically, and only then rotates old
+checkpoints away. A directory without a valid manifest is not a checkpoint.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt2exp.errors import UserError
+
+log = logging.getLogger(__name__)
+
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.pt"
+STATE_FILE = "trainer_state.json"
+LATEST = "latest"
+CORRUPT = "corrupt"
+TMP_PREFIX = ".tmp-"
+STEP_DIR = re.compile(r"^step_(\d{8,})$")
+MANIFEST_VERSION = 1
+# keys of the stateful set that go to optimizer.pt (tensors); everything else but the model is JSON
+TENSOR_STATE_KEYS = ("optimizer", "scaler")
+
+
+class CheckpointError(UserError):
+    """A checkpoint could not be written or none could be loaded; the message says which and why."""
+
+
+def step_dir_name(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def step_of(path: Path) -> int:
+    match = STEP_DIR.match(path.name)
+    if not match:
+        raise ValueError(f"{path} is not a step_XXXXXXXX checkpoint dir")
+    return int(match.group(1))
+
+
+def is_checkpoint_dir(path: Path) -> bool:
+    return bool(STEP_DIR.match(path.name)) and (path / MANIFEST).is_file()
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Committed checkpoints under `root` (those with a manifest), oldest first. Not yet verified."""
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if is_checkpoint_dir(p)), key=step_of)
+
+
+# -- writing and verifying files -----------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(data: bytes | memoryview) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_file(path: Path, data: bytes | memoryview, hasher: ThreadPoolExecutor) -> dict[str, Any]:
+    """Write and fsync `data`, hashing it on another thread meanwhile; returns its manifest entry."""
+    digest: Future[str] = hasher.submit(_sha256, data)
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return {"size": len(data), "sha256": digest.result()}
+
+
+def _file_digest(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_checkpoint(path: Path, mode: str = "sha256") -> str | None:
+    """None if `path` matches its manifest, else the reason it does not."""
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+        files = manifest["files"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"unreadable manifest ({exc})"
+    for name, entry in files.items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        size = file.stat().st_size
+        if size != entry["size"]:
+            return f"{name} has {size} bytes, the manifest says {entry['size']}"
+        if mode == "sha256" and _file_digest(file) != entry["sha256"]:
+            return f"{name} fails its sha256 check"
+    return None
+
+
+def _describe_os_error(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return "no space left on device (disk full)"
+    if isinstance(exc, OSError) and exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"permission denied ({exc.strerror})"
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+
+def find_verified(
+    root: Path,
+    mode: str = "sha256",
+    target: Path | None = None,
+    on_corrupt: Callable[[Path], None] | None = None,
+) -> Path:
+    """`target` if it verifies, else the newest checkpoint under `root` that does.
+
+    Each one that fails is logged and handed to `on_corrupt`; if none verifies, the CheckpointError
+    lists what was tried.
+    """
+    candidates = [target] if target is not None else list(reversed(list_checkpoints(root)))
+    tried = []
+    for path in candidates:
+        reason = verify_checkpoint(path, mode)
+        if reason is None:
+            return path
+        tried.append(f"{path.name} ({reason})")
+        log.warning("checkpoint %s failed verification: %s", path, reason)
+        if on_corrupt is not None:
+            on_corrupt(path)
+    if not tried:
+        raise CheckpointError(f"no checkpoints in {root}; start a new run instead")
+    raise CheckpointError("no checkpoint verifies; tried: " + "; ".join(tried))
+
+
+# -- tensor state (optimizer, scaler) ------------------------------------------------------------
+
+
+def serialize_tensor_state(state: dict[str, Any]) -> bytes:
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getbuffer()
+
+
+def load_tensor_state(path: Path) -> dict[str, Any]:
+    """torch.load with weights_only=True: a pickled object is refused and its code never runs."""
+    import pickle
+
+    import torch
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as exc:
+        raise CheckpointError(
+            f"{path} holds something other than tensors and plain values; refusing to unpickle it "
+            f"({str(exc).splitlines()[0][:160]})"
+        ) from None
+
+
+def model_tensors(model) -> dict[str, Any]:
+    """The model's state dict with tied duplicates dropped (HF re-ties them on load)."""
+    seen: set[int] = set()
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        if key in seen:
+            continue
+        seen.add(key)
+        tensors[name] = tensor.detach().to("cpu").contiguous()
+    return tensors
+
+
+# -- the manager ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Loaded:
+    path: Path
+    step: int
+    trainer_state: dict[str, Any]
+
+
+class CheckpointManager:
+    """save / load / close; `_should_save` decides when, `_rotate` decides what stays."""
+
+    def __init__(self, cfg: Any, run_dir: Path, tokenizer_dir: Path | None = None):
+        self.cfg = cfg
+        self.root = Path(run_dir) / "checkpoints"
+        self.tokenizer_dir = tokenizer_dir
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+        self._last_save_time = time.monotonic()
+        self._clean_leftovers()
+
+    # -- public API
+
+    def save(
+        self, step: int, stateful: dict[str, Any], metrics: dict[str, float], *, force: bool = False
+    ) -> Path | None:
+        """Commit a checkpoint of `stateful` at `step` if due (or `force`); returns its dir, or None.
+
+        On an I/O failure the partial directory is removed, earlier checkpoints are untouched, and
+        a CheckpointError is raised (on_save_error=stop) or logged (on_save_error=warn).
+        """
+        if not force and not self._should_save(step):
+            return None
+        final = self.root / step_dir_name(step)
+        if is_checkpoint_dir(final):
+            return final  # this step is already committed (e.g. a signal right after a periodic save)
+        start = time.monotonic()
+        try:
+            self._commit(step, stateful, metrics, final)
+        except (OSError, RuntimeError) as exc:
+            message = (
+                f"checkpoint {final.name} was not saved: {_describe_os_error(exc)} in {self.root}; "
+                "earlier checkpoints are intact"
+            )
+            if self.cfg.on_save_error == "warn":
+                log.warning("%s (training goes on: checkpoint.on_save_error=warn)", message)
+                return None
+            raise CheckpointError(message + "; free space or fix permissions, then resume") from exc
+        self._last_save_time = time.monotonic()
+        log.info("saved checkpoint %s in %.2fs", final.name, time.monotonic() - start)
+        self._rotate()
+        return final
+
+    def load(self, stateful: dict[str, Any], target: Path | None = None) -> Loaded:
+        """Load `target` (or the newest checkpoint that verifies) into `stateful`."""
+        path = self.find_good(target)
+        loaded = self._load_into(path, stateful)
+        log.info("loaded checkpoint %s", path)
+        return loaded
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True)
+
+    # -- finding a good checkpoint
+
+    def find_good(self, target: Path | None = None) -> Path:
+        """`target` if it verifies; else the newest checkpoint that verifies. Corrupt ones move aside."""
+        return find_verified(self.root, self.cfg.verify, target, on_corrupt=self._quarantine)
+
+    def _quarantine(self, path: Path) -> None:
+        """Move a corrupt checkpoint out of the step_* namespace: kept for inspection, never loaded."""
+        corrupt = self.root / CORRUPT
+        corrupt.mkdir(exist_ok=True)
+        log.warning("moving %s to %s/ for inspection; it will not be loaded again", path.name, CORRUPT)
+        os.replace(path, corrupt / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        _fsync_dir(self.root)
+        self._point_latest_at_newest()
+
+    # -- saving
+
+    def _should_save(self, step: int) -> bool:
+        if self.cfg.every_steps and step % self.cfg.every_steps == 0:
+            return True
+        minutes = (time.monotonic() - self._last_save_time) / 60.0
+        return bool(self.cfg.every_minutes) and minutes >= self.cfg.every_minutes
+
+    def _commit(self, step: int, stateful: dict[str, Any], metrics: dict[str, float], final: Path) -> None:
+        tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            tmp.mkdir()
+            files = self._write_files(tmp, step, stateful, metrics)
+            manifest = {"version": MANIFEST_VERSION, "step": step, "metrics": metrics, "files": files}
+            manifest_text = json.dumps(manifest, indent=1).encode()
+            with open(tmp / MANIFEST, "wb") as f:
+                f.write(manifest_text)
+                f.flush()
+                os.fsync(f.fileno())
+            _fsync_dir(tmp)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync_dir(self.root)
+        self._write_latest(final.name)
+
+    def _write_files(
+        self, tmp: Path, step: int, stateful: dict[str, Any], metrics: dict[str, float]
+    ) -> dict[str, dict[str, Any]]:
+        from safetensors.torch import save as safetensors_bytes
+
+        files: dict[str, dict[str, Any]] = {}
+
+        def write(name: str, data: bytes | memoryview) -> None:
+            files[name] = _write_file(tmp / name, data, self._hasher)
+
+        model = stateful["model"]
+        write(MODEL_FILE, safetensors_bytes(model_tensors(model), metadata={"format": "pt"}))
+        write("config.json", model.config.to_json_string().encode())
+        if self.tokenizer_dir is not None:
+            for source in sorted(Path(self.tokenizer_dir).iterdir()):
+                if source.is_file():
+                    write(source.name, source.read_bytes())
+        tensor_state = {k: stateful[k].state_dict() for k in TENSOR_STATE_KEYS if stateful.get(k) is not None}
+        write(OPTIMIZER_FILE, serialize_tensor_state(tensor_state))
+        json_state = {k: v.state_dict() for k, v in stateful.items() if k != "model" and k not in TENSOR_STATE_KEYS}
+        json_state.update(step=step, metrics=metrics, saved_at=time.time())
+        write(STATE_FILE, json.dumps(json_state).encode())
+        return files
+
+    def _write_latest(self, name: str) -> None:
+        tmp = self.root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
+        with open(tmp, "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.root / LATEST)
+        _fsync_dir(self.root)
+
+    def _point_latest_at_newest(self) -> None:
+        remaining = list_checkpoints(self.root)
+        if remaining:
+            self._write_latest(remaining[-1].name)
+        else:
+            (self.root / LATEST).unlink(missing_ok=True)
+
+    def _clean_leftovers(self) -> None:
+        for path in self.root.iterdir():
+            if path.name.startswith(TMP_PREFIX):
+                log.info("removing %s, left by an interrupted save", path.name)
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+    # -- rotation
+
+    def kept(self) -> dict[str, list[str]]:
+        """Why each committed checkpoint stays: {dir name: reasons}; absent names are to delete."""
+        checkpoints = list_checkpoints(self.root)
+        reasons: dict[str, list[str]] = {p.name: [] for p in checkpoints}
+        if not checkpoints:
+            return reasons
+        for path in checkpoints[-max(1, self.cfg.keep_last) :]:
+            reasons[path.name].append("last")
+        if self.cfg.keep_every:
+            for path in checkpoints:
+                if step_of(path) % self.cfg.keep_every == 0:
+                    reasons[path.name].append("milestone")
+        if self.cfg.keep_best:
+            scored = [(m, p) for p in checkpoints if (m := self._metric_of(p)) is not None]
+            sign = 1.0 if self.cfg.best_mode == "min" else -1.0
+            scored.sort(key=lambda item: (sign * item[0], -step_of(item[1])))
+            for _, path in scored[: self.cfg.keep_best]:
+                reasons[path.name].append("best")
+        return reasons
+
+    def _metric_of(self, path: Path) -> float | None:
+        try:
+            value = json.loads((path / MANIFEST).read_text())["metrics"].get(self.cfg.best_metric)
+        except (OSError, ValueError, KeyError, AttributeError):
+            return None
+        return float(value) if value is not None else None
+
+    def _rotate(self) -> None:
+        for name, reasons in self.kept().items():
+            if not reasons:
+                log.info("rotating away checkpoint %s", name)
+                shutil.rmtree(self.root / name)
+
+    # -- loading
+
+    def _load_into(self, path: Path, stateful: dict[str, Any]) -> Loaded:
+        from safetensors.torch import load_file
+
+        model = stateful["model"]
+        weights = load_file(path / MODEL_FILE)
+        try:
+            missing, unexpected = model.load_state_dict(weights, strict=False)
+        except RuntimeError as exc:
+            raise CheckpointError(
+                f"checkpoint {path} does not match the model its config describes "
+                f"({_mismatch_summary(exc)}); resume with the run's own config"
+            ) from None
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if unexpected or set(missing) - tied:
+            raise CheckpointError(
+                f"checkpoint {path} does not match the model its config describes "
+                f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
+            )
+        model.tie_weights()
+        tensor_state = load_tensor_state(path / OPTIMIZER_FILE)
+        for key in TENSOR_STATE_KEYS:
+            if stateful.get(key) is not None and key in tensor_state:
+                stateful[key].load_state_dict(tensor_state[key])
+        trainer_state = json.loads((path / STATE_FILE).read_text())
+        for key, obj in stateful.items():
+            if key != "model" and key not in TENSOR_STATE_KEYS and key in trainer_state:
+                obj.load_state_dict(trainer_state[key])
+        return Loaded(path, int(trainer_state["step"]), trainer_state)
+
+
+def _mismatch_summary(exc: RuntimeError) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+    return lines[0] if lines else str(exc).splitlines()[0]
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    return json.loads((path / MANIFEST).read_text())
+
+
+def checkpoint_size(path: Path) -> int:
+    return sum(entry["size"] for entry in read_manifest(path)["files"].values())
+
+
+def newest_step(root: Path) -> int | None:
+    checkpoints = list_checkpoints(root)
+    return step_of(checkpoints[-1]) if checkpoints else None

@@ -1,0 +1,140 @@
+"""What happens to the command line before Hydra runs.
+
+Hydra writes the run dir (and, on a reused dir, overwrites `.hydra/`) before the task function
+starts, so every check that must reject a command without touching the disk happens here, on
+`sys.argv`:
+- the config must compose against the typed schema and pass `config.validate`;
+- `resume=...` must name a resumable run, not be combined with `-m`, not be older than the run's
+  newest checkpoint, and change only whitelisted keys of the config of record;
+- a resume is pointed at its own run dir, with Hydra's files going to `.hydra/resume-<stamp>/`.
+Each failure is one `error:` line and exit code 2.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from gpt2exp.errors import UserError, fail
+from gpt2exp.rundir import (
+    RESUMABLE_KEYS,
+    check_unlocked,
+    forbidden_changes,
+    leaves,
+    override_key,
+    read_config_of_record,
+    resume_target,
+)
+
+# Hydra flags that only print something: no run, nothing to check.
+INFO_FLAGS = {
+    "--help",
+    "-h",
+    "--hydra-help",
+    "--cfg",
+    "-c",
+    "--info",
+    "-i",
+    "--version",
+    "--shell-completion",
+    "-sc",
+}
+MULTIRUN_FLAGS = {"--multirun", "-m"}
+
+
+def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
+    """The job config for `overrides`, typed and validated; composition errors become UserError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from gpt2exp.config import validate
+
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise UserError(_one_line(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    # Hydra puts the useful part (e.g. the available options) on the following lines
+    return " ".join(lines[:3]) if lines else type(exc).__name__
+
+
+def _overrides(args: list[str]) -> list[str]:
+    return [a for a in args if not a.startswith("-") and "=" in a]
+
+
+def _value(overrides: list[str], key: str) -> str | None:
+    found = [o.split("=", 1)[1] for o in overrides if override_key(o) == key]
+    return found[-1] if found else None
+
+
+def prepare_argv(argv: list[str], conf_dir: str) -> list[str]:
+    """Check the command line and return the argv Hydra should see; exits 2 on bad input."""
+    try:
+        return _prepare(argv, conf_dir)
+    except UserError as exc:
+        fail(str(exc))
+        raise  # unreachable: fail() exits
+
+
+def _prepare(argv: list[str], conf_dir: str) -> list[str]:
+    args = argv[1:]
+    if any(a in INFO_FLAGS for a in args):
+        return argv
+    multirun = any(a in MULTIRUN_FLAGS for a in args)
+    overrides = _overrides(args)
+    job_overrides = [o for o in overrides if not override_key(o).startswith("hydra")]
+    resume = _value(overrides, "resume")
+    if resume in (None, "null"):
+        if not multirun:
+            compose(conf_dir, job_overrides)
+        return argv
+    if multirun:
+        raise UserError("-m cannot be combined with resume=...; resume each job's run dir on its own")
+    fixed_dir = _value(overrides, "hydra.run.dir")
+    target = resume_target(resume, Path(fixed_dir) if fixed_dir else None)
+    if target is None:  # resume=auto and nothing to resume yet: a fresh start in the fixed dir
+        compose(conf_dir, job_overrides)
+        return argv
+    check_unlocked(target.run_dir)
+    if target.checkpoint is not None:
+        _refuse_older_checkpoint(target.checkpoint)
+    record = read_config_of_record(target.run_dir)
+    without = [o for o in job_overrides if override_key(o) == "resume"]
+    changed = forbidden_changes(record, compose(conf_dir, job_overrides), compose(conf_dir, without))
+    if changed:
+        recorded = leaves(record)
+        details = ", ".join(f"{k} (recorded {recorded.get(k)!r})" for k in changed)
+        raise UserError(
+            f"resume cannot change {details}: the run is rebuilt from its config of record; "
+            f"allowed on resume: {', '.join(RESUMABLE_KEYS[1:])}"
+        )
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
+    return [
+        argv[0],
+        *kept,
+        f"hydra.run.dir={target.run_dir}",
+        f"hydra.output_subdir=.hydra/resume-{stamp}",
+    ]
+
+
+def _refuse_older_checkpoint(checkpoint: Path) -> None:
+    from gpt2exp.checkpoint import list_checkpoints, step_of
+
+    newest = list_checkpoints(checkpoint.parent)[-1]
+    if step_of(newest) > step_of(checkpoint):
+        raise UserError(
+            f"{checkpoint.name} is older than this run's newest checkpoint {newest.name}; resuming it "
+            f"would overwrite newer state. Resume the run dir ({checkpoint.parent.parent}) instead, "
+            f"or copy the run dir and resume the copy"
+        )

@@ -1,0 +1,63 @@
+"""GPT2LMHeadModel from the `model` config: from scratch, or pretrained weights by name or path."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from gpt2exp.errors import UserError
+from gpt2exp.hub import load_pretrained
+
+log = logging.getLogger(__name__)
+
+
+def quiet_transformers() -> None:
+    """Hide transformers notices a user cannot act on (e.g. the per-model `loss_type=None` line)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
+def scratch_config(cfg: Any, vocab_size: int, eos_id: int):
+    from transformers import GPT2Config
+
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_positions=cfg.block_size,
+        n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer,
+        n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout,
+        embd_pdrop=cfg.dropout,
+        attn_pdrop=cfg.dropout,
+        bos_token_id=eos_id,
+        eos_token_id=eos_id,
+    )
+
+
+def build_model(cfg: Any, vocab_size: int, eos_id: int):
+    """The model for `cfg` (the `model` section) and a tokenizer of `vocab_size` tokens."""
+    from transformers import GPT2LMHeadModel
+
+    quiet_transformers()
+    if cfg.init == "scratch":
+        return GPT2LMHeadModel(scratch_config(cfg, vocab_size, eos_id))
+    dropout = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
+    model = load_pretrained(GPT2LMHeadModel.from_pretrained, cfg.init, what="model", **dropout)
+    supported = model.config.n_positions
+    if cfg.block_size > supported:
+        raise UserError(
+            f"model.block_size={cfg.block_size} is larger than {cfg.init} supports ({supported}); "
+            f"set model.block_size={supported} or less"
+        )
+    if vocab_size > model.config.vocab_size:
+        raise UserError(
+            f"the tokenizer has {vocab_size} tokens but {cfg.init} embeds only {model.config.vocab_size}; "
+            f"use the model's own tokenizer: data.tokenizer.name={cfg.init}"
+        )
+    return model
+
+
+def count_parameters(model) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,45 @@
+"""Preemption signals (SIGTERM, SIGINT, SIGUSR1) turned into a flag the training loop checks.
+
+The handler only records the signal; the loop saves at the next step boundary, flushes the
+loggers, marks run.json `preempted` and exits with EXIT_PREEMPTED, so a scheduler can requeue the
+same command (with resume=auto) and it continues. A second signal changes nothing: the save already
+under way finishes first. The previous handlers are restored on exit, so a sweep's next job in the
+same process starts clean.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from types import FrameType
+
+log = logging.getLogger(__name__)
+
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, retry"
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
+class PreemptionFlag:
+    def __init__(self) -> None:
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    @property
+    def requested(self) -> bool:
+        return self.signal_name is not None
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.signal_name is None:
+            self.signal_name = signal.Signals(signum).name
+
+    def __enter__(self) -> PreemptionFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in SIGNALS:
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
