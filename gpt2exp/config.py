@@ -194,6 +194,10 @@ def validate(cfg: DictConfig) -> None:
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise UserError(f"{missing[0]} is required but not set; add {missing[0]}=... to the command")
+    if cfg.data.source == "text_files" and not cfg.data.files:
+        raise UserError("data.files is required for data=text_files; add data.files=[path/to/text.txt]")
+    if cfg.data.source == "hf_dataset" and not cfg.data.dataset:
+        raise UserError("data.dataset is required for data=hf_dataset; add data.dataset=<hub name or local path>")
     t = cfg.trainer
     for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches", "num_samples"):
         value = t[key]

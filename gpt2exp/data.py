@@ -117,11 +117,17 @@ def load_corpus(cfg: Any) -> Corpus:
 def _load_hf_corpus(cfg: Any) -> Corpus:
     import datasets
 
+    saved = Path(os.path.expanduser(cfg.dataset))
+    saved_to_disk = (saved / "state.json").exists() or (saved / "dataset_dict.json").exists()
+
     def load(split: str):
         try:
+            if saved_to_disk:  # a folder written by save_to_disk
+                loaded = datasets.load_from_disk(str(saved))
+                return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
             return datasets.load_dataset(cfg.dataset, cfg.config_name, split=split)
         except FileNotFoundError as exc:
-            raise UserError(f"data set not found: {cfg.dataset} ({exc}); pass a local path or a hub name") from exc
+            raise UserError(f"data set not found: {cfg.dataset}; pass a local path or a hub name") from exc
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f"could not load data set {cfg.dataset} split {split}: {first}") from exc

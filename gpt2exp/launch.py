@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.errors import UserError, fail
 from gpt2exp.rundir import (
@@ -51,21 +51,35 @@ def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from gpt2exp.config import validate
+    from gpt2exp.config import register_schemas, typed, validate
 
+    register_schemas()
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
             cfg = hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(_one_line(exc)) from None
+    typed(OmegaConf.to_container(cfg))  # catches keys added with `+group.key=...`, which slip past Hydra's own check
     validate(cfg)
     return cfg
 
 
 def _one_line(exc: BaseException) -> str:
+    """Hydra's composition errors as one line: what failed, the key, and the choices if any."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    # Hydra puts the useful part (e.g. the available options) on the following lines
-    return " ".join(lines[:3]) if lines else type(exc).__name__
+    message = lines[0] if lines else type(exc).__name__
+    if "Available options" in str(exc):
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+        choices = [ln for ln in lines[start + 1 :] if not ln.startswith(("Config search path", "provider="))]
+        return f"{message}; available: {', '.join(choices)}"
+    detail = lines[1:]
+    if exc.__cause__ is not None:
+        detail = [ln.strip() for ln in str(exc.__cause__).splitlines() if ln.strip()] + detail
+    key = next((ln.split(":", 1)[1].strip() for ln in detail if ln.startswith("full_key:")), None)
+    reason = next((ln for ln in detail if ":" not in ln[:12] and not ln.startswith(("reference_type", "object_type"))), None)
+    if reason:
+        message = f"{message.rstrip(':')}: {reason}"
+    return message + (f" (key {key})" if key else "")
 
 
 def _overrides(args: list[str]) -> list[str]:

@@ -42,6 +42,14 @@ log = logging.getLogger("gpt2exp")
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def next_token_loss(model, inputs, targets):
+    """Mean cross-entropy of `targets` (already shifted by one) under the model's logits for `inputs`."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=inputs, use_cache=False).logits
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
 class Preempted(Exception):
     """The run stopped on a signal after saving; the process should exit with EXIT_PREEMPTED."""
 
@@ -285,7 +293,7 @@ class Trainer:
         for _ in range(t.grad_accum_steps):
             x, y = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in self.sampler.next_batch())
             with self.autocast:
-                loss = self.step_fn(input_ids=x, labels=y, use_cache=False).loss / t.grad_accum_steps
+                loss = next_token_loss(self.step_fn, x, y) / t.grad_accum_steps
             self.scaler.scale(loss).backward()
             total += loss.item()
         if t.grad_clip:
@@ -306,7 +314,7 @@ class Trainer:
         with torch.no_grad(), self.autocast:
             for x, y in self.val:
                 x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
-                losses.append(self.model(input_ids=x, labels=y, use_cache=False).loss.item())
+                losses.append(next_token_loss(self.model, x, y).item())
         return float(sum(losses) / len(losses))
 
     def samples(self, count: int) -> list[str]:

@@ -1,0 +1,57 @@
+"""Shared test set-up: offline hub, W&B off unless a test asks, one data cache per session."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = str(REPO / "conf")
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["WANDB_SILENT"] = "true"
+os.environ.setdefault("GPT2EXP_CACHE", tempfile.mkdtemp(prefix="gpt2exp-test-cache-"))
+
+# A small, fast setup for runs in tests: ~60k parameters, 64-token windows, a 512-token BPE.
+FAST = [
+    "model.n_layer=2",
+    "model.n_head=2",
+    "model.n_embd=32",
+    "model.block_size=32",
+    "data.tokenizer.vocab_size=512",
+    "trainer.batch_size=4",
+    "trainer.eval_batches=2",
+    "trainer.num_samples=1",
+    "trainer.sample_tokens=8",
+    "trainer.progress=false",
+    "trainer.num_threads=1",
+    "logger=none",
+]
+
+
+def run_cli(module: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
+    """Run `python -m <module> args...` in `cwd`; returns the CompletedProcess (text)."""
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=full_env,
+    )
+
+
+@pytest.fixture
+def compose():
+    """compose(overrides) -> the typed, validated job config (as the CLI would build it)."""
+    from gpt2exp.config import register_schemas
+    from gpt2exp.launch import compose as compose_config
+
+    register_schemas()
+    return lambda overrides=(): compose_config(CONF_DIR, list(overrides))

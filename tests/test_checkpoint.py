@@ -1,0 +1,815 @@
+"""CheckpointManager: atomic saves, exact rotation, verified loads, and failures that lose nothing.
+
+Every test uses a tiny real GPT-2 (1 layer, 16-dim, 64-token vocabulary), an AdamW optimizer that
+has taken a step (so it has state), and the small stateful objects the trainer checkpoints.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import logging
+import os
+import pickle
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import gpt2exp.checkpoint as ckpt
+from gpt2exp.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from gpt2exp.config import CheckpointConfig
+from gpt2exp.data import BatchSampler
+from gpt2exp.state import RngState, TrainerCounters
+
+TINY = {
+    "n_layer": 1,
+    "n_head": 2,
+    "n_embd": 16,
+    "n_positions": 16,
+    "vocab_size": 64,
+    "bos_token_id": 63,
+    "eos_token_id": 63,
+}
+CHECKPOINT_FILES = {"model.safetensors", "config.json", "optimizer.pt", "trainer_state.json", "manifest.json"}
+REPO = Path(__file__).resolve().parent.parent
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def make_cfg(**kwargs):
+    kwargs.setdefault("keep_last", 100)
+    kwargs.setdefault("keep_best", 0)
+    return OmegaConf.structured(CheckpointConfig(**kwargs))
+
+
+def make_model(seed: int = 0, **overrides) -> GPT2LMHeadModel:
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(**{**TINY, **overrides}))
+
+
+def make_sampler(seed: int = 0, batches: int = 0) -> BatchSampler:
+    tokens = (np.arange(2048) * 7 % TINY["vocab_size"]).astype(np.uint16)
+    sampler = BatchSampler(tokens, block_size=8, batch_size=2, seed=seed)
+    for _ in range(batches):
+        sampler.next_batch()
+    return sampler
+
+
+def make_stateful(seed: int = 0, **overrides) -> dict:
+    """model, optimizer (one step taken), counters, sampler (two batches in), rng, like Trainer."""
+    model = make_model(seed, **overrides)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sampler = make_sampler(seed, batches=1)
+    x, y = sampler.next_batch()
+    loss = model(input_ids=torch.from_numpy(x), labels=torch.from_numpy(y)).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    counters = TrainerCounters(step=1, tokens_seen=32)
+    return {"model": model, "optimizer": optimizer, "sampler": sampler, "trainer": counters, "rng": RngState()}
+
+
+def clone_weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_weights_equal(model, expected: dict[str, torch.Tensor]) -> None:
+    actual = model.state_dict()
+    assert set(actual) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(actual[name], tensor), name
+
+
+def bump(model, amount: float = 1.0) -> None:
+    """Change every weight so that checkpoints of different steps are told apart."""
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(amount)
+
+
+def dirs(root: Path) -> set[str]:
+    return {p.name for p in root.iterdir() if p.is_dir()}
+
+
+def steps(root: Path) -> set[str]:
+    return {name for name in dirs(root) if name.startswith("step_")}
+
+
+def latest(root: Path) -> str:
+    return (root / "latest").read_text()
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir() if p.name.startswith(".tmp-"))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def flip_byte(path: Path, offset: int = -1) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def truncate(path: Path, by: int = 100) -> None:
+    os.truncate(path, path.stat().st_size - by)
+
+
+def rewrite_manifest_entry(checkpoint: Path, name: str) -> None:
+    manifest_path = checkpoint / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    file = checkpoint / name
+    manifest["files"][name] = {"size": file.stat().st_size, "sha256": sha256(file)}
+    manifest_path.write_text(json.dumps(manifest, indent=1))
+
+
+@pytest.fixture
+def run_dir(tmp_path) -> Path:
+    return tmp_path / "run"
+
+
+@pytest.fixture
+def managers():
+    """managers(cfg, run_dir) -> a CheckpointManager closed at teardown."""
+    made: list[CheckpointManager] = []
+
+    def make(cfg, run_dir, tokenizer_dir=None) -> CheckpointManager:
+        manager = CheckpointManager(cfg, run_dir, tokenizer_dir)
+        made.append(manager)
+        return manager
+
+    yield make
+    for manager in made:
+        manager.close()
+
+
+@pytest.fixture
+def two_steps(run_dir, managers):
+    """Checkpoints at steps 1 and 2 with different weights; returns (manager, stateful, weights by step)."""
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    weights = {}
+    for step in (1, 2):
+        stateful["trainer"].step = step
+        weights[step] = clone_weights(stateful["model"])
+        manager.save(step, stateful, {"val/loss": 3.0 - step}, force=True)
+        bump(stateful["model"])
+    return manager, stateful, weights
+
+
+# -- save / load round trip ----------------------------------------------------------------------
+
+
+def test_round_trip_restores_model_optimizer_and_state_exactly(run_dir, managers):
+    manager = managers(make_cfg(), run_dir)
+    src = make_stateful(seed=1)
+    src["trainer"].load_state_dict(
+        {"step": 7, "tokens_seen": 224, "best_metric": 2.5, "last_eval": {"val/loss": 2.5, "step": 7}, "wandb_id": "w1"}
+    )
+    saved_weights = clone_weights(src["model"])
+    saved_opt = src["optimizer"].state_dict()
+    saved_sampler = src["sampler"].state_dict()
+    random.seed(11)
+    np.random.seed(11)
+    torch.manual_seed(11)
+
+    path = manager.save(7, src, {"val/loss": 2.5}, force=True)
+    assert path == manager.root / "step_00000007"
+    # what a resumed run must draw next: the draws right after the RNG state was captured
+    draws = (random.random(), float(np.random.rand()), torch.rand(3))
+
+    dst = make_stateful(seed=2)
+    dst["sampler"] = make_sampler(seed=1, batches=7)  # the run's own seed (config of record), elsewhere
+    assert not torch.equal(dst["model"].transformer.wte.weight, saved_weights["transformer.wte.weight"])
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+    loaded = manager.load(dst)
+
+    assert loaded.path == path
+    assert loaded.step == 7
+    assert loaded.trainer_state["metrics"] == {"val/loss": 2.5}
+    assert_weights_equal(dst["model"], saved_weights)
+    model = dst["model"]
+    assert model.lm_head.weight.data_ptr() == model.transformer.wte.weight.data_ptr()  # still tied
+
+    loaded_opt = dst["optimizer"].state_dict()
+    assert loaded_opt["param_groups"] == saved_opt["param_groups"]
+    assert set(loaded_opt["state"]) == set(saved_opt["state"]) and len(saved_opt["state"]) == 16
+    for index, state in saved_opt["state"].items():
+        assert set(loaded_opt["state"][index]) == {"step", "exp_avg", "exp_avg_sq"}
+        for key, tensor in state.items():
+            assert torch.equal(loaded_opt["state"][index][key], tensor), (index, key)
+
+    assert dst["trainer"] == src["trainer"]
+    assert dst["trainer"].step == 7 and dst["trainer"].last_eval == {"val/loss": 2.5, "step": 7}
+    assert dst["sampler"].state_dict() == saved_sampler == {"seed": 1, "epoch": 0, "offset": 4}
+    assert dst["sampler"].next_batch()[0].tolist() == src["sampler"].next_batch()[0].tolist()
+    after = (random.random(), float(np.random.rand()), torch.rand(3))
+    assert after[:2] == draws[:2] and torch.equal(after[2], draws[2])
+
+
+def test_checkpoint_dir_loads_with_from_pretrained(run_dir, managers):
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    path = manager.save(3, stateful, {}, force=True)
+    model = GPT2LMHeadModel.from_pretrained(path)
+    assert model.config.n_embd == 16 and model.config.n_layer == 1 and model.config.vocab_size == 64
+    assert_weights_equal(model, clone_weights(stateful["model"]))
+
+
+def test_manifest_lists_every_file_with_size_and_sha256(run_dir, managers, tmp_path):
+    tokenizer_dir = tmp_path / "tok"
+    tokenizer_dir.mkdir()
+    (tokenizer_dir / "tokenizer.json").write_text('{"version": "1.0"}')
+    (tokenizer_dir / "special_tokens_map.json").write_text("{}")
+    manager = managers(make_cfg(), run_dir, tokenizer_dir)
+    path = manager.save(12, make_stateful(), {"val/loss": 1.25}, force=True)
+
+    on_disk = {p.name for p in path.iterdir()}
+    assert on_disk == CHECKPOINT_FILES | {"tokenizer.json", "special_tokens_map.json"}
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["version"] == 1 and manifest["step"] == 12 and manifest["metrics"] == {"val/loss": 1.25}
+    assert set(manifest["files"]) == on_disk - {"manifest.json"}
+    for name, entry in manifest["files"].items():
+        assert entry == {"size": (path / name).stat().st_size, "sha256": sha256(path / name)}, name
+    assert (path / "tokenizer.json").read_text() == '{"version": "1.0"}'
+    assert verify_checkpoint(path) is None
+    assert ckpt.checkpoint_size(path) == sum((path / n).stat().st_size for n in manifest["files"])
+
+
+def test_latest_names_the_newest_and_no_temp_dirs_remain(run_dir, managers):
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    for step in (5, 6, 10):
+        manager.save(step, stateful, {}, force=True)
+        assert latest(manager.root) == f"step_{step:08d}\n"
+    assert {p.name for p in manager.root.iterdir()} == {"step_00000005", "step_00000006", "step_00000010", "latest"}
+    assert ckpt.newest_step(manager.root) == 10
+
+
+def test_saving_a_committed_step_again_returns_it_untouched(run_dir, managers):
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    path = manager.save(4, stateful, {}, force=True)
+    manifest_before = (path / "manifest.json").read_bytes()
+    bump(stateful["model"])
+    assert manager.save(4, stateful, {}, force=True) == path
+    assert (path / "manifest.json").read_bytes() == manifest_before
+
+
+@pytest.mark.xfail(
+    reason=(
+        "BUG gpt2exp/data.py BatchSampler.load_state_dict (line 319): it sets seed/epoch/offset but keeps the "
+        "cached window order (_order, _order_epoch) computed for the old seed, so a sampler that drew "
+        "a batch before loading a checkpoint of another seed continues with the old seed's order"
+    ),
+    strict=True,
+)
+def test_sampler_state_restores_the_exact_next_batch_whatever_it_held_before(run_dir, managers):
+    manager = managers(make_cfg(), run_dir)
+    src = make_stateful(seed=1)
+    manager.save(1, src, {}, force=True)
+    dst = make_stateful(seed=2)  # its sampler (seed 2) has already drawn epoch 0's order
+    manager.load(dst)
+    assert dst["sampler"].state_dict() == src["sampler"].state_dict()
+    assert dst["sampler"].next_batch()[0].tolist() == src["sampler"].next_batch()[0].tolist()
+
+
+# -- when to save, what stays ----------------------------------------------------------------------
+
+
+def test_keep_last_two_of_five(run_dir, managers):
+    manager = managers(make_cfg(keep_last=2, keep_best=0), run_dir)
+    stateful = make_stateful()
+    for step in range(1, 6):
+        manager.save(step, stateful, {}, force=True)
+    assert steps(manager.root) == {"step_00000004", "step_00000005"}
+    assert latest(manager.root) == "step_00000005\n"
+
+
+def test_keep_best_keeps_an_old_best_step(run_dir, managers):
+    manager = managers(make_cfg(keep_last=2, keep_best=1), run_dir)
+    stateful = make_stateful()
+    losses = {1: 3.0, 2: 1.0, 3: 2.0, 4: 2.5, 5: 1.5}
+    for step, loss in losses.items():
+        manager.save(step, stateful, {"val/loss": loss}, force=True)
+    assert steps(manager.root) == {"step_00000002", "step_00000004", "step_00000005"}
+    assert manager.kept() == {"step_00000002": ["best"], "step_00000004": ["last"], "step_00000005": ["last"]}
+
+
+def test_keep_best_with_max_mode_and_ties_prefer_the_newer(run_dir, managers):
+    cfg = make_cfg(keep_last=1, keep_best=1, best_metric="val/acc", best_mode="max")
+    manager = managers(cfg, run_dir)
+    stateful = make_stateful()
+    for step, acc in {1: 0.5, 2: 0.9, 3: 0.9, 4: 0.1, 5: 0.2}.items():
+        manager.save(step, stateful, {"val/acc": acc}, force=True)
+    assert steps(manager.root) == {"step_00000003", "step_00000005"}
+
+
+@pytest.mark.xfail(
+    reason=(
+        "BUG gpt2exp/checkpoint.py CheckpointManager.kept (line 370-373): a NaN metric is scored like a "
+        "number; sorting with NaN keys is order-dependent, so a diverged (NaN) checkpoint can rank as "
+        "'best' and the truly best one is rotated away"
+    ),
+    strict=True,
+)
+def test_keep_best_never_prefers_a_nan_metric(run_dir, managers):
+    manager = managers(make_cfg(keep_last=1, keep_best=1), run_dir)
+    stateful = make_stateful()
+    for step, loss in {1: float("nan"), 2: 1.0, 3: 3.0}.items():
+        manager.save(step, stateful, {"val/loss": loss}, force=True)
+    assert steps(manager.root) == {"step_00000002", "step_00000003"}
+
+
+def test_keep_every_milestones_stay(run_dir, managers):
+    manager = managers(make_cfg(keep_last=1, keep_best=0, keep_every=2), run_dir)
+    stateful = make_stateful()
+    for step in range(1, 8):
+        manager.save(step, stateful, {}, force=True)
+    assert steps(manager.root) == {"step_00000002", "step_00000004", "step_00000006", "step_00000007"}
+
+
+def test_keep_last_zero_still_keeps_the_newest(run_dir, managers):
+    manager = managers(make_cfg(keep_last=0, keep_best=0), run_dir)
+    stateful = make_stateful()
+    for step in range(1, 4):
+        manager.save(step, stateful, {}, force=True)
+    assert steps(manager.root) == {"step_00000003"}
+
+
+def test_every_steps_decides_which_steps_save(run_dir, managers):
+    manager = managers(make_cfg(every_steps=3), run_dir)
+    stateful = make_stateful()
+    returned = {step: manager.save(step, stateful, {}) for step in range(1, 11)}
+    assert {s for s, path in returned.items() if path is not None} == {3, 6, 9}
+    assert all(returned[s] is None for s in (1, 2, 4, 5, 7, 8, 10))
+    assert returned[9] == manager.root / "step_00000009"
+    assert steps(manager.root) == {"step_00000003", "step_00000006", "step_00000009"}
+    assert manager.save(10, stateful, {}, force=True) == manager.root / "step_00000010"
+
+
+def test_nothing_due_without_every_steps_or_minutes(run_dir, managers):
+    manager = managers(make_cfg(every_steps=0, every_minutes=0.0), run_dir)
+    stateful = make_stateful()
+    assert [manager.save(step, stateful, {}) for step in range(1, 6)] == [None] * 5
+    assert steps(manager.root) == set()
+
+
+def test_every_minutes_saves_once_the_interval_passed(run_dir, managers, monkeypatch):
+    clock = {"now": 1000.0}
+    fake_time = types.SimpleNamespace(monotonic=lambda: clock["now"], time=time.time, strftime=time.strftime)
+    monkeypatch.setattr(ckpt, "time", fake_time)
+    manager = managers(make_cfg(every_minutes=2.0), run_dir)
+    stateful = make_stateful()
+    clock["now"] += 119
+    assert manager.save(1, stateful, {}) is None
+    clock["now"] += 1
+    assert manager.save(2, stateful, {}) == manager.root / "step_00000002"
+    clock["now"] += 60  # the interval restarts at the save
+    assert manager.save(3, stateful, {}) is None
+    clock["now"] += 60
+    assert manager.save(4, stateful, {}) == manager.root / "step_00000004"
+
+
+# -- a kill during a save --------------------------------------------------------------------------
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import os, signal, sys
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import GPT2Config, GPT2LMHeadModel
+    import gpt2exp.checkpoint as ckpt
+    from gpt2exp.config import CheckpointConfig
+    from gpt2exp.state import TrainerCounters
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=64))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 64, (2, 8))
+    model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    stateful = {"model": model, "optimizer": optimizer, "trainer": TrainerCounters(step=1)}
+    cfg = OmegaConf.structured(CheckpointConfig(keep_last=5, keep_best=0))
+    manager = ckpt.CheckpointManager(cfg, sys.argv[1])
+    manager.save(1, stateful, {"val/loss": 2.0}, force=True)
+    print("saved step 1", flush=True)
+
+    real_write_file = ckpt._write_file
+    def write_file_then_die(path, data, hasher):
+        if path.name == ckpt.OPTIMIZER_FILE:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_write_file(path, data, hasher)
+    ckpt._write_file = write_file_then_die
+
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    stateful["trainer"].step = 2
+    manager.save(2, stateful, {"val/loss": 1.0}, force=True)
+    print("step 2 survived the kill", flush=True)
+    """
+)
+
+
+def test_kill_during_save_leaves_the_previous_checkpoint_loadable(run_dir, managers):
+    proc = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(run_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert proc.stdout == "saved step 1\n"
+
+    root = run_dir / "checkpoints"
+    (tmp_name,) = leftovers(root)
+    assert tmp_name.startswith(".tmp-step_00000002-")
+    partial = root / tmp_name
+    # killed while writing optimizer.pt: the weights were written, the manifest never was
+    assert {p.name for p in partial.iterdir()} == {"model.safetensors", "config.json"}
+    assert steps(root) == {"step_00000001"}
+    assert not (root / "step_00000002").exists()
+    assert latest(root) == "step_00000001\n"
+    assert verify_checkpoint(root / "step_00000001") is None
+    partial_weights = load_file(partial / "model.safetensors")
+
+    manager = managers(make_cfg(), run_dir)  # a restart
+    assert leftovers(root) == []
+    assert {p.name for p in root.iterdir()} == {"step_00000001", "latest"}
+    stateful = make_stateful(seed=5)
+    loaded = manager.load(stateful)
+    assert loaded.path == root / "step_00000001" and loaded.step == 1
+    assert stateful["trainer"].step == 1
+    # the loaded weights are step 1's: the interrupted step 2 had every weight raised by 1
+    weights = stateful["model"].state_dict()
+    for name, tensor in partial_weights.items():
+        assert torch.allclose(weights[name] + 1.0, tensor), name
+    assert len(stateful["optimizer"].state_dict()["state"]) == 16
+    # and training goes on: step 2 saves normally now
+    assert manager.save(2, stateful, {}, force=True) == root / "step_00000002"
+    assert verify_checkpoint(root / "step_00000002") is None
+
+
+# -- verification and fall-back --------------------------------------------------------------------
+
+
+def corrupt_dirs(root: Path) -> list[str]:
+    corrupt = root / "corrupt"
+    return sorted(p.name for p in corrupt.iterdir()) if corrupt.is_dir() else []
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("truncate", "model.safetensors has {short} bytes, the manifest says {size}"),
+        ("flip", "model.safetensors fails its sha256 check"),
+        ("delete", "optimizer.pt is missing"),
+        ("manifest", "unreadable manifest"),
+    ],
+    ids=["truncated", "flipped-byte", "missing-file", "bad-manifest"],
+)
+def test_corrupt_newest_falls_back_to_the_previous(two_steps, damage, reason):
+    manager, _, weights = two_steps
+    root = manager.root
+    newest = root / "step_00000002"
+    size = (newest / "model.safetensors").stat().st_size
+    if damage == "truncate":
+        truncate(newest / "model.safetensors", by=100)
+    elif damage == "flip":
+        flip_byte(newest / "model.safetensors")
+        assert (newest / "model.safetensors").stat().st_size == size
+    elif damage == "delete":
+        (newest / "optimizer.pt").unlink()
+    else:
+        (newest / "manifest.json").write_text('{"version": 1, "files": ')
+    assert verify_checkpoint(newest).startswith(reason.format(short=size - 100, size=size))
+    assert latest(root) == "step_00000002\n"
+
+    stateful = make_stateful(seed=3)
+    loaded = manager.load(stateful)
+
+    assert loaded.path == root / "step_00000001" and loaded.step == 1
+    assert_weights_equal(stateful["model"], weights[1])
+    assert stateful["trainer"].step == 1
+    assert steps(root) == {"step_00000001"}
+    assert latest(root) == "step_00000001\n"
+    (moved,) = corrupt_dirs(root)
+    assert moved.startswith(f"step_00000002-{time.strftime('%Y%m%d')}") and moved.endswith(f"-{os.getpid()}")
+    kept = root / "corrupt" / moved
+    assert (kept / "config.json").is_file()  # kept for inspection, not deleted
+    if damage == "truncate":
+        assert (kept / "model.safetensors").stat().st_size == size - 100
+    # a corrupt checkpoint is never a candidate again
+    assert ckpt.list_checkpoints(root) == [root / "step_00000001"]
+
+
+def test_a_later_save_of_the_quarantined_step_works(two_steps):
+    manager, stateful, _ = two_steps
+    root = manager.root
+    truncate(root / "step_00000002" / "model.safetensors")
+    assert manager.load(make_stateful(seed=3)).step == 1
+
+    stateful["trainer"].step = 2
+    again = clone_weights(stateful["model"])
+    assert manager.save(2, stateful, {"val/loss": 0.5}, force=True) == root / "step_00000002"
+    assert verify_checkpoint(root / "step_00000002") is None
+    assert latest(root) == "step_00000002\n"
+    assert len(corrupt_dirs(root)) == 1
+    assert leftovers(root) == []
+    fresh = make_stateful(seed=4)
+    assert manager.load(fresh).path == root / "step_00000002"
+    assert_weights_equal(fresh["model"], again)
+
+
+@pytest.mark.xfail(
+    reason=(
+        "BUG gpt2exp/checkpoint.py CheckpointManager._quarantine (line 274): the corrupt/ name is "
+        "<step dir>-<strftime to the second>-<pid>, so a second quarantine of the same step name by the "
+        "same process within one second renames onto the first one's non-empty dir; os.replace raises "
+        "OSError(ENOTEMPTY) out of load() instead of keeping both and falling back"
+    ),
+    raises=OSError,
+    strict=True,
+)
+def test_quarantining_the_same_step_twice_keeps_both(two_steps, monkeypatch):
+    # a fixed clock stands for "within the same second", which a fast restart loop reaches for real
+    fake_time = types.SimpleNamespace(
+        monotonic=time.monotonic, time=time.time, strftime=lambda fmt, *a: "20250101-000000"
+    )
+    monkeypatch.setattr(ckpt, "time", fake_time)
+    manager, stateful, _ = two_steps
+    root = manager.root
+    truncate(root / "step_00000002" / "model.safetensors")
+    assert manager.load(make_stateful(seed=3)).step == 1
+    manager.save(2, stateful, {}, force=True)
+    flip_byte(root / "step_00000002" / "model.safetensors")
+
+    assert manager.load(make_stateful(seed=3)).step == 1
+    assert len(corrupt_dirs(root)) == 2
+
+
+def test_verify_size_does_not_detect_a_flipped_byte(run_dir, two_steps, managers):
+    """The documented trade-off of checkpoint.verify=size: fast, but blind to same-size damage."""
+    _, _, weights = two_steps
+    root = run_dir / "checkpoints"
+    flip_byte(root / "step_00000002" / "model.safetensors")
+    assert verify_checkpoint(root / "step_00000002", "size") is None
+    assert verify_checkpoint(root / "step_00000002", "sha256") == "model.safetensors fails its sha256 check"
+
+    manager = managers(make_cfg(verify="size"), run_dir)
+    stateful = make_stateful(seed=3)
+    loaded = manager.load(stateful)
+    assert loaded.step == 2  # the damaged checkpoint is loaded
+    assert corrupt_dirs(root) == []
+    actual = stateful["model"].state_dict()
+    differing = [name for name, tensor in weights[2].items() if not torch.equal(actual[name], tensor)]
+    assert len(differing) >= 1  # ... and one weight silently differs from what was saved
+
+
+def test_none_verifies_lists_every_tried_dir(two_steps):
+    manager, _, _ = two_steps
+    root = manager.root
+    size = (root / "step_00000001" / "model.safetensors").stat().st_size
+    truncate(root / "step_00000001" / "model.safetensors", by=8)
+    flip_byte(root / "step_00000002" / "optimizer.pt", offset=100)
+
+    with pytest.raises(CheckpointError) as info:
+        manager.load(make_stateful(seed=3))
+    assert str(info.value) == (
+        "no checkpoint verifies; tried: step_00000002 (optimizer.pt fails its sha256 check); "
+        f"step_00000001 (model.safetensors has {size - 8} bytes, the manifest says {size})"
+    )
+    assert steps(root) == set()
+    assert [name.split("-")[0] for name in corrupt_dirs(root)] == ["step_00000001", "step_00000002"]
+    assert not (root / "latest").exists()
+
+
+def test_no_checkpoints_at_all(run_dir, managers):
+    manager = managers(make_cfg(), run_dir)
+    with pytest.raises(CheckpointError, match="no checkpoints in .*; start a new run instead"):
+        manager.load(make_stateful())
+
+
+# -- a full disk and an unwritable destination -----------------------------------------------------
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs mounted for the test (root only), always unmounted afterwards."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs to fill up needs root")
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mountpoint)], capture_output=True, text=True
+    )
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.strip()}")
+    try:
+        yield mountpoint
+    finally:
+        subprocess.run(["umount", str(mountpoint)], check=True)
+
+
+def free_bytes(path: Path) -> int:
+    stats = os.statvfs(path)
+    return stats.f_bavail * stats.f_frsize
+
+
+def fill_until(path: Path, leave: int) -> Path:
+    filler = path / "filler.bin"
+    with open(filler, "wb") as f:
+        f.write(b"\0" * max(0, free_bytes(path) - leave))
+    return filler
+
+
+def test_disk_full_raises_and_keeps_earlier_checkpoints(small_tmpfs, managers, caplog):
+    run_dir = small_tmpfs / "run"
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    first = manager.save(1, stateful, {"val/loss": 2.0}, force=True)
+    size = ckpt.checkpoint_size(first)
+    filler = fill_until(small_tmpfs, leave=size // 2)
+    assert free_bytes(small_tmpfs) < size
+
+    with pytest.raises(CheckpointError) as info:
+        manager.save(2, stateful, {"val/loss": 1.0}, force=True)
+    message = str(info.value)
+    assert "checkpoint step_00000002 was not saved: no space left on device (disk full)" in message
+    assert "earlier checkpoints are intact" in message
+    assert isinstance(info.value.__cause__, OSError) and info.value.__cause__.errno == errno.ENOSPC
+    root = manager.root
+    assert leftovers(root) == []
+    assert {p.name for p in root.iterdir()} == {"step_00000001", "latest"}
+    assert latest(root) == "step_00000001\n"
+    assert verify_checkpoint(first) is None
+
+    warn = managers(make_cfg(on_save_error="warn"), run_dir)
+    with caplog.at_level(logging.WARNING, logger="gpt2exp.checkpoint"):
+        assert warn.save(2, stateful, {"val/loss": 1.0}, force=True) is None
+    assert "no space left on device" in caplog.text and "training goes on" in caplog.text
+    assert leftovers(root) == [] and steps(root) == {"step_00000001"}
+
+    filler.unlink()  # space freed: the next save succeeds, nothing was lost on the way
+    assert warn.save(3, stateful, {"val/loss": 0.5}, force=True) == root / "step_00000003"
+    assert verify_checkpoint(root / "step_00000003") is None
+    assert verify_checkpoint(first) is None
+    assert latest(root) == "step_00000003\n"
+    assert warn.load(make_stateful(seed=3)).step == 3
+
+
+def test_read_only_filesystem_raises_permission_denied(small_tmpfs, managers):
+    run_dir = small_tmpfs / "run"
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    weights = clone_weights(stateful["model"])
+    first = manager.save(1, stateful, {}, force=True)
+    subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
+    try:
+        with pytest.raises(CheckpointError, match=r"step_00000002 was not saved: permission denied \(Read-only"):
+            manager.save(2, stateful, {}, force=True)
+        assert {p.name for p in manager.root.iterdir()} == {"step_00000001", "latest"}
+        assert verify_checkpoint(first) is None
+        fresh = make_stateful(seed=3)
+        assert manager.load(fresh).step == 1
+        assert_weights_equal(fresh["model"], weights)
+    finally:
+        subprocess.run(["mount", "-o", "remount,rw", str(small_tmpfs)], check=True)
+
+
+@pytest.mark.parametrize("on_save_error", ["stop", "warn"])
+def test_permission_denied_while_writing(run_dir, managers, monkeypatch, on_save_error):
+    """root ignores chmod 0o555, so the EACCES a read-only checkpoints dir gives comes from a patch."""
+    manager = managers(make_cfg(on_save_error=on_save_error), run_dir)
+    stateful = make_stateful()
+    first = manager.save(1, stateful, {}, force=True)
+    real_write_file = ckpt._write_file
+    written = []
+
+    def refuse_optimizer(path, data, hasher):
+        if path.name == "optimizer.pt":
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        written.append(path.name)
+        return real_write_file(path, data, hasher)
+
+    monkeypatch.setattr(ckpt, "_write_file", refuse_optimizer)
+    if on_save_error == "stop":
+        with pytest.raises(CheckpointError) as info:
+            manager.save(2, stateful, {}, force=True)
+        assert "checkpoint step_00000002 was not saved: permission denied (Permission denied)" in str(info.value)
+        assert "fix permissions" in str(info.value)
+    else:
+        assert manager.save(2, stateful, {}, force=True) is None
+    assert written == ["model.safetensors", "config.json"]  # a partial dir existed and was removed
+    assert {p.name for p in manager.root.iterdir()} == {"step_00000001", "latest"}
+    assert verify_checkpoint(first) is None
+    assert manager.load(make_stateful(seed=3)).step == 1
+
+
+def test_chmod_read_only_checkpoints_dir(run_dir, managers):
+    if os.geteuid() == 0:
+        pytest.skip("root ignores permission bits; test_permission_denied_while_writing covers EACCES")
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    first = manager.save(1, stateful, {}, force=True)
+    manager.root.chmod(0o555)
+    try:
+        with pytest.raises(CheckpointError, match=r"permission denied"):
+            manager.save(2, stateful, {}, force=True)
+    finally:
+        manager.root.chmod(0o755)
+    assert steps(manager.root) == {"step_00000001"}
+    assert verify_checkpoint(first) is None
+
+
+# -- what a checkpoint may contain -----------------------------------------------------------------
+
+
+class SystemPayload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+class OpenPayload:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def write_payload(kind: str, path: Path, marker: Path) -> None:
+    if kind == "torch.save os.system":
+        torch.save({"optimizer": SystemPayload(marker)}, path)
+    else:  # a bare pickle, not torch's zip format
+        path.write_bytes(pickle.dumps({"optimizer": OpenPayload(marker)}, protocol=2))
+
+
+@pytest.mark.parametrize("kind", ["torch.save os.system", "pickle open"])
+def test_malicious_pickle_is_refused_and_never_runs(run_dir, managers, tmp_path, kind):
+    # the payload really is malicious: a plain unpickle runs it
+    control = tmp_path / "control"
+    write_payload(kind, tmp_path / "control.pt", control)
+    if kind == "pickle open":
+        pickle.loads((tmp_path / "control.pt").read_bytes())["optimizer"].close()
+    else:
+        torch.load(tmp_path / "control.pt", weights_only=False)
+    assert control.exists()
+
+    manager = managers(make_cfg(), run_dir)
+    path = manager.save(1, make_stateful(), {}, force=True)
+    marker = tmp_path / "pwned"
+    write_payload(kind, path / "optimizer.pt", marker)
+    rewrite_manifest_entry(path, "optimizer.pt")
+    assert verify_checkpoint(path) is None
+
+    with pytest.raises(
+        CheckpointError, match="holds something other than tensors and plain values; refusing to unpickle"
+    ):
+        manager.load(make_stateful(seed=3))
+    assert not marker.exists()
+    assert steps(manager.root) == {"step_00000001"}  # it verified: not quarantined
+
+
+@pytest.mark.parametrize(
+    ("overrides", "detail"),
+    [
+        ({"n_embd": 32}, "size mismatch for transformer.wte.weight"),
+        ({"n_layer": 2}, "missing ['transformer.h.1."),
+    ],
+    ids=["n_embd", "n_layer"],
+)
+def test_shape_mismatch_is_a_checkpoint_error(run_dir, managers, overrides, detail):
+    manager = managers(make_cfg(), run_dir)
+    path = manager.save(1, make_stateful(), {}, force=True)
+    other = make_stateful(**overrides)
+    with pytest.raises(CheckpointError) as info:
+        manager.load(other)
+    message = str(info.value)
+    assert f"checkpoint {path} does not match the model its config describes" in message
+    assert detail in message
+    assert steps(manager.root) == {"step_00000001"} and verify_checkpoint(path) is None

@@ -1,0 +1,192 @@
+"""The real command line, in subprocesses: a short run, its run dir, generate, and bad input."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import FAST, run_cli
+
+
+def only_run_dir(root: Path) -> Path:
+    dirs = [p for p in (root / "outputs").glob("*/*") if p.is_dir()]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory):
+    """A 20-step run of the real CLI in a temp dir."""
+    cwd = tmp_path_factory.mktemp("cli")
+    result = run_cli(
+        "gpt2exp.train",
+        *FAST,
+        "trainer.max_steps=20",
+        "trainer.log_every=5",
+        "trainer.eval_every=10",
+        "optimizer.lr=3e-3",
+        "scheduler.warmup_steps=2",
+        cwd=cwd,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return only_run_dir(cwd), result
+
+
+def test_a_short_run_writes_the_run_dir_contract(short_run):
+    run_dir, _ = short_run
+    names = {p.name for p in run_dir.iterdir()}
+    assert {"config.yaml", "run.json", "train.log", "metrics.jsonl", "samples.txt", "checkpoints", ".hydra"} <= names
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["latest", "step_00000020"]
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000020"
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "completed" and len(info["run_id"]) == 12
+    assert set(info["versions"]) >= {"torch", "transformers", "gpt2exp"}
+    record = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert record["trainer"]["max_steps"] == 20 and record["scheduler"]["decay_steps"] == 20
+    assert record["trainer"]["num_threads"] == 1
+    assert "train" in (run_dir / "train.log").read_text()
+
+
+def test_a_short_run_logs_every_step_once_with_a_falling_loss(short_run):
+    run_dir, _ = short_run
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert all({"train/loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
+    assert [r["step"] for r in rows if "val/loss" in r] == [10, 20]
+    assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.3
+    val = [r["val/loss"] for r in rows if "val/loss" in r]
+    assert val[1] < val[0]
+
+
+def test_the_final_checkpoint_loads_with_transformers(short_run):
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    ckpt = short_run[0] / "checkpoints" / "step_00000020"
+    model = GPT2LMHeadModel.from_pretrained(ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(ckpt)
+    assert model.config.n_layer == 2 and len(tokenizer) == 512
+
+
+def test_samples_are_printed_and_saved(short_run):
+    run_dir, result = short_run
+    saved = (run_dir / "samples.txt").read_text()
+    assert saved.startswith("=== sample 1 ===\n") and saved in result.stdout
+
+
+def test_a_normal_run_prints_no_warnings(short_run):
+    _, result = short_run
+    output = (result.stdout + result.stderr).lower()
+    assert "warn" not in output and "traceback" not in output and "loss_type" not in output
+
+
+def test_generate_samples_from_a_run_dir(short_run):
+    run_dir, _ = short_run
+    result = run_cli(
+        "gpt2exp.generate",
+        str(run_dir),
+        "prompt=ROMEO:",
+        "max_new_tokens=5",
+        "num_samples=2",
+        "seed=1",
+        cwd=run_dir,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("=== sample") == 2 and result.stdout.count("ROMEO:") == 2
+    again = run_cli(
+        "gpt2exp.generate",
+        str(run_dir),
+        "prompt=ROMEO:",
+        "max_new_tokens=5",
+        "num_samples=2",
+        "seed=1",
+        cwd=run_dir,
+    )
+    assert again.stdout == result.stdout  # same seed, same text
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    result = run_cli("gpt2exp.train", "--cfg", "job", "optimizer.lr=0.005", cwd=tmp_path)
+    assert result.returncode == 0
+    cfg = yaml.safe_load(result.stdout)
+    assert cfg["optimizer"]["lr"] == 0.005 and cfg["model"]["n_layer"] == 4
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_help_lists_the_groups(tmp_path):
+    result = run_cli("gpt2exp.train", "--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for group in ("model:", "optimizer:", "scheduler:", "data:", "checkpoint:", "logger:", "experiment:"):
+        assert group in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["+experiment=nope"], "Could not find 'experiment/nope'; available: finetune_gpt2"),
+        (["trainer.batch_size=0"], "trainer.batch_size=0 must be at least 1"),
+        (["optimizer.lr=abc"], "could not be converted to Float (key optimizer.lr)"),
+        (["data=text_files", "data.files=[missing.txt]"], "data file not found: missing.txt"),
+        (["model.init=no-such-model-xyz"], "model 'no-such-model-xyz' is not a local path"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    result = run_cli("gpt2exp.train", *FAST, *args, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and message in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_block_size_beyond_a_pretrained_model_is_refused(tmp_path, pretrained_dir):
+    result = run_cli(
+        "gpt2exp.train",
+        *FAST,
+        f"model.init={pretrained_dir}",
+        f"data.tokenizer.name={pretrained_dir}",
+        "model.block_size=64",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 2
+    assert "model.block_size=64 is larger than" in result.stderr and "supports (32)" in result.stderr
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    """A tiny 'pretrained' GPT-2 and its tokenizer, saved with save_pretrained like a hub download."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from gpt2exp.data import shakespeare_files, train_bpe
+
+    out = tmp_path_factory.mktemp("pretrained")
+    train_bpe([shakespeare_files()[0].read_text()], 300, out)
+    GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=32, vocab_size=300)).save_pretrained(out)
+    return out
+
+
+def test_finetune_starts_from_pretrained_weights_by_path(tmp_path, pretrained_dir):
+    from safetensors.torch import load_file
+
+    result = run_cli(
+        "gpt2exp.train",
+        "+experiment=finetune_gpt2",
+        *FAST,
+        f"model.init={pretrained_dir}",
+        "model.block_size=32",
+        "trainer.max_steps=3",
+        "trainer.eval_every=3",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    record = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert record["model"]["init"] == str(pretrained_dir)
+    assert record["data"]["tokenizer"]["name"] == str(pretrained_dir)
+    before = load_file(pretrained_dir / "model.safetensors")
+    after = load_file(run_dir / "checkpoints" / "step_00000003" / "model.safetensors")
+    assert before.keys() <= after.keys()
+    # a few small steps move the pretrained weights a little, not to a fresh init
+    delta = (after["transformer.wpe.weight"] - before["transformer.wpe.weight"]).abs().max().item()
+    assert 0 < delta < 0.05

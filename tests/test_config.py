@@ -1,0 +1,148 @@
+"""Every config option composes and builds; bad values fail at compose time naming the key."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from gpt2exp.errors import UserError
+from gpt2exp.launch import compose as compose_config
+from gpt2exp.model import scratch_config
+from gpt2exp.optim import build_optimizer, lr_at
+from tests.conftest import CONF_DIR
+
+# published GPT-2 sizes with the 50257-token vocabulary (tied embeddings)
+GPT2_PARAMS = {
+    "gpt2_124m": 124_439_808,
+    "gpt2_355m": 354_823_168,
+    "gpt2_774m": 774_030_080,
+    "gpt2_1558m": 1_557_611_200,
+}
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+def test_groups_have_the_contracted_options():
+    assert options("model") == ["gpt2_124m", "gpt2_1558m", "gpt2_355m", "gpt2_774m", "gpt2_mini", "gpt2_tiny"]
+    assert options("optimizer") == ["adamw", "sgd"]
+    assert options("scheduler") == ["constant", "cosine", "linear"]
+    assert options("data") == ["hf_dataset", "shakespeare", "text_files"]
+    assert options("checkpoint") == ["default"]
+    assert options("logger") == ["none", "wandb"]
+    assert {"shakespeare_tiny", "shakespeare_small", "gpt2_124m", "finetune_gpt2"} <= set(options("experiment"))
+
+
+@pytest.mark.parametrize("name", options("model"))
+def test_each_model_composes_and_builds(compose, name):
+    from transformers import GPT2LMHeadModel
+
+    cfg = compose([f"model={name}"])
+    with torch.device("meta"):  # full size without allocating memory
+        model = GPT2LMHeadModel(scratch_config(cfg.model, 50257, 0))
+    n_params = sum(p.numel() for p in model.parameters())
+    if name in GPT2_PARAMS:
+        assert n_params == GPT2_PARAMS[name]
+    assert model.config.n_positions == cfg.model.block_size
+
+
+@pytest.mark.parametrize("name", options("optimizer"))
+def test_each_optimizer_composes_and_builds(compose, name):
+    from transformers import GPT2LMHeadModel
+
+    cfg = compose([f"optimizer={name}"])
+    model = GPT2LMHeadModel(scratch_config(compose().model, 64, 0))
+    optimizer = build_optimizer(cfg.optimizer, model, "cpu")
+    assert type(optimizer).__name__ == {"adamw": "AdamW", "sgd": "SGD"}[name]
+    assert optimizer.param_groups[0]["weight_decay"] == cfg.optimizer.weight_decay
+    assert optimizer.param_groups[1]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize("name", options("scheduler"))
+def test_each_scheduler_composes_and_gives_finite_lrs(compose, name):
+    cfg = compose([f"scheduler={name}", "scheduler.decay_steps=100"])
+    lrs = [lr_at(step, 1.0, cfg.scheduler) for step in range(120)]
+    assert all(0.0 <= lr <= 1.0 for lr in lrs)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["data=shakespeare"], ["data=text_files", "data.files=[a.txt]"], ["data=hf_dataset", "data.dataset=some/set"]],
+)
+def test_each_data_source_composes(compose, overrides):
+    cfg = compose(overrides)
+    assert cfg.data.source == overrides[0].split("=")[1]
+    assert cfg.data.tokenizer.name == "bpe"
+
+
+@pytest.mark.parametrize("name", ["none", "wandb"])
+def test_each_logger_composes(compose, name):
+    assert compose([f"logger={name}"]).logger.backend == name
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_each_experiment_composes(compose, name):
+    cfg = compose([f"+experiment={name}"])
+    expected_model = {"shakespeare_tiny": 4, "shakespeare_small": 6, "gpt2_124m": 12, "finetune_gpt2": 12}
+    assert cfg.model.n_layer == expected_model[name]
+
+
+def test_gpt2_124m_experiment_uses_the_gpu_settings(compose):
+    cfg = compose(["+experiment=gpt2_124m"])
+    assert (cfg.trainer.precision, cfg.trainer.compile, cfg.model.n_embd) == ("bf16", True, 768)
+
+
+def test_a_wrong_type_on_the_command_line_names_the_key(compose):
+    with pytest.raises(UserError, match="optimizer.lr"):
+        compose(["optimizer.lr=abc"])
+
+
+def test_a_misspelled_key_names_the_key(compose):
+    with pytest.raises(UserError, match="optimizer.lrr"):
+        compose(["optimizer.lrr=0.1"])
+
+
+def test_a_wrong_type_inside_a_yaml_file_names_the_key(tmp_path):
+    conf = tmp_path / "conf"
+    shutil.copytree(CONF_DIR, conf)
+    path = conf / "optimizer" / "adamw.yaml"
+    path.write_text(path.read_text().replace("weight_decay: 0.1", "weight_decay: lots"))
+    with pytest.raises(UserError, match="weight_decay"):
+        compose_config(str(conf), [])
+
+
+def test_an_unknown_enum_value_lists_the_choices(compose):
+    with pytest.raises(UserError, match="trainer.precision.*fp32"):
+        compose(["trainer.precision=fp8"])
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("trainer.batch_size=0", "trainer.batch_size=0 must be at least 1"),
+        ("model.n_head=3", "model.n_embd=128 is not divisible by model.n_head=3"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5 must lie between 0 and 1"),
+    ],
+)
+def test_validation_names_the_key(compose, override, message):
+    with pytest.raises(UserError, match=message.replace("(", r"\(")):
+        compose([override])
+
+
+def test_text_files_without_files_says_what_to_set(compose):
+    with pytest.raises(UserError, match="data.files is required"):
+        compose(["data=text_files"])
+
+
+def test_an_unknown_experiment_lists_the_available_ones(compose):
+    with pytest.raises(UserError, match="Could not find 'experiment/nope'; available: finetune_gpt2, gpt2_124m"):
+        compose(["+experiment=nope"])
+
+
+def test_an_added_key_outside_the_schema_is_rejected(compose):
+    with pytest.raises(UserError, match="foo"):
+        compose(["+optimizer.foo=1"])

@@ -1,0 +1,132 @@
+"""Corpus, tokenizer, token cache and the resumable sampler."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from gpt2exp import data
+from gpt2exp.config import DataConfig, TokenizerConfig
+from gpt2exp.errors import UserError
+
+
+def data_cfg(tmp_path, **overrides):
+    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), tokenizer=TokenizerConfig(vocab_size=300))
+    merged = OmegaConf.merge(OmegaConf.structured(cfg), overrides)
+    return merged
+
+
+@pytest.fixture(scope="module")
+def shakespeare(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig(cache_dir=str(cache))), {"tokenizer": {"vocab_size": 512}})
+    return data.prepare_data(cfg)
+
+
+def test_the_shakespeare_corpus_is_every_play_as_plain_text():
+    files = data.shakespeare_files()
+    assert len(files) >= 36
+    assert any(f.name == "hamlet.md" for f in files)
+    text = data.markdown_to_text("# Hamlet\n\n**BERNARDO**  \nWho's there?\n\n_Exit_\n")
+    assert text == "Hamlet\n\nBERNARDO\nWho's there?\n\nExit\n"
+
+
+def test_split_tail_cuts_the_last_fraction_at_a_line_boundary():
+    docs = ["aaaa\nbbbb\n", "cccc\ndddd\n"]
+    train, val = data.split_tail(docs, 0.25)  # 5 of 20 characters
+    assert train == ["aaaa\nbbbb\n", "cccc\n"] and val == ["dddd\n"]
+    assert "".join(train + val) == "".join(docs)
+
+
+def test_tokenizer_round_trips_text(shakespeare):
+    tok = shakespeare.tokenizer
+    text = "ROMEO:\nBut, soft! what light through yonder window breaks?\n"
+    assert tok.decode(tok(text)["input_ids"]) == text
+    assert len(tok) == 512 and tok.eos_token == "<|endoftext|>"
+
+
+def test_tokenizer_files_load_with_autotokenizer(shakespeare):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shakespeare.tokenizer_dir)
+    assert tok("Exeunt")["input_ids"] == shakespeare.tokenizer("Exeunt")["input_ids"]
+
+
+def test_token_arrays_are_flat_and_split(shakespeare):
+    assert shakespeare.train.dtype == np.uint16
+    total = len(shakespeare.train) + len(shakespeare.val)
+    assert 0.03 < len(shakespeare.val) / total < 0.07  # val_fraction 0.05 of the characters
+    assert int(shakespeare.train.max()) < 512
+
+
+def test_second_prepare_reuses_the_cache(tmp_path, monkeypatch):
+    (tmp_path / "a.txt").write_text("to be or not to be, that is the question\n" * 200)
+    cfg = data_cfg(tmp_path, source="text_files", files=[str(tmp_path / "a.txt")], val_fraction=0.1)
+    first = data.prepare_data(cfg)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("the tokenizer was trained again")
+
+    monkeypatch.setattr(data, "train_bpe", no_training)
+    second = data.prepare_data(cfg)
+    assert np.array_equal(first.train, second.train) and np.array_equal(first.val, second.val)
+    cache_dirs = [p.name for p in (tmp_path / "cache").iterdir()]
+    assert len(cache_dirs) == 1 and cache_dirs[0].startswith("text_files-")
+
+
+def test_changing_the_vocab_size_makes_a_new_cache_entry(tmp_path):
+    (tmp_path / "a.txt").write_text("now is the winter of our discontent\n" * 200)
+    base = {"source": "text_files", "files": [str(tmp_path / "a.txt")]}
+    data.prepare_data(data_cfg(tmp_path, **base))
+    data.prepare_data(data_cfg(tmp_path, **base, tokenizer={"vocab_size": 280}))
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+
+
+def test_a_missing_data_file_names_the_path(tmp_path):
+    cfg = data_cfg(tmp_path, source="text_files", files=[str(tmp_path / "nope.txt")])
+    with pytest.raises(UserError, match=r"data file not found: .*nope.txt; check the path in data.files"):
+        data.prepare_data(cfg)
+
+
+def test_hf_dataset_from_a_local_path(tmp_path):
+    import datasets
+
+    rows = {"content": [f"line {i} of the local data set, with some words" for i in range(300)]}
+    datasets.Dataset.from_dict(rows).save_to_disk(tmp_path / "ds")
+    # load_dataset reads a saved folder by path through its arrow files
+    cfg = data_cfg(tmp_path, source="hf_dataset", dataset=str(tmp_path / "ds"), text_column="content")
+    prepared = data.prepare_data(cfg)
+    assert len(prepared.train) > 1000 and len(prepared.val) > 0
+
+
+def test_sampler_state_round_trip_gives_the_same_next_batches():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a = data.BatchSampler(tokens, block_size=16, batch_size=8, seed=3)
+    for _ in range(100):  # cross at least one epoch boundary (624 windows / 8 = 78 batches)
+        a.next_batch()
+    state = a.state_dict()
+    assert state["epoch"] == 1
+    expected = [a.next_batch() for _ in range(5)]
+    b = data.BatchSampler(tokens, block_size=16, batch_size=8, seed=99)
+    b.load_state_dict(state)
+    for (x1, y1), (x2, y2) in zip(expected, (b.next_batch() for _ in range(5)), strict=True):
+        assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+
+
+def test_sampler_targets_are_inputs_shifted_by_one_and_epochs_cover_every_window():
+    tokens = np.arange(1000, dtype=np.uint16)
+    sampler = data.BatchSampler(tokens, block_size=10, batch_size=7, seed=0)
+    x, y = sampler.next_batch()
+    assert np.array_equal(x[:, 1:], y[:, :-1]) and np.array_equal(y[:, -1], x[:, -1] + 1)
+    sampler = data.BatchSampler(tokens, block_size=10, batch_size=1, seed=0)
+    starts = sorted(int(sampler.next_batch()[0][0, 0]) for _ in range(sampler.num_windows))
+    assert len(set(starts)) == sampler.num_windows and all((s - starts[0]) % 10 == 0 for s in starts)
+
+
+def test_val_batches_are_fixed():
+    tokens = np.arange(5000, dtype=np.uint16)
+    first = data.val_batches(tokens, 32, 4, 3)
+    second = data.val_batches(tokens, 32, 4, 3)
+    assert len(first) == 3 and first[0][0].shape == (4, 32)
+    assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, second, strict=True))

@@ -1,0 +1,310 @@
+"""Resume: bit-identical continuation, preemption, resume=auto, the run lock, W&B reattach, bad input."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from gpt2exp.preemption import EXIT_PREEMPTED
+from tests.conftest import FAST, run_cli
+
+# dropout on, so the RNG state matters; a checkpoint and an eval every 4 steps
+EXACT = [
+    *FAST,
+    "model.dropout=0.1",
+    "trainer.log_every=1",
+    "trainer.eval_every=4",
+    "checkpoint.every_steps=4",
+    "checkpoint.keep_last=10",
+    "scheduler.warmup_steps=3",
+    "optimizer.lr=3e-3",
+]
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def losses(run_dir: Path) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["train/loss"], r["lr"]) for r in rows(run_dir)]
+
+
+def final_weights(run_dir: Path, step: int) -> dict:
+    return load_file(run_dir / "checkpoints" / f"step_{step:08d}" / "model.safetensors")
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not (a[k] == b[k]).all()]
+    assert different == [], f"tensors differ: {different[:5]}"
+
+
+def train_cli(cwd: Path, run_dir: Path, *args: str, timeout: float = 300):
+    return run_cli("gpt2exp.train", *EXACT, f"hydra.run.dir={run_dir}", *args, cwd=cwd, timeout=timeout)
+
+
+def snapshot(run_dir: Path) -> dict[str, str]:
+    """sha256 of everything a failed resume must leave byte-identical."""
+    files = [run_dir / "config.yaml", run_dir / "metrics.jsonl", run_dir / "run.json"]
+    files += sorted(p for p in (run_dir / ".hydra").glob("*") if p.is_file())
+    files += sorted(p for p in (run_dir / "checkpoints").rglob("*") if p.is_file())
+    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """The reference: 16 steps without interruption."""
+    cwd = tmp_path_factory.mktemp("straight")
+    result = train_cli(cwd, cwd / "run", "trainer.max_steps=16")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return cwd / "run"
+
+
+def test_interrupted_and_resumed_equals_straight(tmp_path, straight):
+    """6 steps (horizon fixed at 16), then resume to 16: crosses evals and checkpoints at 8, 12, 16."""
+    run = tmp_path / "run"
+    first = train_cli(tmp_path, run, "trainer.max_steps=6", "scheduler.decay_steps=16")
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=16", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from step 6 of run" in second.stdout + second.stderr
+    assert_same_weights(final_weights(run, 16), final_weights(straight, 16))
+    assert losses(run) == losses(straight)
+    assert [r["step"] for r in rows(run)] == list(range(1, 17))
+
+
+def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else "process ended early"
+        path = run_dir / "metrics.jsonl"
+        if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines() if x):
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"step {step} not reached in {timeout}s")
+
+
+def spawn(cwd: Path, run_dir: Path, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "gpt2exp.train", *EXACT, f"hydra.run.dir={run_dir}", *args],
+        cwd=cwd,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_sigkill_at_a_random_step_then_resume_equals_straight(tmp_path, straight):
+    kill_at = random.Random().randint(5, 14)
+    run = tmp_path / "run"
+    proc = spawn(tmp_path, run, "trainer.max_steps=16")
+    wait_for_step(run, proc, kill_at)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert proc.returncode == -signal.SIGKILL
+    resumed = run_cli("gpt2exp.train", f"resume={run}", cwd=tmp_path)
+    assert resumed.returncode == 0, f"killed at step {kill_at}: {resumed.stderr[-3000:]}"
+    assert_same_weights(final_weights(run, 16), final_weights(straight, 16))
+    assert losses(run) == losses(straight), f"killed at step {kill_at}"
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "completed" and len(info["resumes"]) == 1
+
+
+def test_sigterm_saves_at_the_step_boundary_and_exits_75(tmp_path, straight):
+    run = tmp_path / "run"
+    proc = spawn(tmp_path, run, "trainer.max_steps=16")
+    wait_for_step(run, proc, 5)
+    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)  # a second signal in a row changes nothing
+    proc.wait(timeout=60)
+    assert proc.returncode == EXIT_PREEMPTED, proc.stderr.read()
+    info = json.loads((run / "run.json").read_text())
+    assert info["status"] == "preempted"
+    stopped_at = rows(run)[-1]["step"]
+    assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
+    # the requeued job reruns its original command line, with resume=auto
+    again = run_cli(
+        "gpt2exp.train", *EXACT, f"hydra.run.dir={run}", "trainer.max_steps=16", "resume=auto", cwd=tmp_path
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert_same_weights(final_weights(run, 16), final_weights(straight, 16))
+    assert losses(run) == losses(straight)
+
+
+def test_resume_keeps_the_first_hydra_dir_and_appends_the_log(tmp_path):
+    run = tmp_path / "run"
+    assert train_cli(tmp_path, run, "trainer.max_steps=4", "scheduler.decay_steps=8").returncode == 0
+    hydra_before = {p.name: p.read_bytes() for p in (run / ".hydra").glob("*.yaml")}
+    log_before = (run / "train.log").read_text()
+    config_before = (run / "config.yaml").read_bytes()
+    result = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=8", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert {p.name: p.read_bytes() for p in (run / ".hydra").glob("*.yaml")} == hydra_before
+    resume_dirs = list((run / ".hydra").glob("resume-*"))
+    assert len(resume_dirs) == 1 and (resume_dirs[0] / "overrides.yaml").exists()
+    log_after = (run / "train.log").read_text()
+    assert log_after.startswith(log_before) and "resumed from step 4" in log_after[len(log_before) :]
+    assert (run / "config.yaml").read_bytes() == config_before
+
+
+def test_raising_max_steps_continues_at_the_final_lr(tmp_path):
+    run = tmp_path / "run"
+    assert train_cli(tmp_path, run, "trainer.max_steps=8", "optimizer.lr=1e-3").returncode == 0
+    result = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=12", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = yaml.safe_load((run / "config.yaml").read_text())
+    assert record["scheduler"]["decay_steps"] == 8 and record["trainer"]["max_steps"] == 8
+    lrs = {r["step"]: r["lr"] for r in rows(run)}
+    assert [lrs[s] for s in (9, 10, 11, 12)] == pytest.approx([1e-4] * 4)  # min_lr_ratio 0.1 x peak
+
+
+def test_resume_auto_starts_fresh_after_a_kill_before_the_first_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = ["trainer.max_steps=12", "checkpoint.every_steps=0", "resume=auto"]
+    proc = spawn(tmp_path, run, *args)
+    wait_for_step(run, proc, 3)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    assert not list((run / "checkpoints").glob("step_*"))
+    again = train_cli(tmp_path, run, *args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert [r["step"] for r in rows(run)] == list(range(1, 13))
+
+
+def test_a_second_process_in_a_locked_run_dir_gets_exit_2(tmp_path):
+    from gpt2exp.rundir import RunLock
+
+    run = tmp_path / "run"
+    assert train_cli(tmp_path, run, "trainer.max_steps=4", "scheduler.decay_steps=8").returncode == 0
+    before = snapshot(run)
+    with RunLock(run):
+        result = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=8", cwd=tmp_path)
+    assert result.returncode == 2
+    assert f"error: run dir {run} is in use by another process (pid {os.getpid()})" in result.stderr
+    assert snapshot(run) == before
+    assert not list((run / ".hydra").glob("resume-*"))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    cwd = tmp_path_factory.mktemp("finished")
+    run = cwd / "run"
+    result = train_cli(cwd, run, "trainer.max_steps=8")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return run
+
+
+def resume_fails(cwd: Path, run: Path, *args: str) -> str:
+    before = snapshot(run)
+    result = run_cli("gpt2exp.train", *args, cwd=cwd)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert snapshot(run) == before
+    return errors[0]
+
+
+def test_resume_of_a_missing_path(tmp_path, finished):
+    error = resume_fails(tmp_path, finished, f"resume={tmp_path / 'nope'}")
+    assert error == f"error: resume path does not exist: {tmp_path / 'nope'}; pass a run dir or a checkpoint dir"
+
+
+def test_resume_of_a_dir_that_is_not_a_run_dir(tmp_path, finished):
+    error = resume_fails(tmp_path, finished, f"resume={tmp_path}")
+    assert f"{tmp_path} is not a gpt2exp run dir" in error
+
+
+def test_resume_of_a_run_dir_without_checkpoints(tmp_path, finished):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_bytes((finished / "config.yaml").read_bytes())
+    (empty / "run.json").write_text("{}")
+    error = resume_fails(tmp_path, finished, f"resume={empty}")
+    assert error == f"error: run dir {empty} has no checkpoints to resume from; start a new run instead"
+
+
+def test_a_forbidden_override_names_the_keys_and_the_allowed_ones(tmp_path, finished):
+    error = resume_fails(tmp_path, finished, f"resume={finished}", "optimizer.lr=0.5", "model.n_layer=3")
+    assert "resume cannot change model.n_layer (recorded 2), optimizer.lr (recorded 0.003)" in error
+    assert "allowed on resume: device, trainer.max_steps" in error
+
+
+def test_the_original_command_line_is_accepted_on_resume(tmp_path, finished):
+    """A requeued job reruns its full command: overrides equal to the record are not changes."""
+    result = run_cli(
+        "gpt2exp.train", *EXACT, f"hydra.run.dir={finished}", "trainer.max_steps=8", f"resume={finished}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_multirun_with_resume_is_refused(tmp_path, finished):
+    error = resume_fails(tmp_path, finished, "-m", f"resume={finished}")
+    assert error == "error: -m cannot be combined with resume=...; resume each job's run dir on its own"
+
+
+def test_an_older_checkpoint_is_refused(tmp_path, finished):
+    older = finished / "checkpoints" / "step_00000004"
+    error = resume_fails(tmp_path, finished, f"resume={older}")
+    assert "step_00000004 is older than this run's newest checkpoint step_00000008" in error
+
+
+def test_a_checkpoint_that_does_not_match_its_config(tmp_path, finished):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    record = (copy / "config.yaml").read_text().replace("n_embd: 32", "n_embd: 64")
+    (copy / "config.yaml").write_text(record)
+    error = resume_fails(tmp_path, copy, f"resume={copy}", "trainer.max_steps=9")
+    assert "does not match the model its config describes" in error
+
+
+def test_a_pickled_object_in_optimizer_pt_is_refused_and_never_runs(tmp_path, finished):
+    import pickle
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    ckpt = copy / "checkpoints" / "step_00000008"
+    (ckpt / "optimizer.pt").write_bytes(pickle.dumps({"optimizer": Payload()}))
+    manifest = json.loads((ckpt / "manifest.json").read_text())
+    data = (ckpt / "optimizer.pt").read_bytes()
+    manifest["files"]["optimizer.pt"] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (ckpt / "manifest.json").write_text(json.dumps(manifest))
+    error = resume_fails(tmp_path, copy, f"resume={copy}", "trainer.max_steps=9")
+    assert "refusing to unpickle" in error
+    assert not marker.exists()
+
+
+def test_wandb_offline_reattaches_the_same_run(tmp_path):
+    run = tmp_path / "run"
+    wandb = ["logger=wandb", "logger.mode=offline"]
+    first = train_cli(tmp_path, run, *wandb, "trainer.max_steps=4", "scheduler.decay_steps=8")
+    assert first.returncode == 0, first.stderr[-3000:]
+    wandb_id = json.loads((run / "run.json").read_text())["wandb_id"]
+    second = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=8", cwd=tmp_path)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert json.loads((run / "run.json").read_text())["wandb_id"] == wandb_id
+    offline = sorted((run / "wandb").glob("offline-run-*"))
+    assert len(offline) == 2 and all(p.name.endswith(f"-{wandb_id}") for p in offline)
+    state = json.loads((run / "checkpoints" / "step_00000008" / "trainer_state.json").read_text())
+    assert state["trainer"]["wandb_id"] == wandb_id
+    steps = [r["step"] for r in rows(run)]
+    assert steps == sorted(set(steps)) == list(range(1, 9))
