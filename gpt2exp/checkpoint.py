@@ -21,6 +21,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -137,7 +138,8 @@ def find_verified(
     target: Path | None = None,
     on_corrupt: Callable[[Path], None] | None = None,
 ) -> Path:
-    """`target` if it verifies, else the newest checkpoint under `root` that does.
+    """`target` if given (it must verify: a named checkpoint never silently becomes another one),
+    else the newest checkpoint under `root` that verifies.
 
     Each one that fails is logged and handed to `on_corrupt`; if none verifies, the CheckpointError
     lists what was tried.
@@ -263,7 +265,7 @@ class CheckpointManager:
     # -- finding a good checkpoint
 
     def find_good(self, target: Path | None = None) -> Path:
-        """`target` if it verifies; else the newest checkpoint that verifies. Corrupt ones move aside."""
+        """`target` if given and it verifies; else the newest checkpoint that verifies. Corrupt ones move aside."""
         return find_verified(self.root, self.cfg.verify, target, on_corrupt=self._quarantine)
 
     def _quarantine(self, path: Path) -> None:
@@ -271,7 +273,11 @@ class CheckpointManager:
         corrupt = self.root / CORRUPT
         corrupt.mkdir(exist_ok=True)
         log.warning("moving %s to %s/ for inspection; it will not be loaded again", path.name, CORRUPT)
-        os.replace(path, corrupt / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+        stem = f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        destination, n = corrupt / stem, 1
+        while destination.exists():  # the same step may go bad again within the second
+            destination, n = corrupt / f"{stem}-{n}", n + 1
+        os.replace(path, destination)
         _fsync_dir(self.root)
         self._point_latest_at_newest()
 
@@ -301,7 +307,10 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         _fsync_dir(self.root)
-        self._write_latest(final.name)
+        try:
+            self._write_latest(final.name)
+        except OSError as exc:  # the checkpoint is committed; `latest` is only a pointer for people
+            log.warning("checkpoint %s is saved but %s was not updated: %s", final.name, LATEST, exc)
 
     def _write_files(
         self, tmp: Path, step: int, stateful: dict[str, Any], metrics: dict[str, float]
@@ -367,7 +376,7 @@ class CheckpointManager:
                 if step_of(path) % self.cfg.keep_every == 0:
                     reasons[path.name].append("milestone")
         if self.cfg.keep_best:
-            scored = [(m, p) for p in checkpoints if (m := self._metric_of(p)) is not None]
+            scored = [(m, p) for p in checkpoints if (m := self._metric_of(p)) is not None and not math.isnan(m)]
             sign = 1.0 if self.cfg.best_mode == "min" else -1.0
             scored.sort(key=lambda item: (sign * item[0], -step_of(item[1])))
             for _, path in scored[: self.cfg.keep_best]:
@@ -390,10 +399,13 @@ class CheckpointManager:
     # -- loading
 
     def _load_into(self, path: Path, stateful: dict[str, Any]) -> Loaded:
+        """Read and check every file first, then restore: a refused file leaves every object untouched."""
         from safetensors.torch import load_file
 
-        model = stateful["model"]
         weights = load_file(path / MODEL_FILE)
+        tensor_state = load_tensor_state(path / OPTIMIZER_FILE)
+        trainer_state = json.loads((path / STATE_FILE).read_text())
+        model = stateful["model"]
         try:
             missing, unexpected = model.load_state_dict(weights, strict=False)
         except RuntimeError as exc:
@@ -408,11 +420,9 @@ class CheckpointManager:
                 f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
             )
         model.tie_weights()
-        tensor_state = load_tensor_state(path / OPTIMIZER_FILE)
         for key in TENSOR_STATE_KEYS:
             if stateful.get(key) is not None and key in tensor_state:
                 stateful[key].load_state_dict(tensor_state[key])
-        trainer_state = json.loads((path / STATE_FILE).read_text())
         for key, obj in stateful.items():
             if key != "model" and key not in TENSOR_STATE_KEYS and key in trainer_state:
                 obj.load_state_dict(trainer_state[key])

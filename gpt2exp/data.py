@@ -318,6 +318,7 @@ class BatchSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.seed, self.epoch, self.offset = int(state["seed"]), int(state["epoch"]), int(state["offset"])
+        self._order_epoch = None  # the cached order belonged to the old position
 
 
 def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:

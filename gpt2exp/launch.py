@@ -76,7 +76,8 @@ def _one_line(exc: BaseException) -> str:
     if exc.__cause__ is not None:
         detail = [ln.strip() for ln in str(exc.__cause__).splitlines() if ln.strip()] + detail
     key = next((ln.split(":", 1)[1].strip() for ln in detail if ln.startswith("full_key:")), None)
-    reason = next((ln for ln in detail if ":" not in ln[:12] and not ln.startswith(("reference_type", "object_type"))), None)
+    noise = ("reference_type", "object_type")
+    reason = next((ln for ln in detail if ":" not in ln[:12] and not ln.startswith(noise)), None)
     if reason:
         message = f"{message.rstrip(':')}: {reason}"
     return message + (f" (key {key})" if key else "")

@@ -274,14 +274,6 @@ def test_saving_a_committed_step_again_returns_it_untouched(run_dir, managers):
     assert (path / "manifest.json").read_bytes() == manifest_before
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG gpt2exp/data.py BatchSampler.load_state_dict (line 319): it sets seed/epoch/offset but keeps the "
-        "cached window order (_order, _order_epoch) computed for the old seed, so a sampler that drew "
-        "a batch before loading a checkpoint of another seed continues with the old seed's order"
-    ),
-    strict=True,
-)
 def test_sampler_state_restores_the_exact_next_batch_whatever_it_held_before(run_dir, managers):
     manager = managers(make_cfg(), run_dir)
     src = make_stateful(seed=1)
@@ -323,14 +315,6 @@ def test_keep_best_with_max_mode_and_ties_prefer_the_newer(run_dir, managers):
     assert steps(manager.root) == {"step_00000003", "step_00000005"}
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG gpt2exp/checkpoint.py CheckpointManager.kept (line 370-373): a NaN metric is scored like a "
-        "number; sorting with NaN keys is order-dependent, so a diverged (NaN) checkpoint can rank as "
-        "'best' and the truly best one is rotated away"
-    ),
-    strict=True,
-)
 def test_keep_best_never_prefers_a_nan_metric(run_dir, managers):
     manager = managers(make_cfg(keep_last=1, keep_best=1), run_dir)
     stateful = make_stateful()
@@ -542,16 +526,6 @@ def test_a_later_save_of_the_quarantined_step_works(two_steps):
     assert_weights_equal(fresh["model"], again)
 
 
-@pytest.mark.xfail(
-    reason=(
-        "BUG gpt2exp/checkpoint.py CheckpointManager._quarantine (line 274): the corrupt/ name is "
-        "<step dir>-<strftime to the second>-<pid>, so a second quarantine of the same step name by the "
-        "same process within one second renames onto the first one's non-empty dir; os.replace raises "
-        "OSError(ENOTEMPTY) out of load() instead of keeping both and falling back"
-    ),
-    raises=OSError,
-    strict=True,
-)
 def test_quarantining_the_same_step_twice_keeps_both(two_steps, monkeypatch):
     # a fixed clock stands for "within the same second", which a fast restart loop reaches for real
     fake_time = types.SimpleNamespace(
