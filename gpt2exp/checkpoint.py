@@ -198,6 +198,42 @@ def model_tensors(model) -> dict[str, Any]:
     return tensors
 
 
+# -- retention ----------------------------------------------------------------------------------
+
+
+def manifest_metric(path: Path, metric: str) -> float | None:
+    try:
+        value = json.loads((path / MANIFEST).read_text())["metrics"].get(metric)
+    except (OSError, ValueError, KeyError, AttributeError):
+        return None
+    return float(value) if value is not None else None
+
+
+def kept_reasons(root: Path, cfg: Any) -> dict[str, list[str]]:
+    """Why each committed checkpoint under `root` stays (last/best/milestone); [] means rotate it away.
+
+    The newest is always kept; a NaN metric never ranks as best.
+    """
+    checkpoints = list_checkpoints(root)
+    reasons: dict[str, list[str]] = {p.name: [] for p in checkpoints}
+    if not checkpoints:
+        return reasons
+    for path in checkpoints[-max(1, cfg.keep_last) :]:
+        reasons[path.name].append("last")
+    if cfg.keep_every:
+        for path in checkpoints:
+            if step_of(path) % cfg.keep_every == 0:
+                reasons[path.name].append("milestone")
+    if cfg.keep_best:
+        scored = [(m, p) for p in checkpoints if (m := manifest_metric(p, cfg.best_metric)) is not None]
+        scored = [(m, p) for m, p in scored if not math.isnan(m)]
+        sign = 1.0 if cfg.best_mode == "min" else -1.0
+        scored.sort(key=lambda item: (sign * item[0], -step_of(item[1])))
+        for _, path in scored[: cfg.keep_best]:
+            reasons[path.name].append("best")
+    return reasons
+
+
 # -- the manager ---------------------------------------------------------------------------------
 
 
@@ -364,31 +400,7 @@ class CheckpointManager:
     # -- rotation
 
     def kept(self) -> dict[str, list[str]]:
-        """Why each committed checkpoint stays: {dir name: reasons}; absent names are to delete."""
-        checkpoints = list_checkpoints(self.root)
-        reasons: dict[str, list[str]] = {p.name: [] for p in checkpoints}
-        if not checkpoints:
-            return reasons
-        for path in checkpoints[-max(1, self.cfg.keep_last) :]:
-            reasons[path.name].append("last")
-        if self.cfg.keep_every:
-            for path in checkpoints:
-                if step_of(path) % self.cfg.keep_every == 0:
-                    reasons[path.name].append("milestone")
-        if self.cfg.keep_best:
-            scored = [(m, p) for p in checkpoints if (m := self._metric_of(p)) is not None and not math.isnan(m)]
-            sign = 1.0 if self.cfg.best_mode == "min" else -1.0
-            scored.sort(key=lambda item: (sign * item[0], -step_of(item[1])))
-            for _, path in scored[: self.cfg.keep_best]:
-                reasons[path.name].append("best")
-        return reasons
-
-    def _metric_of(self, path: Path) -> float | None:
-        try:
-            value = json.loads((path / MANIFEST).read_text())["metrics"].get(self.cfg.best_metric)
-        except (OSError, ValueError, KeyError, AttributeError):
-            return None
-        return float(value) if value is not None else None
+        return kept_reasons(self.root, self.cfg)
 
     def _rotate(self) -> None:
         for name, reasons in self.kept().items():

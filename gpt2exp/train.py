@@ -240,6 +240,8 @@ class Trainer:
         cfg, t, c = self.cfg, self.cfg.trainer, self.counters
         tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
         bar = tqdm(total=t.max_steps, initial=c.step, disable=not t.progress, dynamic_ncols=True, leave=False)
+        if c.step == 0 and t.eval_every:  # the starting point of the validation curve
+            self.tracker.log(0, {"val/loss": self.evaluate()})
         window_start, window_steps = time.perf_counter(), 0
         with PreemptionFlag() as preemption:
             while c.step < t.max_steps:

@@ -53,7 +53,9 @@ def test_a_short_run_writes_the_run_dir_contract(short_run):
 def test_a_short_run_logs_every_step_once_with_a_falling_loss(short_run):
     run_dir, _ = short_run
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert [r["step"] for r in rows] == [0, 5, 10, 15, 20]
+    assert rows[0].keys() == {"step", "val/loss"}  # the starting point of the validation curve
+    rows = rows[1:]
     assert all({"train/loss", "lr", "tokens_per_s"} <= set(r) for r in rows)
     assert [r["step"] for r in rows if "val/loss" in r] == [10, 20]
     assert rows[-1]["train/loss"] < rows[0]["train/loss"] - 0.3

@@ -1,0 +1,511 @@
+"""What checkpoints cost: CheckpointManager save and load against plain file I/O, and training with
+checkpoints against training without.
+
+Run from the repository root (CPU, fp32; as root the page cache is dropped before every timed save,
+read and load, otherwise all of them run warm; the token cache is built on first use):
+
+    python benchmarks/checkpoint.py
+    python benchmarks/checkpoint.py --repeats 1                      # a quick check
+    python benchmarks/checkpoint.py --sections save --breakdown      # where the time of a save goes
+
+1. save: the gpt2_124m shape (conf/model/gpt2_124m.yaml, vocab 50257, fp32) with AdamW state after one
+   step on a tiny batch, plus the JSON state Trainer saves (schedule, sampler, counters, RNG).
+   `CheckpointManager.save(step, stateful, metrics, force=True)` (serialise, fsync, sha256 manifest,
+   rename, `latest`) against writing the same files (same names, sizes and bytes, held in memory
+   beforehand) with one `f.write` + `flush` + `os.fsync` each. `torch.save({'model': sd,
+   'optimizer': osd})` + fsync is shown for reference. Every save goes into an empty checkpoints dir
+   (no rotation in the timed call); what each method wrote is deleted, untimed, before the next.
+2. load: `CheckpointManager.load(stateful, target)` into a freshly built model, optimizer and state
+   objects, with checkpoint.verify=sha256 and with verify=size, against opening and reading every
+   file of the same checkpoint dir.
+3. train: the default tiny config on Shakespeare, `Trainer.build()` + `start()`, then the body of
+   `Trainer.loop` (`schedule.apply`, `train_step`, `counters.step += 1`, `trainer.save(force=False)`;
+   no eval or logging) with checkpoint.every_steps=--every-steps against checkpoint.every_steps=0.
+
+Each method runs --repeats times, the methods of a section interleaved in a rotated order; the table
+shows medians and every round. Everything is written under a fresh temporary dir (inside --workdir if
+given; note that /tmp shares its disk with the repository here) and removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import hashlib
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built from scratch or from the local cache
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+DROP_CACHES = Path("/proc/sys/vm/drop_caches")
+GPT2_VOCAB = 50257
+SAVE_TARGET, LOAD_TARGET, TRAIN_TARGET = 1.25, 2.0, 0.98
+SECTIONS = ("save", "load", "train")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of each section's methods, interleaved")
+    parser.add_argument("--steps", type=int, default=300, help="timed training steps per train run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed training steps before the timed ones")
+    parser.add_argument("--every-steps", type=int, default=100, help="checkpoint.every_steps of the train run")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--workdir", type=Path, default=None, help="where to write (a temp dir is made inside)")
+    parser.add_argument(
+        "--cache",
+        choices=("auto", "cold", "warm"),
+        default="auto",
+        help="page cache before each timed save/read/load: cold drops it (root only); auto = cold if allowed",
+    )
+    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of save,load,train")
+    parser.add_argument("--breakdown", action="store_true", help="also time the pieces of a save one by one")
+    args = parser.parse_args(argv)
+    for name in ("repeats", "steps", "every_steps", "threads"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0:
+        parser.error("--warmup must be at least 0")
+    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
+    unknown = sorted(set(args.sections) - set(SECTIONS))
+    if unknown or not args.sections:
+        parser.error(f"--sections takes names among {', '.join(SECTIONS)}, not {args.sections}")
+    can_drop = os.access(DROP_CACHES, os.W_OK)
+    if args.cache == "cold" and not can_drop:
+        parser.error(f"--cache cold needs write access to {DROP_CACHES} (root); use --cache warm")
+    if args.cache == "auto":
+        args.cache = "cold" if can_drop else "warm"
+    return args
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+class Timings:
+    """Seconds per method and round, reported as medians; `rotated` interleaves the methods."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[float]] = {}
+        self.bytes: dict[str, int] = {}  # bytes each save method wrote, or the load methods read
+        self.files: dict[str, int] = {}  # the checkpoint's files and their sizes
+
+    def add(self, name: str, seconds: float) -> None:
+        self.rows.setdefault(name, []).append(seconds)
+
+    def median(self, name: str) -> float:
+        return statistics.median(self.rows[name])
+
+
+def rotated(names: list[str], round_index: int) -> list[str]:
+    shift = round_index % len(names)
+    return names[shift:] + names[:shift]
+
+
+def settle(cold: bool) -> None:
+    """Flush dirty pages (so one method's writeback never lands in another's timing); drop the cache if cold."""
+    gc.collect()
+    os.sync()
+    if cold:
+        DROP_CACHES.write_text("3\n")
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+
+
+def fsync_write(path: Path, data: bytes | memoryview) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def compose_cfg(overrides: list[str], threads: int):
+    from gpt2exp.launch import compose
+    from gpt2exp.rundir import fix_values_of_record
+    from gpt2exp.train import CONF_DIR
+
+    return fix_values_of_record(compose(CONF_DIR, ["logger=none", "device=cpu", *overrides]), threads)
+
+
+# -- the 124M state ------------------------------------------------------------------------------
+
+
+def build_state(cfg, seed: int, step: bool) -> dict:
+    """Trainer's `stateful` for the gpt2_124m shape: model, AdamW, and the JSON-able state objects.
+
+    With `step`, one optimizer step on a tiny batch fills AdamW's exp_avg / exp_avg_sq.
+    """
+    from transformers import GPT2LMHeadModel
+
+    from gpt2exp.data import BatchSampler
+    from gpt2exp.model import quiet_transformers, scratch_config
+    from gpt2exp.optim import LRSchedule, build_optimizer
+    from gpt2exp.state import RngState, TrainerCounters
+    from gpt2exp.train import next_token_loss
+
+    quiet_transformers()
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(scratch_config(cfg.model, GPT2_VOCAB, GPT2_VOCAB - 1))
+    optimizer = build_optimizer(cfg.optimizer, model, "cpu")
+    schedule = LRSchedule(optimizer, cfg.optimizer.lr, cfg.scheduler)
+    block, batch = cfg.model.block_size, cfg.trainer.batch_size
+    dummy_tokens = np.zeros(block * (batch + 2), dtype=np.uint16)  # only the sampler's position is saved
+    counters = TrainerCounters()
+    if step:
+        schedule.apply(0)
+        tokens = torch.randint(0, GPT2_VOCAB, (1, 17))
+        next_token_loss(model, tokens[:, :-1], tokens[:, 1:]).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        counters.step, counters.tokens_seen = 1, 16
+    return {
+        "model": model,
+        "optimizer": optimizer,
+        "scaler": None,  # fp32 on CPU: Trainer passes no GradScaler
+        "schedule": schedule,
+        "sampler": BatchSampler(dummy_tokens, block, batch, cfg.seed),
+        "trainer": counters,
+        "rng": RngState(),
+    }
+
+
+# -- 1. save -------------------------------------------------------------------------------------
+
+
+def bench_save(args, cfg, stateful, work: Path, timings: Timings, timed: bool) -> Path:
+    """Times the three save methods (if `timed`); returns a committed checkpoint dir for the load section."""
+    from omegaconf import OmegaConf
+
+    from gpt2exp.checkpoint import CheckpointManager
+
+    cold = args.cache == "cold"
+    ckpt_cfg = OmegaConf.merge(cfg.checkpoint, {"every_steps": 0, "every_minutes": 0.0})
+    manager = CheckpointManager(ckpt_cfg, work / "manager")
+    # an untimed save first: imports, allocator warm-up, and the files the other methods mirror
+    reference = manager.save(1, stateful, {}, force=True)
+    files = {p.name: p.read_bytes() for p in sorted(reference.iterdir()) if p.is_file()}
+    timings.files = {name: len(data) for name, data in files.items()}
+    kept = work / "kept" / reference.name
+    kept.parent.mkdir()
+    os.rename(reference, kept)  # what the load section reads; out of the manager's way
+    if not timed:
+        manager.close()
+        return kept
+    sd, osd = stateful["model"].state_dict(), stateful["optimizer"].state_dict()
+
+    def manager_save(out: Path, step: int) -> Callable[[], None]:
+        return lambda: manager.save(step, stateful, {}, force=True)
+
+    def raw_write(out: Path, step: int) -> Callable[[], None]:
+        def run() -> None:
+            for name, data in files.items():
+                fsync_write(out / name, data)
+
+        return run
+
+    def torch_save(out: Path, step: int) -> Callable[[], None]:
+        def run() -> None:
+            with open(out / "checkpoint.pt", "wb") as f:
+                torch.save({"model": sd, "optimizer": osd}, f)
+                f.flush()
+                os.fsync(f.fileno())
+
+        return run
+
+    methods = {"save/manager": manager_save, "save/raw": raw_write, "save/torch": torch_save}
+    step = 1
+    try:
+        for round_index in range(args.repeats):
+            for name in rotated(list(methods), round_index):
+                step += 1
+                out = work / "raw"
+                out.mkdir(exist_ok=True)
+                run = methods[name](out, step)
+                settle(cold)
+                start = time.perf_counter()
+                run()
+                timings.add(name, time.perf_counter() - start)
+                written = manager.root / f"step_{step:08d}" if name == "save/manager" else out
+                timings.bytes[name] = dir_bytes(written)
+                shutil.rmtree(written)  # untimed: the next method writes into free space as this one did
+            if args.breakdown:
+                settle(cold)
+                save_breakdown(stateful, work / "pieces", timings)
+    finally:
+        manager.close()
+    return kept
+
+
+def save_breakdown(stateful, out: Path, timings: Timings) -> None:
+    """The steps of CheckpointManager._write_files one after another, each timed alone."""
+    from safetensors.torch import save as safetensors_bytes
+
+    from gpt2exp.checkpoint import model_tensors, serialize_tensor_state
+
+    out.mkdir(exist_ok=True)
+    model, optimizer = stateful["model"], stateful["optimizer"]
+    clock = [time.perf_counter()]
+
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        timings.add(f"piece/{name}", now - clock[0])
+        clock[0] = now
+
+    tensors = model_tensors(model)
+    lap("model_tensors")
+    model_bytes = safetensors_bytes(tensors, metadata={"format": "pt"})
+    lap("safetensors_to_bytes")
+    tensor_state = {"optimizer": optimizer.state_dict()}
+    lap("optimizer_state_dict")
+    opt_bytes = serialize_tensor_state(tensor_state)
+    lap("torch_save_to_bytesio")
+    hashlib.sha256(model_bytes).hexdigest()
+    lap("sha256_model")
+    hashlib.sha256(opt_bytes).hexdigest()
+    lap("sha256_optimizer")
+    settle(False)
+    clock[0] = time.perf_counter()
+    fsync_write(out / "model.safetensors", model_bytes)
+    lap("write_fsync_model")
+    fsync_write(out / "optimizer.pt", opt_bytes)
+    lap("write_fsync_optimizer")
+    del model_bytes, opt_bytes
+    shutil.rmtree(out)
+
+
+# -- 2. load -------------------------------------------------------------------------------------
+
+
+def bench_load(args, cfg, source_state, kept: Path, work: Path, timings: Timings) -> None:
+    from omegaconf import OmegaConf
+
+    from gpt2exp.checkpoint import CheckpointManager
+
+    cold = args.cache == "cold"
+    # a run dir whose checkpoints/ holds only the kept checkpoint, as after a save
+    root = work / "load_run"
+    (root / "checkpoints").mkdir(parents=True)
+    target = root / "checkpoints" / kept.name
+    os.rename(kept, target)
+    managers = {
+        mode: CheckpointManager(OmegaConf.merge(cfg.checkpoint, {"verify": mode}), root) for mode in ("sha256", "size")
+    }
+    probe = "transformer.h.0.attn.c_attn.weight"
+    expected = source_state["model"].state_dict()[probe].clone()
+    expected_step = source_state["trainer"].step
+
+    def manager_load(mode: str) -> Callable[[], None]:
+        fresh = build_state(cfg, seed=4321, step=False)  # untimed: a fresh model and optimizer
+
+        def run() -> None:
+            loaded = managers[mode].load(fresh, target)
+            if loaded.step != expected_step or not torch.equal(fresh["model"].state_dict()[probe], expected):
+                raise SystemExit(f"error: the load with verify={mode} did not restore the saved state")
+            if not fresh["optimizer"].state:
+                raise SystemExit(f"error: the load with verify={mode} did not restore the optimizer state")
+
+        return run
+
+    def raw_read() -> Callable[[], None]:
+        def run() -> None:
+            total = 0
+            for path in sorted(target.iterdir()):
+                with open(path, "rb") as f:
+                    total += len(f.read())
+            if total != dir_bytes(target):
+                raise SystemExit("error: the plain read came up short")
+
+        return run
+
+    methods = {
+        "load/sha256": lambda: manager_load("sha256"),
+        "load/size": lambda: manager_load("size"),
+        "load/raw": raw_read,
+    }
+    try:
+        if not cold:
+            raw_read()()  # every method then starts with the files in the page cache
+        for round_index in range(args.repeats):
+            for name in rotated(list(methods), round_index):
+                run = methods[name]()
+                settle(cold)
+                start = time.perf_counter()
+                run()
+                timings.add(name, time.perf_counter() - start)
+                del run
+    finally:
+        for manager in managers.values():
+            manager.close()
+    for name in methods:
+        timings.bytes[name] = dir_bytes(target)
+    shutil.rmtree(root)
+
+
+# -- 3. train ------------------------------------------------------------------------------------
+
+
+def bench_train(args, work: Path, timings: Timings) -> dict:
+    from gpt2exp.train import Trainer
+
+    total = args.warmup + args.steps
+    saves = sum(1 for s in range(args.warmup + 1, total + 1) if s % args.every_steps == 0)
+    variants = {"train/none": 0, "train/every": args.every_steps}
+    info: dict = {"saves": saves}
+    for round_index in range(args.repeats):
+        for name in rotated(list(variants), round_index):
+            cfg = compose_cfg(
+                [
+                    f"trainer.max_steps={total}",
+                    f"trainer.num_threads={args.threads}",
+                    "trainer.progress=false",
+                    f"checkpoint.every_steps={variants[name]}",
+                ],
+                args.threads,
+            )
+            run_dir = work / f"train-{name.split('/')[1]}-{round_index}"
+            run_dir.mkdir()
+            trainer = Trainer(cfg, run_dir)
+            trainer.build()
+            try:
+                trainer.start(None, resume=False)
+                counters = trainer.counters
+                tokens_per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum_steps * cfg.model.block_size
+
+                def step(trainer=trainer, counters=counters) -> None:  # Trainer.loop minus logging and eval
+                    trainer.schedule.apply(counters.step)
+                    trainer.train_step()
+                    counters.step += 1
+                    trainer.save(force=False)
+
+                for _ in range(args.warmup):
+                    step()
+                settle(False)
+                start = time.perf_counter()
+                for _ in range(args.steps):
+                    step()
+                elapsed = time.perf_counter() - start
+            finally:
+                trainer.checkpoints.close()
+            committed = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
+            if variants[name] and saves and not committed:
+                raise SystemExit(f"error: the {name} run committed no checkpoint")
+            if not variants[name] and committed:
+                raise SystemExit(f"error: the {name} run committed checkpoints {committed}")
+            if variants[name] and committed:
+                info["checkpoint_mb"] = dir_bytes(run_dir / "checkpoints" / committed[-1]) / 1e6
+            timings.add(name, elapsed)
+            info["tokens"] = tokens_per_step * args.steps
+            info["model"] = (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.trainer.batch_size)
+            shutil.rmtree(run_dir)
+            del trainer
+            gc.collect()
+    return info
+
+
+# -- the report ----------------------------------------------------------------------------------
+
+
+def verdict(ok: bool) -> str:
+    return "PASS" if ok else "FAIL"
+
+
+def report(args, timings: Timings, train_info: dict | None) -> None:
+    labels = {
+        "save/manager": "CheckpointManager.save (force, fsync, sha256)",
+        "save/raw": "plain write+fsync of the same files",
+        "save/torch": "torch.save({model, optimizer}) + fsync",
+        "load/sha256": "CheckpointManager.load verify=sha256",
+        "load/size": "CheckpointManager.load verify=size",
+        "load/raw": "plain open+read of the same files",
+        "train/none": "train, checkpoint.every_steps=0",
+        "train/every": f"train, checkpoint.every_steps={args.every_steps}",
+    }
+    width = max(len(v) for v in labels.values())
+    print(f"{'method':<{width}}  {'median':>12}  {'rate':>14}  per round (s)")
+    for key, label in labels.items():
+        if key not in timings.rows:
+            continue
+        median = timings.median(key)
+        rounds = " ".join(f"{v:.2f}" for v in timings.rows[key])
+        if key in timings.bytes:
+            rate = f"{timings.bytes[key] / median / 1e6:,.0f} MB/s"
+        else:
+            rate = f"{train_info['tokens'] / median:,.0f} tok/s"  # type: ignore[index]
+        print(f"{label:<{width}}  {median:>10.3f} s  {rate:>14}  {rounds}")
+    pieces = [k for k in timings.rows if k.startswith("piece/")]
+    if pieces:
+        print(
+            "save breakdown (each piece alone, medians): "
+            + ", ".join(f"{k[6:]} {timings.median(k):.2f}s" for k in pieces)
+        )
+    if "save/manager" in timings.rows:
+        ratio = timings.median("save/manager") / timings.median("save/raw")
+        print(f"save / plain write     = {ratio:.2f}x  (target <= {SAVE_TARGET:.2f}x)  {verdict(ratio <= SAVE_TARGET)}")
+        ref = timings.median("save/torch") / timings.median("save/raw")
+        print(f"torch.save / plain write = {ref:.2f}x  (reference, no target)")
+    for mode in ("sha256", "size"):
+        if f"load/{mode}" in timings.rows:
+            ratio = timings.median(f"load/{mode}") / timings.median("load/raw")
+            ok = verdict(ratio <= LOAD_TARGET)
+            print(f"load {mode:<6} / plain read = {ratio:.2f}x  (target <= {LOAD_TARGET:.2f}x)  {ok}")
+    if train_info is not None:
+        ratio = timings.median("train/none") / timings.median("train/every")  # tokens/s with / without
+        print(
+            f"train tokens/s with / without checkpoints = {ratio:.3f}  (target >= {TRAIN_TARGET:.2f})  "
+            f"{verdict(ratio >= TRAIN_TARGET)}"
+        )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from gpt2exp.config import register_schemas
+
+    register_schemas()
+    if args.workdir is not None:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gpt2exp-ckpt-bench-", dir=args.workdir))
+    timings = Timings()
+    train_info = None
+    try:
+        if "save" in args.sections or "load" in args.sections:
+            cfg = compose_cfg(["model=gpt2_124m"], args.threads)
+            state = build_state(cfg, seed=cfg.seed, step=True)
+            params = sum(p.numel() for p in state["model"].parameters())
+            kept = bench_save(args, cfg, state, work, timings, timed="save" in args.sections)
+            files = ", ".join(f"{k} {v / 1e6:.1f}MB" for k, v in timings.files.items())
+            print(
+                f"gpt2_124m: {params / 1e6:.1f}M params fp32 + AdamW state; {args.threads} threads; "
+                f"page cache {args.cache} before each timed save/read/load; {args.repeats} round(s); "
+                f"workdir {work}\ncheckpoint files: {files}"
+            )
+            if "load" in args.sections:
+                bench_load(args, cfg, state, kept, work, timings)
+            del state
+            gc.collect()
+        if "train" in args.sections:
+            train_info = bench_train(args, work, timings)
+            n_layer, n_embd, block, batch = train_info["model"]
+            print(
+                f"train: default tiny model (n_layer {n_layer}, n_embd {n_embd}), batch {batch} x {block} tokens, "
+                f"{args.warmup} warmup + {args.steps} timed steps, checkpoint.every_steps={args.every_steps} "
+                f"({train_info['saves']} saves in the timed steps, "
+                f"{train_info.get('checkpoint_mb', 0):.1f} MB each) vs 0; page cache warm"
+            )
+        report(args, timings, train_info)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
