@@ -501,6 +501,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"({train_info['saves']} saves in the timed steps, "
                 f"{train_info.get('checkpoint_mb', 0):.1f} MB each) vs 0; page cache warm"
             )
+        load1, load5, _ = os.getloadavg()
+        print(f"load average at the end: {load1:.1f} (1 min), {load5:.1f} (5 min) on {os.cpu_count()} CPUs")
         report(args, timings, train_info)
     finally:
         shutil.rmtree(work, ignore_errors=True)

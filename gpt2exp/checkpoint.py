@@ -247,10 +247,14 @@ class Loaded:
 class CheckpointManager:
     """save / load / close; `_should_save` decides when, `_rotate` decides what stays."""
 
-    def __init__(self, cfg: Any, run_dir: Path, tokenizer_dir: Path | None = None):
+    def __init__(
+        self, cfg: Any, run_dir: Path, tokenizer_dir: Path | None = None, identity: dict[str, Any] | None = None
+    ):
+        """`identity` (config hash, code version, ...) is recorded in every trainer_state.json."""
         self.cfg = cfg
         self.root = Path(run_dir) / "checkpoints"
         self.tokenizer_dir = tokenizer_dir
+        self.identity = dict(identity or {})
         self.root.mkdir(parents=True, exist_ok=True)
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
         self._last_save_time = time.monotonic()
@@ -368,7 +372,7 @@ class CheckpointManager:
         tensor_state = {k: stateful[k].state_dict() for k in TENSOR_STATE_KEYS if stateful.get(k) is not None}
         write(OPTIMIZER_FILE, serialize_tensor_state(tensor_state))
         json_state = {k: v.state_dict() for k, v in stateful.items() if k != "model" and k not in TENSOR_STATE_KEYS}
-        json_state.update(step=step, metrics=metrics, saved_at=time.time())
+        json_state.update(self.identity, step=step, metrics=metrics, saved_at=time.time())
         write(STATE_FILE, json.dumps(json_state).encode())
         return files
 

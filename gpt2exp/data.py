@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from gpt2exp.errors import UserError
-from gpt2exp.hub import load_pretrained
+from gpt2exp.hub import load_pretrained, offline_unless_reachable
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ def _load_hf_corpus(cfg: Any) -> Corpus:
 
     saved = Path(os.path.expanduser(cfg.dataset))
     saved_to_disk = (saved / "state.json").exists() or (saved / "dataset_dict.json").exists()
+    offline = not saved.exists() and offline_unless_reachable()
 
     def load(split: str):
         try:
@@ -127,7 +128,8 @@ def _load_hf_corpus(cfg: Any) -> Corpus:
                 return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
             return datasets.load_dataset(cfg.dataset, cfg.config_name, split=split)
         except FileNotFoundError as exc:
-            raise UserError(f"data set not found: {cfg.dataset}; pass a local path or a hub name") from exc
+            where = "the local HF cache (the hub cannot be reached)" if offline else "the hub"
+            raise UserError(f"data set not found: {cfg.dataset} is neither a local path nor in {where}") from exc
         except Exception as exc:
             first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             raise UserError(f"could not load data set {cfg.dataset} split {split}: {first}") from exc
@@ -199,6 +201,7 @@ def _tokenize(tokenizer, docs: list[str]) -> np.ndarray:
 
     if not docs:
         return np.zeros(0, dtype=dtype)
+    datasets.disable_progress_bars()
     dataset = datasets.Dataset.from_dict({"text": docs})
     dataset = dataset.map(encode, batched=True, batch_size=64, remove_columns=["text"])
     # Arrow keeps the ids as one flat child array: read it without Python lists.

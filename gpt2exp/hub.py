@@ -30,6 +30,27 @@ def hub_reachable() -> bool:
         return False
 
 
+def offline_unless_reachable() -> bool:
+    """Switch the HF clients to offline mode when the hub cannot be reached; returns True if offline.
+
+    Cached models and data sets then load at once, and missing ones fail at once instead of after
+    the hub client's retries.
+    """
+    if hub_reachable():
+        return False
+    import huggingface_hub.constants
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+    try:
+        import datasets.config
+
+        datasets.config.HF_HUB_OFFLINE = datasets.config.HF_DATASETS_OFFLINE = True
+    except ImportError:
+        pass
+    return True
+
+
 def load_pretrained(loader: Callable[..., Any], name: str, what: str, **kwargs: Any) -> Any:
     """`loader(name)` for a local path or a hub name, with one clear UserError when it cannot load."""
     if Path(os.path.expanduser(name)).exists():

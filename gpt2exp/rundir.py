@@ -47,9 +47,11 @@ def read_config_of_record(run_dir: Path) -> DictConfig:
 
 
 def config_digest(cfg: DictConfig) -> str:
+    """sha256 of the values of record that a resume may not change (whitelisted keys left out)."""
     import hashlib
 
-    return hashlib.sha256(OmegaConf.to_yaml(cfg, resolve=True).encode()).hexdigest()
+    fixed = {k: v for k, v in sorted(leaves(cfg).items()) if not is_resumable_key(k)}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- run.json ------------------------------------------------------------------------------------
@@ -67,6 +69,13 @@ def git_sha() -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() if out.returncode == 0 else None
+
+
+def code_version() -> str:
+    from gpt2exp import __version__
+
+    sha = git_sha()
+    return f"{__version__}+g{sha[:12]}" if sha else __version__
 
 
 def package_versions() -> dict[str, str]:

@@ -22,6 +22,7 @@ class TrainerCounters:
     best_metric: float | None = None
     last_eval: dict[str, float] = field(default_factory=dict)  # newest val metrics and their step
     wandb_id: str | None = None
+    last_logged_step: int = 0  # W&B and metrics.jsonl rows after the checkpoint step are replaced on resume
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -28,6 +28,8 @@ from gpt2exp.errors import EXIT_USAGE, UserError
 from gpt2exp.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gpt2exp.rundir import (
     RunLock,
+    code_version,
+    config_digest,
     config_for_resume,
     fix_values_of_record,
     read_config_of_record,
@@ -177,7 +179,8 @@ class Trainer:
             "trainer": self.counters,
             "rng": RngState(),
         }
-        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.data.tokenizer_dir)
+        identity = {"config_sha256": config_digest(cfg), "code_version": code_version()}
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.data.tokenizer_dir, identity)
         self.step_fn = self.model
         if t.compile and self.device.type == "cuda":
             self.step_fn = torch.compile(self.model)
@@ -198,6 +201,8 @@ class Trainer:
             self.counters.wandb_id = info["wandb_id"]
             return None
         loaded = self.checkpoints.load(self.stateful, checkpoint)
+        if loaded.trainer_state.get("config_sha256") != config_digest(self.cfg):
+            log.warning("%s was saved under another config than this run's config.yaml", loaded.path.name)
         info = read_run_json(self.run_dir)
         dropped = truncate_metrics(self.run_dir, loaded.step)
         resumes = info.get("resumes", []) + [{"step": loaded.step, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}]
@@ -269,6 +274,7 @@ class Trainer:
                     log.info("step %d: train/loss %.4f val/loss %.4f", c.step, loss, metrics["val/loss"])
                 if metrics:
                     self.tracker.log(c.step, metrics)
+                    c.last_logged_step = c.step
                 if t.sample_every and c.step % t.sample_every == 0:
                     for text in self.samples(1):
                         bar.write(f"--- sample at step {c.step} ---\n{text}")
