@@ -81,7 +81,7 @@ class ModelConfig:
 @dataclass
 class OptimizerConfig:
     name: OptimizerName = OptimizerName.adamw
-    lr: float = 1e-3
+    lr: float = 2e-3
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
@@ -144,7 +144,7 @@ class LoggerConfig:
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 300
+    max_steps: int = 600
     batch_size: int = 16
     grad_accum_steps: int = 1
     log_every: int = 10
