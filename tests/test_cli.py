@@ -192,3 +192,27 @@ def test_finetune_starts_from_pretrained_weights_by_path(tmp_path, pretrained_di
     # a few small steps move the pretrained weights a little, not to a fresh init
     delta = (after["transformer.wpe.weight"] - before["transformer.wpe.weight"]).abs().max().item()
     assert 0 < delta < 0.05
+
+
+def test_gpt2_124m_starts_and_runs_a_step_on_cpu(tmp_path):
+    """The GPU preset still runs on a CPU: bf16 autocast on CPU, compile skipped, one step."""
+    result = run_cli(
+        "gpt2exp.train",
+        "+experiment=gpt2_124m",
+        "trainer.max_steps=1",
+        "trainer.batch_size=1",
+        "trainer.grad_accum_steps=1",
+        "trainer.eval_batches=1",
+        "trainer.num_samples=0",
+        "trainer.progress=false",
+        "data.tokenizer.vocab_size=512",
+        "logger=none",
+        cwd=tmp_path,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = only_run_dir(tmp_path)
+    config = json.loads((run_dir / "checkpoints" / "step_00000001" / "config.json").read_text())
+    assert (config["n_layer"], config["n_head"], config["n_embd"], config["n_positions"]) == (12, 12, 768, 1024)
+    row = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    assert row["step"] == 1 and 5.0 < row["train/loss"] < 8.0  # ~ln(512) at the start
