@@ -297,19 +297,20 @@ class Trainer:
 
         t = self.cfg.trainer
         self.model.train()
-        total = 0.0
+        total = torch.zeros((), device=self.device)
         for _ in range(t.grad_accum_steps):
-            x, y = (torch.from_numpy(a).to(self.device, non_blocking=True) for a in self.sampler.next_batch())
+            x, y = (torch.from_numpy(a).to(self.device) for a in self.sampler.next_batch())
             with self.autocast:
                 loss = next_token_loss(self.step_fn, x, y) / t.grad_accum_steps
             self.scaler.scale(loss).backward()
-            total += loss.item()
+            total += loss.detach()
         if t.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
+        total = total.item()  # one device sync per step, not per micro-batch
         if not math.isfinite(total):
             raise UserError(f"training diverged at step {self.counters.step + 1} (loss {total}); lower optimizer.lr")
         return total

@@ -84,8 +84,10 @@ def test_weight_decay_groups_hold_exactly_the_2d_weights(tiny_model):
     assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
 
 
-def test_fused_adamw_is_off_on_cpu(tiny_model):
+def test_fused_adamw_by_default_on_cpu_and_off_when_asked(tiny_model):
     from gpt2exp.config import OptimizerConfig
 
     optimizer = build_optimizer(OmegaConf.structured(OptimizerConfig()), tiny_model, "cpu")
-    assert not optimizer.defaults.get("fused")
+    assert optimizer.defaults["fused"] is True
+    unfused = build_optimizer(OmegaConf.structured(OptimizerConfig(fused=False)), tiny_model, "cpu")
+    assert not unfused.defaults["fused"]
