@@ -1,5 +1,4 @@
-"""What checkpoints cost: CheckpointManager save and load against plain file I/O, and training with
-checkpoints against training without.
+"""What checkpoints cost: CheckpointManager save/load vs plain file I/O, and training with vs without.
 
 Run from the repository root (CPU, fp32; as root the page cache is dropped before every timed save,
 read and load, otherwise all of them run warm; the token cache is built on first use):
@@ -20,11 +19,14 @@ read and load, otherwise all of them run warm; the token cache is built on first
    file of the same checkpoint dir.
 3. train: the default tiny config on Shakespeare, `Trainer.build()` + `start()`, then the body of
    `Trainer.loop` (`schedule.apply`, `train_step`, `counters.step += 1`, `trainer.save(force=False)`;
-   no eval or logging) with checkpoint.every_steps=--every-steps against checkpoint.every_steps=0.
+   no eval or logging) with checkpoint.every_steps=--every-steps against checkpoint.every_steps=0;
+   the seconds spent inside `trainer.save` are shown too, a steadier figure than the tokens/s ratio.
 
 Each method runs --repeats times, the methods of a section interleaved in a rotated order; the table
-shows medians and every round. Everything is written under a fresh temporary dir (inside --workdir if
-given; note that /tmp shares its disk with the repository here) and removed at the end.
+shows medians and every round. Read the rounds as well as the medians: on a shared or virtual machine
+other processes, and the host reclaiming freed guest memory, can slow single rounds several-fold.
+Everything is written under a fresh temporary dir (inside --workdir if given, else under $TMPDIR or
+/tmp, which may share a disk with the repository) and removed at the end.
 """
 
 from __future__ import annotations
@@ -90,7 +92,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 class Timings:
-    """Seconds per method and round, reported as medians; `rotated` interleaves the methods."""
+    """Seconds per method and round (reported as medians), and the bytes behind the MB/s column."""
 
     def __init__(self) -> None:
         self.rows: dict[str, list[float]] = {}
@@ -380,15 +382,20 @@ def bench_train(args, work: Path, timings: Timings) -> dict:
                 counters = trainer.counters
                 tokens_per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum_steps * cfg.model.block_size
 
-                def step(trainer=trainer, counters=counters) -> None:  # Trainer.loop minus logging and eval
+                in_save = [0.0]  # seconds inside trainer.save, the checkpoint's direct cost
+
+                def step(trainer=trainer, counters=counters, in_save=in_save) -> None:  # Trainer.loop minus logs, eval
                     trainer.schedule.apply(counters.step)
                     trainer.train_step()
                     counters.step += 1
+                    start = time.perf_counter()
                     trainer.save(force=False)
+                    in_save[0] += time.perf_counter() - start
 
                 for _ in range(args.warmup):
                     step()
                 settle(False)
+                in_save[0] = 0.0
                 start = time.perf_counter()
                 for _ in range(args.steps):
                     step()
@@ -403,6 +410,7 @@ def bench_train(args, work: Path, timings: Timings) -> dict:
             if variants[name] and committed:
                 info["checkpoint_mb"] = dir_bytes(run_dir / "checkpoints" / committed[-1]) / 1e6
             timings.add(name, elapsed)
+            timings.add(name.replace("train/", "in_save/"), in_save[0])
             info["tokens"] = tokens_per_step * args.steps
             info["model"] = (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.trainer.batch_size)
             shutil.rmtree(run_dir)
@@ -462,6 +470,13 @@ def report(args, timings: Timings, train_info: dict | None) -> None:
         print(
             f"train tokens/s with / without checkpoints = {ratio:.3f}  (target >= {TRAIN_TARGET:.2f})  "
             f"{verdict(ratio >= TRAIN_TARGET)}"
+        )
+        in_save = timings.median("in_save/every")
+        print(
+            f"  (time inside trainer.save with checkpoints: median {in_save:.2f} s = "
+            f"{100 * in_save / timings.median('train/every'):.1f}% of the timed steps; rounds "
+            + " ".join(f"{v:.2f}" for v in timings.rows["in_save/every"])
+            + f"; without: {timings.median('in_save/none') * 1e3:.1f} ms)"
         )
 
 
