@@ -5,7 +5,6 @@ read and load, otherwise all of them run warm; the token cache is built on first
 
     python benchmarks/checkpoint.py
     python benchmarks/checkpoint.py --repeats 1                      # a quick check
-    python benchmarks/checkpoint.py --sections save --breakdown      # where the time of a save goes
 
 1. save: the gpt2_124m shape (conf/model/gpt2_124m.yaml, vocab 50257, fp32) with AdamW state after one
    step on a tiny batch, plus the JSON state Trainer saves (schedule, sampler, counters, RNG).
@@ -33,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import hashlib
 import os
 import shutil
 import statistics
@@ -69,7 +67,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="page cache before each timed save/read/load: cold drops it (root only); auto = cold if allowed",
     )
     parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of save,load,train")
-    parser.add_argument("--breakdown", action="store_true", help="also time the pieces of a save one by one")
     args = parser.parse_args(argv)
     for name in ("repeats", "steps", "every_steps", "threads"):
         if getattr(args, name) < 1:
@@ -239,49 +236,9 @@ def bench_save(args, cfg, stateful, work: Path, timings: Timings, timed: bool) -
                 written = manager.root / f"step_{step:08d}" if name == "save/manager" else out
                 timings.bytes[name] = dir_bytes(written)
                 shutil.rmtree(written)  # untimed: the next method writes into free space as this one did
-            if args.breakdown:
-                settle(cold)
-                save_breakdown(stateful, work / "pieces", timings)
     finally:
         manager.close()
     return kept
-
-
-def save_breakdown(stateful, out: Path, timings: Timings) -> None:
-    """The steps of CheckpointManager._write_files one after another, each timed alone."""
-    from safetensors.torch import save as safetensors_bytes
-
-    from gpt2exp.checkpoint import model_tensors, serialize_tensor_state
-
-    out.mkdir(exist_ok=True)
-    model, optimizer = stateful["model"], stateful["optimizer"]
-    clock = [time.perf_counter()]
-
-    def lap(name: str) -> None:
-        now = time.perf_counter()
-        timings.add(f"piece/{name}", now - clock[0])
-        clock[0] = now
-
-    tensors = model_tensors(model)
-    lap("model_tensors")
-    model_bytes = safetensors_bytes(tensors, metadata={"format": "pt"})
-    lap("safetensors_to_bytes")
-    tensor_state = {"optimizer": optimizer.state_dict()}
-    lap("optimizer_state_dict")
-    opt_bytes = serialize_tensor_state(tensor_state)
-    lap("torch_save_to_bytesio")
-    hashlib.sha256(model_bytes).hexdigest()
-    lap("sha256_model")
-    hashlib.sha256(opt_bytes).hexdigest()
-    lap("sha256_optimizer")
-    settle(False)
-    clock[0] = time.perf_counter()
-    fsync_write(out / "model.safetensors", model_bytes)
-    lap("write_fsync_model")
-    fsync_write(out / "optimizer.pt", opt_bytes)
-    lap("write_fsync_optimizer")
-    del model_bytes, opt_bytes
-    shutil.rmtree(out)
 
 
 # -- 2. load -------------------------------------------------------------------------------------
@@ -449,12 +406,6 @@ def report(args, timings: Timings, train_info: dict | None) -> None:
         else:
             rate = f"{train_info['tokens'] / median:,.0f} tok/s"  # type: ignore[index]
         print(f"{label:<{width}}  {median:>10.3f} s  {rate:>14}  {rounds}")
-    pieces = [k for k in timings.rows if k.startswith("piece/")]
-    if pieces:
-        print(
-            "save breakdown (each piece alone, medians): "
-            + ", ".join(f"{k[6:]} {timings.median(k):.2f}s" for k in pieces)
-        )
     if "save/manager" in timings.rows:
         ratio = timings.median("save/manager") / timings.median("save/raw")
         print(f"save / plain write     = {ratio:.2f}x  (target <= {SAVE_TARGET:.2f}x)  {verdict(ratio <= SAVE_TARGET)}")

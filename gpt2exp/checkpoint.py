@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import json
 import logging
 import math
@@ -86,18 +85,107 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _sha256(data: bytes | memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
+class _HashingFile:
+    """A write-only file that sha256-hashes what passes through it, the hash running beside the write.
+
+    Each large piece is hashed on the hash thread while this thread writes it (both release the
+    GIL), and the call returns only when both are done, so a caller may reuse its buffer at once.
+    """
+
+    SMALL = 1 << 16  # below this, hashing inline costs less than handing over to the thread
+
+    def __init__(self, path: Path, hasher: ThreadPoolExecutor):
+        self._file = open(path, "wb")
+        self._digest = hashlib.sha256()
+        self._hasher = hasher
+        self.size = 0
+        self.error: OSError | None = None
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast("B")
+        pending: Future[None] | None = None
+        if view.nbytes >= self.SMALL:
+            pending = self._hasher.submit(self._digest.update, view)
+        else:
+            self._digest.update(view)
+        try:
+            self._file.write(view)
+        except OSError as exc:
+            self.error = exc  # serializers may wrap it; the manager reports the original
+            raise
+        finally:
+            if pending is not None:
+                pending.result()
+        self.size += view.nbytes
+        return view.nbytes
+
+    def flush(self) -> None:
+        self._file.flush()
+
+    def finish(self) -> dict[str, Any]:
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        return {"size": self.size, "sha256": self._digest.hexdigest()}
+
+    def close(self) -> None:
+        self._file.close()
 
 
-def _write_file(path: Path, data: bytes | memoryview, hasher: ThreadPoolExecutor) -> dict[str, Any]:
-    """Write and fsync `data`, hashing it on another thread meanwhile; returns its manifest entry."""
-    digest: Future[str] = hasher.submit(_sha256, data)
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    return {"size": len(data), "sha256": digest.result()}
+def _write_file(path: Path, data: bytes | Callable[[Any], None], hasher: ThreadPoolExecutor) -> dict[str, Any]:
+    """Write `data` (bytes, or a function that writes into a file object) to `path`, fsynced and hashed.
+
+    Returns the file's manifest entry. Streaming through the file object keeps no second copy of
+    large state in memory.
+    """
+    out = _HashingFile(path, hasher)
+    try:
+        if callable(data):
+            data(out)
+        else:
+            out.write(data)
+        return out.finish()
+    except RuntimeError:
+        out.close()
+        if out.error is not None:  # e.g. torch.save wraps ENOSPC in a RuntimeError
+            raise out.error from None
+        raise
+    except BaseException:
+        out.close()
+        raise
+
+
+def _safetensors_writer(tensors: dict[str, Any], metadata: dict[str, str]) -> Callable[[Any], None]:
+    """Write `tensors` in the safetensors format piece by piece, straight from tensor memory."""
+    import struct
+
+    import torch
+
+    dtypes = {
+        torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+        torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+        torch.bool: "BOOL",
+    }  # fmt: skip
+    header: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, tensor in tensors.items():
+        nbytes = tensor.numel() * tensor.element_size()
+        header[name] = {
+            "dtype": dtypes[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + nbytes],
+        }
+        offset += nbytes
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the format pads the header to 8 bytes
+
+    def write(out: Any) -> None:
+        out.write(struct.pack("<Q", len(encoded)) + encoded)
+        for tensor in tensors.values():
+            if tensor.numel():
+                out.write(tensor.reshape(-1).view(torch.uint8).numpy())
+
+    return write
 
 
 def _file_digest(path: Path) -> str:
@@ -119,8 +207,13 @@ def verify_checkpoint(path: Path, mode: str = "sha256") -> str | None:
         size = file.stat().st_size
         if size != entry["size"]:
             return f"{name} has {size} bytes, the manifest says {entry['size']}"
-        if mode == "sha256" and _file_digest(file) != entry["sha256"]:
-            return f"{name} fails its sha256 check"
+    if mode == "sha256":
+        # hash the files side by side: hashlib releases the GIL, so big files use every core
+        with ThreadPoolExecutor(max_workers=min(4, max(1, len(files)))) as pool:
+            digests = dict(zip(files, pool.map(lambda n: _file_digest(path / n), files), strict=True))
+        for name, entry in files.items():
+            if digests[name] != entry["sha256"]:
+                return f"{name} fails its sha256 check"
     return None
 
 
@@ -162,12 +255,16 @@ def find_verified(
 # -- tensor state (optimizer, scaler) ------------------------------------------------------------
 
 
-def serialize_tensor_state(state: dict[str, Any]) -> bytes:
+def tensor_state_writer(state: dict[str, Any]) -> Callable[[Any], None]:
+    """torch.save of `state` streamed into a file object; the manifest's sha256 stands in for the CRC32."""
     import torch
+    import torch.utils.serialization
 
-    buffer = io.BytesIO()
-    torch.save(state, buffer)
-    return buffer.getbuffer()
+    def write(out: Any) -> None:
+        with torch.utils.serialization.config.patch({"save.compute_crc32": False}):
+            torch.save(state, out)
+
+    return write
 
 
 def load_tensor_state(path: Path) -> dict[str, Any]:
@@ -355,22 +452,20 @@ class CheckpointManager:
     def _write_files(
         self, tmp: Path, step: int, stateful: dict[str, Any], metrics: dict[str, float]
     ) -> dict[str, dict[str, Any]]:
-        from safetensors.torch import save as safetensors_bytes
-
         files: dict[str, dict[str, Any]] = {}
 
-        def write(name: str, data: bytes | memoryview) -> None:
+        def write(name: str, data: bytes | Callable[[Any], None]) -> None:
             files[name] = _write_file(tmp / name, data, self._hasher)
 
         model = stateful["model"]
-        write(MODEL_FILE, safetensors_bytes(model_tensors(model), metadata={"format": "pt"}))
+        write(MODEL_FILE, _safetensors_writer(model_tensors(model), metadata={"format": "pt"}))
         write("config.json", model.config.to_json_string().encode())
         if self.tokenizer_dir is not None:
             for source in sorted(Path(self.tokenizer_dir).iterdir()):
                 if source.is_file():
                     write(source.name, source.read_bytes())
         tensor_state = {k: stateful[k].state_dict() for k in TENSOR_STATE_KEYS if stateful.get(k) is not None}
-        write(OPTIMIZER_FILE, serialize_tensor_state(tensor_state))
+        write(OPTIMIZER_FILE, tensor_state_writer(tensor_state))
         json_state = {k: v.state_dict() for k, v in stateful.items() if k != "model" and k not in TENSOR_STATE_KEYS}
         json_state.update(self.identity, step=step, metrics=metrics, saved_at=time.time())
         write(STATE_FILE, json.dumps(json_state).encode())
