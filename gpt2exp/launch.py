@@ -25,6 +25,7 @@ from gpt2exp.rundir import (
     leaves,
     override_key,
     read_config_of_record,
+    refuse_existing_run,
     resume_target,
 )
 
@@ -111,6 +112,9 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
     resume = _value(overrides, "resume")
     if resume in (None, "null"):
         if not multirun:
+            fixed_dir = _value(overrides, "hydra.run.dir")
+            if fixed_dir:
+                refuse_existing_run(Path(fixed_dir))
             compose(conf_dir, job_overrides)
         return argv
     if multirun:

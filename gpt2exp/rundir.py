@@ -163,6 +163,15 @@ def check_unlocked(run_dir: Path) -> None:
         RunLock(run_dir).acquire().release()
 
 
+def refuse_existing_run(run_dir: Path) -> None:
+    """A fresh start must not overwrite another run's record, metrics or checkpoints."""
+    if is_run_dir(run_dir):
+        raise UserError(
+            f"{run_dir} already holds a run; continue it with resume={run_dir} (or resume=auto), "
+            "or choose another hydra.run.dir"
+        )
+
+
 # -- resume targets ------------------------------------------------------------------------------
 
 

@@ -34,6 +34,7 @@ from gpt2exp.rundir import (
     fix_values_of_record,
     read_config_of_record,
     read_run_json,
+    refuse_existing_run,
     resume_target,
     start_run_json,
     update_run_json,
@@ -134,6 +135,8 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, overrides: list[st
             raise UserError(f"resume target {target.run_dir} is not this run dir {run_dir}")
         cfg = config_for_resume(read_config_of_record(run_dir), cfg, overrides)
     else:
+        if cfg.resume != "auto":  # auto found no checkpoint: its earlier attempt is void
+            refuse_existing_run(run_dir)
         cfg = fix_values_of_record(cfg, torch.get_num_threads())
     validate(cfg)
     with RunLock(run_dir), run_log_file(run_dir):

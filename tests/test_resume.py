@@ -308,3 +308,11 @@ def test_wandb_offline_reattaches_the_same_run(tmp_path):
     assert state["trainer"]["wandb_id"] == wandb_id
     steps = [r["step"] for r in rows(run)]
     assert steps == sorted(set(steps)) == list(range(0, 9))
+
+
+def test_a_fresh_start_never_overwrites_an_existing_run(tmp_path, finished):
+    error = resume_fails(tmp_path, finished, *EXACT, f"hydra.run.dir={finished}", "trainer.max_steps=8")
+    assert error == (
+        f"error: {finished} already holds a run; continue it with resume={finished} (or resume=auto), "
+        "or choose another hydra.run.dir"
+    )
