@@ -64,24 +64,24 @@ def snapshot(run_dir: Path) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
-    """The reference: 16 steps without interruption."""
+    """The reference: 40 steps without interruption (long enough that a kill lands mid-run)."""
     cwd = tmp_path_factory.mktemp("straight")
-    result = train_cli(cwd, cwd / "run", "trainer.max_steps=16")
+    result = train_cli(cwd, cwd / "run", "trainer.max_steps=40")
     assert result.returncode == 0, result.stderr[-3000:]
     return cwd / "run"
 
 
 def test_interrupted_and_resumed_equals_straight(tmp_path, straight):
-    """6 steps (horizon fixed at 16), then resume to 16: crosses evals and checkpoints at 8, 12, 16."""
+    """6 steps (horizon fixed at 40), then resume to 40: crosses evals and checkpoints at 8, 12, ..."""
     run = tmp_path / "run"
-    first = train_cli(tmp_path, run, "trainer.max_steps=6", "scheduler.decay_steps=16")
+    first = train_cli(tmp_path, run, "trainer.max_steps=6", "scheduler.decay_steps=40")
     assert first.returncode == 0, first.stderr[-3000:]
-    second = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=16", cwd=tmp_path)
+    second = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=40", cwd=tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from step 6 of run" in second.stdout + second.stderr
-    assert_same_weights(final_weights(run, 16), final_weights(straight, 16))
+    assert_same_weights(final_weights(run, 40), final_weights(straight, 40))
     assert losses(run) == losses(straight)
-    assert [r["step"] for r in rows(run)] == list(range(0, 17))
+    assert [r["step"] for r in rows(run)] == list(range(0, 41))
 
 
 def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: float = 240) -> None:
@@ -91,7 +91,7 @@ def wait_for_step(run_dir: Path, proc: subprocess.Popen, step: int, timeout: flo
         path = run_dir / "metrics.jsonl"
         if path.exists() and any(json.loads(x)["step"] >= step for x in path.read_text().splitlines() if x):
             return
-        time.sleep(0.05)
+        time.sleep(0.01)
     raise AssertionError(f"step {step} not reached in {timeout}s")
 
 
@@ -108,14 +108,14 @@ def spawn(cwd: Path, run_dir: Path, *args: str) -> subprocess.Popen:
 def test_sigkill_at_a_random_step_then_resume_equals_straight(tmp_path, straight):
     kill_at = random.Random().randint(5, 14)
     run = tmp_path / "run"
-    proc = spawn(tmp_path, run, "trainer.max_steps=16")
+    proc = spawn(tmp_path, run, "trainer.max_steps=40")
     wait_for_step(run, proc, kill_at)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     resumed = run_cli("gpt2exp.train", f"resume={run}", cwd=tmp_path)
     assert resumed.returncode == 0, f"killed at step {kill_at}: {resumed.stderr[-3000:]}"
-    assert_same_weights(final_weights(run, 16), final_weights(straight, 16))
+    assert_same_weights(final_weights(run, 40), final_weights(straight, 40))
     assert losses(run) == losses(straight), f"killed at step {kill_at}"
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and len(info["resumes"]) == 1
@@ -123,7 +123,7 @@ def test_sigkill_at_a_random_step_then_resume_equals_straight(tmp_path, straight
 
 def test_sigterm_saves_at_the_step_boundary_and_exits_75(tmp_path, straight):
     run = tmp_path / "run"
-    proc = spawn(tmp_path, run, "trainer.max_steps=16")
+    proc = spawn(tmp_path, run, "trainer.max_steps=40")
     wait_for_step(run, proc, 5)
     proc.send_signal(signal.SIGTERM)
     proc.send_signal(signal.SIGTERM)  # a second signal in a row changes nothing
@@ -135,10 +135,10 @@ def test_sigterm_saves_at_the_step_boundary_and_exits_75(tmp_path, straight):
     assert (run / "checkpoints" / "latest").read_text().strip() == f"step_{stopped_at:08d}"
     # the requeued job reruns its original command line, with resume=auto
     again = run_cli(
-        "gpt2exp.train", *EXACT, f"hydra.run.dir={run}", "trainer.max_steps=16", "resume=auto", cwd=tmp_path
+        "gpt2exp.train", *EXACT, f"hydra.run.dir={run}", "trainer.max_steps=40", "resume=auto", cwd=tmp_path
     )
     assert again.returncode == 0, again.stderr[-3000:]
-    assert_same_weights(final_weights(run, 16), final_weights(straight, 16))
+    assert_same_weights(final_weights(run, 40), final_weights(straight, 40))
     assert losses(run) == losses(straight)
 
 
@@ -171,7 +171,7 @@ def test_raising_max_steps_continues_at_the_final_lr(tmp_path):
 
 def test_resume_auto_starts_fresh_after_a_kill_before_the_first_checkpoint(tmp_path):
     run = tmp_path / "run"
-    args = ["trainer.max_steps=12", "checkpoint.every_steps=0", "resume=auto"]
+    args = ["trainer.max_steps=300", "checkpoint.every_steps=0", "resume=auto"]
     proc = spawn(tmp_path, run, *args)
     wait_for_step(run, proc, 3)
     proc.send_signal(signal.SIGKILL)
@@ -179,7 +179,7 @@ def test_resume_auto_starts_fresh_after_a_kill_before_the_first_checkpoint(tmp_p
     assert not list((run / "checkpoints").glob("step_*"))
     again = train_cli(tmp_path, run, *args)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert [r["step"] for r in rows(run)] == list(range(0, 13))
+    assert [r["step"] for r in rows(run)] == list(range(0, 301))
 
 
 def test_a_second_process_in_a_locked_run_dir_gets_exit_2(tmp_path):
