@@ -148,12 +148,12 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
 
 
 def _refuse_older_checkpoint(checkpoint: Path) -> None:
-    from gpt2exp.checkpoint import list_checkpoints, step_of
+    from gpt2exp.checkpoint import newest_step, step_dir_name, step_of
 
-    newest = list_checkpoints(checkpoint.parent)[-1]
-    if step_of(newest) > step_of(checkpoint):
+    newest = newest_step(checkpoint.parent)
+    if newest is not None and newest > step_of(checkpoint):
         raise UserError(
-            f"{checkpoint.name} is older than this run's newest checkpoint {newest.name}; resuming it "
+            f"{checkpoint.name} is older than this run's newest checkpoint {step_dir_name(newest)}; resuming it "
             f"would overwrite newer state. Resume the run dir ({checkpoint.parent.parent}) instead, "
             f"or copy the run dir and resume the copy"
         )
