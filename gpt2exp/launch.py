@@ -12,6 +12,7 @@ Each failure is one `error:` line and exit code 2.
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -22,12 +23,14 @@ from gpt2exp.rundir import (
     RESUMABLE_KEYS,
     check_unlocked,
     forbidden_changes,
+    is_resumable_key,
     leaves,
     override_key,
     read_config_of_record,
     refuse_existing_run,
     resume_target,
 )
+from gpt2exp.sweep import is_sweep_dir
 
 # Hydra flags that only print something: no run, nothing to check.
 INFO_FLAGS = {
@@ -43,6 +46,16 @@ INFO_FLAGS = {
     "-sc",
 }
 MULTIRUN_FLAGS = {"--multirun", "-m"}
+
+# Hydra plugins the configs name: (group, option) -> (module, pip package).
+PLUGINS = {
+    ("hydra/launcher", "joblib"): ("hydra_plugins.hydra_joblib_launcher", "hydra-joblib-launcher"),
+    ("hydra/launcher", "submitit_local"): ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ("hydra/launcher", "submitit_slurm"): ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ("hydra/launcher", "slurm"): ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
+    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    ("hparams_search", "*"): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+}
 
 
 def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
@@ -102,14 +115,34 @@ def prepare_argv(argv: list[str], conf_dir: str) -> list[str]:
         raise  # unreachable: fail() exits
 
 
+def check_plugins(overrides: list[str]) -> None:
+    """A launcher or sweeper that is not installed: say which pip package provides it."""
+    from importlib.util import find_spec
+
+    for override in overrides:
+        group, _, option = override.partition("=")
+        group = group.removeprefix("override ").lstrip("+~")
+        plugin = PLUGINS.get((group, option)) or PLUGINS.get((group, "*"))
+        if plugin and find_spec(plugin[0]) is None:
+            raise UserError(
+                f"{group}={option} needs the Hydra plugin {plugin[1]}, which is not installed: "
+                f"pip install {plugin[1]}  (or pip install -e '.[sweeps]' for all of them)"
+            )
+
+
 def _prepare(argv: list[str], conf_dir: str) -> list[str]:
     args = argv[1:]
     if any(a in INFO_FLAGS for a in args):
         return argv
     multirun = any(a in MULTIRUN_FLAGS for a in args)
     overrides = _overrides(args)
+    check_plugins(overrides)
     job_overrides = [o for o in overrides if not override_key(o).startswith("hydra")]
     resume = _value(overrides, "resume")
+    if resume not in (None, "null", "auto") and is_sweep_dir(Path(os.path.expanduser(resume))):
+        return _resume_sweep(argv[0], args, resume, job_overrides)
+    if multirun and resume == "auto":
+        return argv  # each job resumes its own dir when it holds a checkpoint (a requeued SLURM job)
     if resume in (None, "null"):
         if not multirun:
             fixed_dir = _value(overrides, "hydra.run.dir")
@@ -118,7 +151,10 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
             compose(conf_dir, job_overrides)
         return argv
     if multirun:
-        raise UserError("-m cannot be combined with resume=...; resume each job's run dir on its own")
+        raise UserError(
+            "-m cannot be combined with resume=<run dir>; resume a sweep with resume=<multirun/<date>/<time>>, "
+            "or use -m ... resume=auto to let each job continue its own dir"
+        )
     fixed_dir = _value(overrides, "hydra.run.dir")
     target = resume_target(resume, Path(fixed_dir) if fixed_dir else None)
     if target is None:  # resume=auto and nothing to resume yet: a fresh start in the fixed dir
@@ -144,6 +180,40 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
         *kept,
         f"hydra.run.dir={target.run_dir}",
         f"hydra.output_subdir=.hydra/resume-{stamp}",
+    ]
+
+
+def _resume_sweep(program: str, args: list[str], resume: str, job_overrides: list[str]) -> list[str]:
+    """Print the plan for every job of the sweep, then run the unfinished ones as a multirun."""
+    from gpt2exp.sweep import RESUME_SWEEPER, plan_sweep, read_sweep_record, recorded_hydra_overrides, summary_lines
+
+    sweep_dir = Path(os.path.normpath(os.path.expanduser(resume)))
+    record = read_sweep_record(sweep_dir)
+    extra = [o for o in job_overrides if override_key(o) != "resume"]
+    fixed = [o for o in extra if not is_resumable_key(override_key(o))]
+    if fixed:
+        raise UserError(
+            f"a sweep resume rebuilds each job from its config of record and cannot change {', '.join(fixed)}; "
+            f"allowed on resume: {', '.join(RESUMABLE_KEYS[1:])}"
+        )
+    jobs = plan_sweep(sweep_dir)
+    sweep_overrides = list(OmegaConf.select(record, "hydra.overrides.task", default=[]) or [])
+    todo = [job for job in jobs if job.action != "skip"]
+    print(f"sweep {sweep_dir}: {len(jobs)} jobs, {len(jobs) - len(todo)} completed, {len(todo)} to run", flush=True)
+    print("\n".join(summary_lines(jobs, sweep_overrides)), flush=True)
+    if not todo:
+        print("nothing to resume: every job is completed", flush=True)
+        raise SystemExit(0)
+    hydra_args = [a for a in args if override_key(a).startswith("hydra") and not a.startswith("hydra.sweep.dir=")]
+    return [
+        program,
+        "--multirun",
+        *recorded_hydra_overrides(record),
+        *hydra_args,
+        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra/sweeper={RESUME_SWEEPER}",
+        f"resume={sweep_dir}",
+        *extra,
     ]
 
 

@@ -206,8 +206,9 @@ def resume_target(resume: str, fixed_run_dir: Path | None) -> ResumeTarget | Non
         return ResumeTarget(path.parent.parent, path)
     if not is_run_dir(path):
         raise UserError(
-            f"{resume} is not a gpt2exp run dir (no {CONFIG_OF_RECORD} and {RUN_JSON}); "
-            "pass a run dir such as outputs/<date>/<time> or one of its checkpoints/step_* dirs"
+            f"{resume} is not a gpt2exp run dir (no {CONFIG_OF_RECORD} and {RUN_JSON}) nor a sweep dir (no "
+            "multirun.yaml); pass a run dir such as outputs/<date>/<time>, one of its checkpoints/step_* dirs, "
+            "or a sweep dir such as multirun/<date>/<time>"
         )
     if not list_checkpoints(path / CHECKPOINTS):
         raise UserError(f"run dir {resume} has no checkpoints to resume from; start a new run instead")

@@ -6,7 +6,9 @@ that must survive a restart.
 
 from __future__ import annotations
 
+import contextlib
 import random
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -67,3 +69,25 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def process_state_restored() -> Iterator[None]:
+    """Leave the process as the job found it, for the next job of a sweep in the same process.
+
+    Hydra's basic launcher runs a sweep's jobs one after another in one process, and joblib reuses
+    its workers: the torch thread count and the global RNGs a job sets must not leak into the
+    next one, and the job's datasets (memory-maps) are released.
+    """
+    import gc
+
+    import torch
+
+    threads = torch.get_num_threads()
+    rng = RngState().state_dict()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        RngState().load_state_dict(rng)
+        gc.collect()

@@ -56,6 +56,10 @@ def next_token_loss(model, inputs, targets):
 class Preempted(Exception):
     """The run stopped on a signal after saving; the process should exit with EXIT_PREEMPTED."""
 
+    def __init__(self, flag: PreemptionFlag):
+        super().__init__(flag.signal_name)
+        self.flag = flag
+
 
 def pick_device(name: str):
     import torch
@@ -104,14 +108,16 @@ def run_log_file(run_dir: Path):
         handler.close()
 
 
-def hydra_context() -> tuple[Path | None, list[str]]:
-    """The Hydra run dir and this job's command-line overrides, when Hydra launched us."""
+def hydra_context() -> tuple[Path | None, list[str], Path | None]:
+    """The Hydra run dir, this job's command-line overrides and, in a sweep, the sweep dir."""
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return None, []
+        return None, [], None
     hydra_cfg = HydraConfig.get()
-    return Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task)
+    sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
+    return Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), sweep_dir
 
 
 # -- 1. the config of record ---------------------------------------------------------------------
@@ -125,7 +131,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, overrides: list[st
     """
     import torch
 
-    hydra_dir, hydra_overrides = hydra_context()
+    from gpt2exp.state import process_state_restored
+    from gpt2exp.sweep import name_sweep_job
+
+    hydra_dir, hydra_overrides, sweep_dir = hydra_context()
     run_dir = Path(run_dir or hydra_dir or ".").resolve()
     overrides = hydra_overrides if overrides is None else overrides
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -138,8 +147,10 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, overrides: list[st
         if cfg.resume != "auto":  # auto found no checkpoint: its earlier attempt is void
             refuse_existing_run(run_dir)
         cfg = fix_values_of_record(cfg, torch.get_num_threads())
+        if sweep_dir is not None:
+            cfg = name_sweep_job(cfg, sweep_dir, overrides)
     validate(cfg)
-    with RunLock(run_dir), run_log_file(run_dir):
+    with process_state_restored(), RunLock(run_dir), run_log_file(run_dir):
         return Trainer(cfg, run_dir).run(target.checkpoint if target else None, resume=target is not None)
 
 
@@ -291,7 +302,7 @@ class Trainer:
                         c.step,
                         EXIT_PREEMPTED,
                     )
-                    raise Preempted(preemption.signal_name)
+                    raise Preempted(preemption)
         bar.close()
         return self.finish()
 
@@ -380,7 +391,8 @@ def run_job(cfg: DictConfig) -> float:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(EXIT_USAGE) from None
-    except Preempted:
+    except Preempted as exc:
+        exc.flag.hand_over()  # under submitit: its handler requeues the job (and exits)
         raise SystemExit(EXIT_PREEMPTED) from None
 
 

@@ -250,7 +250,10 @@ def test_the_original_command_line_is_accepted_on_resume(tmp_path, finished):
 
 def test_multirun_with_resume_is_refused(tmp_path, finished):
     error = resume_fails(tmp_path, finished, "-m", f"resume={finished}")
-    assert error == "error: -m cannot be combined with resume=...; resume each job's run dir on its own"
+    assert error == (
+        "error: -m cannot be combined with resume=<run dir>; resume a sweep with resume=<multirun/<date>/<time>>, "
+        "or use -m ... resume=auto to let each job continue its own dir"
+    )
 
 
 def test_an_older_checkpoint_is_refused(tmp_path, finished):
