@@ -135,10 +135,7 @@ class RunLock:
         except BlockingIOError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
-            raise UserError(
-                f"run dir {self.path.parent} is in use by another process (pid {holder}); "
-                "wait for it to finish or stop it first"
-            ) from None
+            raise UserError(in_use_message(self.path.parent, holder)) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
@@ -157,10 +154,40 @@ class RunLock:
         self.release()
 
 
+def lock_holder(run_dir: Path) -> str | None:
+    """The pid of the process training in `run_dir`, or None; only reads, so a finished run stays untouched."""
+    path = run_dir / ".lock"
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def check_unlocked(run_dir: Path) -> None:
     """Fail now (before anything is written) if another process trains in `run_dir`."""
-    if (run_dir / ".lock").exists():
-        RunLock(run_dir).acquire().release()
+    holder = lock_holder(run_dir)
+    if holder is not None:
+        raise UserError(in_use_message(run_dir, holder))
+
+
+def in_use_message(run_dir: Path, holder: str) -> str:
+    return f"run dir {run_dir} is in use by another process (pid {holder}); wait for it to finish or stop it first"
+
+
+def run_status(run_dir: Path) -> str | None:
+    """run.json's status, with `running` read as `interrupted` when no process holds the run's lock."""
+    status = read_run_json(run_dir).get("status")
+    if status == "running" and lock_holder(run_dir) is None:
+        return "interrupted"  # killed (SIGKILL, OOM, power loss) before it could say so
+    return status
 
 
 def refuse_existing_run(run_dir: Path) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.errors import UserError
-from gpt2exp.rundir import CHECKPOINTS, check_unlocked, override_key, read_run_json
+from gpt2exp.rundir import CHECKPOINTS, check_unlocked, override_key, run_status
 
 SWEEP_RECORD = "multirun.yaml"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -145,9 +145,7 @@ def job_status(run_dir: Path | None) -> tuple[str, int | None]:
     if run_dir is None:
         return "not started", None
     check_unlocked(run_dir)  # a job still training there: refuse the whole resume
-    status = read_run_json(run_dir).get("status")
-    if status in (None, "running"):
-        status = "interrupted"  # no process holds the lock: it was killed
+    status = run_status(run_dir) or "interrupted"  # no run.json: killed while it set up
     return status, newest_step(run_dir / CHECKPOINTS)
 
 

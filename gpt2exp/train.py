@@ -219,7 +219,7 @@ class Trainer:
             log.warning("%s was saved under another config than this run's config.yaml", loaded.path.name)
         info = read_run_json(self.run_dir)
         dropped = truncate_metrics(self.run_dir, loaded.step)
-        resumes = info.get("resumes", []) + [{"step": loaded.step, "at": time.strftime("%Y-%m-%dT%H:%M:%S")}]
+        resumes = info.get("resumes", []) + [{"step": loaded.step, "at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}]
         update_run_json(self.run_dir, status="running", resumes=resumes)
         log.info(
             "resumed from step %d of run %s (W&B id %s)%s",
@@ -249,7 +249,7 @@ class Trainer:
             self.tracker.finish(exit_code)
             self.checkpoints.close()
             status = {0: "completed", EXIT_PREEMPTED: "preempted"}.get(exit_code, "failed")
-            update_run_json(self.run_dir, status=status, ended_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+            update_run_json(self.run_dir, status=status, ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     # -- 4. the loop
 

@@ -1,0 +1,276 @@
+"""Sweeps through the real CLI: the basic, joblib and submitit launchers, Optuna, W&B grouping,
+job isolation inside one process, SLURM-style preemption and requeue, and resuming a sweep."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import FAST, run_cli
+from tests.test_resume import EXACT, assert_same_weights, final_weights, losses
+
+pytestmark = pytest.mark.slow
+
+SHORT = [*FAST, "trainer.max_steps=6", "trainer.log_every=2", "trainer.eval_every=3"]
+
+
+def sweep(cwd: Path, sweep_dir: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    result = run_cli("gpt2exp.train", "-m", f"hydra.sweep.dir={sweep_dir}", *args, cwd=cwd, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def record(run_dir: Path) -> dict:
+    return yaml.safe_load((run_dir / "config.yaml").read_text())
+
+
+def status(run_dir: Path) -> str:
+    return json.loads((run_dir / "run.json").read_text())["status"]
+
+
+def final_val_loss(run_dir: Path) -> float:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["val/loss"] for r in rows if "val/loss" in r][-1]
+
+
+def job_dirs(sweep_dir: Path) -> list[str]:
+    return sorted(p.name for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def tree_digest(run_dir: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(run_dir.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_2x2_multirun_gives_four_run_dirs_with_the_swept_values(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep(tmp_path, sweep_dir, *SHORT, "optimizer.lr=1e-3,3e-3", "optimizer.weight_decay=0.0,0.1")
+    assert job_dirs(sweep_dir) == ["0", "1", "2", "3"]
+    swept = [
+        (record(sweep_dir / d)["optimizer"]["lr"], record(sweep_dir / d)["optimizer"]["weight_decay"]) for d in "0123"
+    ]
+    assert swept == [(1e-3, 0.0), (1e-3, 0.1), (3e-3, 0.0), (3e-3, 0.1)]
+    for job in "0123":
+        assert status(sweep_dir / job) == "completed"
+        assert (sweep_dir / job / "checkpoints" / "step_00000006" / "manifest.json").is_file()
+        logger = record(sweep_dir / job)["logger"]
+        assert logger["group"] == str(sweep_dir)  # W&B groups a sweep's runs by its dir
+    names = [record(sweep_dir / d)["logger"]["name"] for d in "0123"]
+    assert names == [
+        "optimizer.lr=0.001,optimizer.weight_decay=0.0",
+        "optimizer.lr=0.001,optimizer.weight_decay=0.1",
+        "optimizer.lr=0.003,optimizer.weight_decay=0.0",
+        "optimizer.lr=0.003,optimizer.weight_decay=0.1",
+    ]
+
+
+def test_each_sweep_job_gets_its_own_wandb_run_named_by_its_overrides(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep(tmp_path, sweep_dir, *SHORT, "logger=wandb", "logger.mode=offline", "optimizer.lr=1e-3,3e-3")
+    runs = [sorted((sweep_dir / job / "wandb").glob("offline-run-*/run-*.wandb")) for job in "01"]
+    assert [len(r) for r in runs] == [1, 1]
+    ids = [json.loads((sweep_dir / job / "run.json").read_text())["wandb_id"] for job in "01"]
+    assert ids[0] != ids[1] and all(runs[i][0].name == f"run-{ids[i]}.wandb" for i in range(2))
+    first, second = (r[0].read_bytes() for r in runs)
+    assert b"optimizer.lr=0.001" in first and b"optimizer.lr=0.003" not in first
+    assert b"optimizer.lr=0.003" in second and b"optimizer.lr=0.001" not in second
+    assert str(sweep_dir).encode() in first and str(sweep_dir).encode() in second
+
+
+def test_a_job_run_after_another_in_one_process_equals_the_job_run_alone(tmp_path):
+    """Job 1 runs in the process job 0 used (basic launcher) with a different thread count and seed."""
+    base = [a for a in EXACT if not a.startswith("trainer.num_threads")] + ["trainer.max_steps=12"]
+    sweep_dir = tmp_path / "sweep"
+    sweep(tmp_path, sweep_dir, *base, "trainer.num_threads=1,null", "seed=7,8")
+    after = sweep_dir / "3"  # num_threads=null, seed=8: the last of four jobs in one process
+    alone = tmp_path / "alone"
+    result = run_cli("gpt2exp.train", *base, "seed=8", f"hydra.run.dir={alone}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # a thread count left behind by jobs 0 and 2 (num_threads=1) would be recorded here
+    assert record(after)["trainer"]["num_threads"] == record(alone)["trainer"]["num_threads"]
+    assert losses(after) == losses(alone)
+    assert_same_weights(final_weights(after, 12), final_weights(alone, 12))
+
+
+def test_the_joblib_launcher_runs_two_jobs_in_parallel_worker_processes(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep(tmp_path, sweep_dir, *SHORT, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "optimizer.lr=1e-3,3e-3")
+    assert job_dirs(sweep_dir) == ["0", "1"]
+    assert [status(sweep_dir / j) for j in "01"] == ["completed", "completed"]
+    assert [record(sweep_dir / j)["optimizer"]["lr"] for j in "01"] == [1e-3, 3e-3]
+    pids = {(sweep_dir / j / ".lock").read_text() for j in "01"}  # the pid that trained there
+    assert len(pids) == 2
+
+
+def test_the_submitit_local_launcher_runs_each_job_as_a_submitted_job(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep(tmp_path, sweep_dir, *SHORT, "hydra/launcher=submitit_local", "optimizer.lr=1e-3,3e-3")
+    assert job_dirs(sweep_dir) == ["0", "1"]
+    assert [status(sweep_dir / j) for j in "01"] == ["completed", "completed"]
+    assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == 2
+
+
+def test_sigusr2_under_submitit_saves_then_requeues_and_resume_auto_continues_bit_exact(tmp_path):
+    """SLURM's pre-timeout signal: checkpoint at the step boundary, submitit requeues, the job resumes."""
+    args = [*EXACT, "trainer.max_steps=120"]
+    sweep_dir = tmp_path / "sweep"
+    job = sweep_dir / "0"
+    command = [sys.executable, "-m", "gpt2exp.train", "-m", f"hydra.sweep.dir={sweep_dir}"]
+    proc = subprocess.Popen(
+        [*command, "hydra/launcher=submitit_local", "resume=auto", *args],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 240
+    while not (job / "checkpoints" / "step_00000012").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "the job never reached step 12"
+        time.sleep(0.05)
+    os.kill(int((job / ".lock").read_text()), signal.SIGUSR2)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    info = json.loads((job / "run.json").read_text())
+    assert info["status"] == "completed"
+    [resume] = info["resumes"]
+    assert 12 <= resume["step"] < 120
+    log = (job / "train.log").read_text()
+    assert f"SIGUSR2 received: saved step {resume['step']}, stopping (exit 75)" in log
+    assert "Requeued job" in log and f"resumed from step {resume['step']} of run" in log
+    straight = tmp_path / "straight"
+    result = run_cli("gpt2exp.train", *args, f"hydra.run.dir={straight}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert losses(job) == losses(straight)
+    assert_same_weights(final_weights(job, 120), final_weights(straight, 120))
+
+
+def test_an_optuna_study_minimises_the_returned_val_loss(tmp_path):
+    sweep_dir = tmp_path / "study"
+    sweep(tmp_path, sweep_dir, *SHORT, "+hparams_search=lr_wd", "hydra.sweeper.n_trials=3")
+    assert job_dirs(sweep_dir) == ["0", "1", "2"]
+    trials = [record(sweep_dir / j)["optimizer"] for j in "012"]
+    assert len({(t["lr"], t["weight_decay"]) for t in trials}) == 3
+    assert all(1e-4 <= t["lr"] <= 1e-2 and 0.0 <= t["weight_decay"] <= 0.2 for t in trials)
+    results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
+    finals = [final_val_loss(sweep_dir / j) for j in "012"]
+    best = min(range(3), key=finals.__getitem__)
+    assert results["best_value"] == pytest.approx(finals[best], rel=1e-12)
+    assert results["best_params"]["optimizer.lr"] == pytest.approx(trials[best]["lr"], rel=1e-12)
+
+
+# -- resuming a sweep ----------------------------------------------------------------------------
+
+
+def test_an_interrupted_sweep_resumes_skipping_done_jobs_and_continuing_the_cut_one(tmp_path):
+    """4 jobs; SIGKILL while job 2 (dir 1) trains, after job 1 (dir 0) finished; then resume=<sweep dir>."""
+    args = [*EXACT, "trainer.max_steps=40"]
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, "-m", "gpt2exp.train", "-m", f"hydra.sweep.dir={sweep_dir}", *args]
+    proc = subprocess.Popen(
+        [*command, "optimizer.weight_decay=0.1,0.0", "seed=1,2"],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 240
+    while not (sweep_dir / "1" / "checkpoints" / "step_00000012").is_dir():
+        assert proc.poll() is None and time.monotonic() < deadline, "job 2 never reached step 12"
+        time.sleep(0.02)
+    proc.kill()
+    proc.wait()
+    assert job_dirs(sweep_dir) == ["0", "1"] and status(sweep_dir / "0") == "completed"
+    assert status(sweep_dir / "1") == "running"  # killed: nobody could mark it
+    done_before = tree_digest(sweep_dir / "0")
+    cut_at = max(int(p.name[5:]) for p in (sweep_dir / "1" / "checkpoints").glob("step_*"))
+
+    result = run_cli("gpt2exp.train", f"resume={sweep_dir}", cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = [line for line in result.stdout.splitlines() if line.startswith("  job ")]
+    assert summary == [
+        "  job   0  optimizer.weight_decay=0.1,seed=1  completed                 -> skip",
+        f"  job   1  optimizer.weight_decay=0.1,seed=2  interrupted at step {cut_at}    -> resume from step {cut_at}",
+        "  job   2  optimizer.weight_decay=0.0,seed=1  not started               -> start",
+        "  job   3  optimizer.weight_decay=0.0,seed=2  not started               -> start",
+    ]
+    assert f"sweep {sweep_dir}: 4 jobs, 1 completed, 3 to run" in result.stdout
+
+    assert tree_digest(sweep_dir / "0") == done_before  # untouched, byte for byte
+    assert job_dirs(sweep_dir) == ["0", "1", "2", "3"]
+    assert [status(sweep_dir / j) for j in "0123"] == ["completed"] * 4
+    assert [r["step"] for r in json.loads((sweep_dir / "1" / "run.json").read_text())["resumes"]] == [cut_at]
+    assert [(record(sweep_dir / j)["optimizer"]["weight_decay"], record(sweep_dir / j)["seed"]) for j in "23"] == [
+        (0.0, 1),
+        (0.0, 2),
+    ]
+    # the cut job ends exactly where it would have without the kill
+    alone = tmp_path / "alone"
+    straight = run_cli(
+        "gpt2exp.train", *args, "optimizer.weight_decay=0.1", "seed=2", f"hydra.run.dir={alone}", cwd=tmp_path
+    )
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert losses(sweep_dir / "1") == losses(alone)
+    assert_same_weights(final_weights(sweep_dir / "1", 40), final_weights(alone, 40))
+
+    again = run_cli("gpt2exp.train", f"resume={sweep_dir}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines()[-1] == "nothing to resume: every job is completed"
+
+
+def test_resuming_a_sweep_cannot_change_a_value_of_record(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    sweep(tmp_path, sweep_dir, *SHORT, "optimizer.lr=1e-3,3e-3")
+    result = run_cli("gpt2exp.train", f"resume={sweep_dir}", "optimizer.lr=1e-2", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().startswith(
+        "error: a sweep resume rebuilds each job from its config of record and cannot change optimizer.lr=1e-2;"
+    )
+
+
+# -- bad input -----------------------------------------------------------------------------------
+
+
+def test_a_sweep_resume_on_a_dir_that_is_not_a_sweep_is_one_line(tmp_path):
+    (tmp_path / "multirun" / "2026-01-01").mkdir(parents=True)
+    result = run_cli("gpt2exp.train", "resume=multirun/2026-01-01", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        "error: multirun/2026-01-01 is not a gpt2exp run dir (no config.yaml and run.json) nor a sweep dir "
+        "(no multirun.yaml); pass a run dir such as outputs/<date>/<time>, one of its checkpoints/step_* dirs, "
+        "or a sweep dir such as multirun/<date>/<time>"
+    )
+
+
+@pytest.mark.parametrize(
+    ("override", "package", "module"),
+    [
+        ("hydra/launcher=joblib", "hydra-joblib-launcher", "hydra_plugins.hydra_joblib_launcher"),
+        ("hydra/launcher=submitit_slurm", "hydra-submitit-launcher", "hydra_plugins.hydra_submitit_launcher"),
+        ("+hparams_search=lr_wd", "hydra-optuna-sweeper", "hydra_plugins.hydra_optuna_sweeper"),
+    ],
+)
+def test_a_launcher_plugin_that_is_not_installed_names_its_pip_package(tmp_path, override, package, module):
+    hide = tmp_path / "hide"
+    hide.mkdir()
+    # as if the plugin were not installed: a None entry in sys.modules makes it unimportable
+    (hide / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")])}
+    result = run_cli("gpt2exp.train", "-m", override, *SHORT, cwd=tmp_path, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    group, option = override.lstrip("+").split("=")
+    assert result.stderr.strip() == (
+        f"error: {group}={option} needs the Hydra plugin {package}, which is not installed: "
+        f"pip install {package}  (or pip install -e '.[sweeps]' for all of them)"
+    )
+    assert not (tmp_path / "multirun").exists()
