@@ -157,6 +157,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, overrides: list[st
 class Trainer:
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, run_dir
+        self.resumed_from: int | None = None  # the checkpoint step a resume started from
 
     # -- 2. build
 
@@ -235,6 +236,7 @@ class Trainer:
 
         self.build()
         rewind_to = self.start(checkpoint, resume)
+        self.resumed_from = rewind_to
         self.tracker = Tracker(self.cfg.logger, self.run_dir)
         self.tracker.start_wandb(self.counters.wandb_id, OmegaConf.to_container(self.cfg, resolve=True), rewind_to)
         exit_code = 1
@@ -258,7 +260,15 @@ class Trainer:
 
         cfg, t, c = self.cfg, self.cfg.trainer, self.counters
         tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
-        bar = tqdm(total=t.max_steps, initial=c.step, disable=not t.progress, dynamic_ncols=True, leave=False)
+        resumed = self.resumed_from is not None
+        bar = tqdm(
+            total=t.max_steps,
+            initial=c.step,
+            desc=f"resumed at {self.resumed_from}" if resumed else "train",
+            disable=not t.progress,
+            dynamic_ncols=True,
+            leave=False,
+        )
         if c.step == 0 and t.eval_every:  # the starting point of the validation curve
             self.tracker.log(0, {"val/loss": self.evaluate()})
         window_start, window_steps = time.perf_counter(), 0
