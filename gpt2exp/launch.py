@@ -30,7 +30,7 @@ from gpt2exp.rundir import (
     refuse_existing_run,
     resume_target,
 )
-from gpt2exp.sweep import is_sweep_dir
+from gpt2exp.sweep import holds_job_dirs, is_sweep_dir
 
 # Hydra flags that only print something: no run, nothing to check.
 INFO_FLAGS = {
@@ -139,8 +139,15 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
     check_plugins(overrides)
     job_overrides = [o for o in overrides if not override_key(o).startswith("hydra")]
     resume = _value(overrides, "resume")
-    if resume not in (None, "null", "auto") and is_sweep_dir(Path(os.path.expanduser(resume))):
-        return _resume_sweep(argv[0], args, resume, job_overrides)
+    if resume not in (None, "null", "auto"):
+        resume_dir = Path(os.path.expanduser(resume))
+        if is_sweep_dir(resume_dir):
+            return _resume_sweep(argv[0], args, resume, job_overrides)
+        if holds_job_dirs(resume_dir):
+            raise UserError(
+                f"{resume} holds sweep jobs but no multirun.yaml (an Optuna study keeps none), so its job list "
+                "is unknown; resume each unfinished job with resume=<job dir>"
+            )
     if multirun and resume == "auto":
         return argv  # each job resumes its own dir when it holds a checkpoint (a requeued SLURM job)
     if resume in (None, "null"):
@@ -199,10 +206,12 @@ def _resume_sweep(program: str, args: list[str], resume: str, job_overrides: lis
     jobs = plan_sweep(sweep_dir)
     sweep_overrides = list(OmegaConf.select(record, "hydra.overrides.task", default=[]) or [])
     todo = [job for job in jobs if job.action != "skip"]
-    print(f"sweep {sweep_dir}: {len(jobs)} jobs, {len(jobs) - len(todo)} completed, {len(todo)} to run", flush=True)
+    completed, diverged = (sum(job.status == s for job in jobs) for s in ("completed", "diverged"))
+    counts = [f"{len(jobs)} jobs", f"{completed} completed", *([f"{diverged} diverged"] if diverged else [])]
+    print(f"sweep {sweep_dir}: {', '.join(counts)}, {len(todo)} to run", flush=True)
     print("\n".join(summary_lines(jobs, sweep_overrides)), flush=True)
     if not todo:
-        print("nothing to resume: every job is completed", flush=True)
+        print(f"nothing to resume: every job is completed{' or diverged' if diverged else ''}", flush=True)
         raise SystemExit(0)
     hydra_args = [a for a in args if override_key(a).startswith("hydra") and not a.startswith("hydra.sweep.dir=")]
     return [

@@ -6,7 +6,7 @@ launched with in `.hydra/overrides.yaml` next to its config of record and run.js
 basic (grid) sweeper the full job list is re-derived from multirun.yaml with Hydra's own parser, so
 jobs that never started are known; for other sweepers (Optuna) the jobs are those that started.
 
-`resume=<sweep dir>` plans every job from that record: completed jobs are skipped, preempted,
+`resume=<sweep dir>` plans every job from that record: completed (and diverged) jobs are skipped, preempted,
 failed or interrupted ones resume from their newest good checkpoint in their own dirs (or start
 again when they never saved one), and jobs that never started are started. The plan is carried out
 by the `gpt2exp_resume` sweeper (hydra_plugins/gpt2exp_sweep_resume), through the sweep's launcher.
@@ -31,6 +31,11 @@ RESUME_SWEEPER = "gpt2exp_resume"
 
 def is_sweep_dir(path: Path) -> bool:
     return (path / SWEEP_RECORD).is_file()
+
+
+def holds_job_dirs(path: Path) -> bool:
+    """True for a dir whose subdirs are Hydra sweep jobs (run dirs with .hydra/overrides.yaml)."""
+    return path.is_dir() and any((job / ".hydra" / "overrides.yaml").is_file() for job in path.iterdir())
 
 
 def task_overrides(overrides: list[str]) -> list[str]:
@@ -94,7 +99,7 @@ class SweepJob:
 
     @property
     def action(self) -> str:
-        if self.status == "completed":
+        if self.status in ("completed", "diverged"):  # a diverged job would diverge again, bit for bit
             return "skip"
         if self.checkpoint_step is not None:
             return f"resume from step {self.checkpoint_step}"
@@ -182,7 +187,7 @@ def summary_lines(jobs: list[SweepJob], sweep_overrides: list[str]) -> list[str]
     lines = []
     for job, name in zip(jobs, names, strict=True):
         state = job.status
-        if job.checkpoint_step is not None and job.status != "completed":
+        if job.checkpoint_step is not None and job.action != "skip":
             state += f" at step {job.checkpoint_step}"
         lines.append(f"  job {job.num:>3}  {name:<{width}}  {state:<24}  -> {job.action}")
     return lines

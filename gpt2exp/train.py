@@ -53,6 +53,10 @@ def next_token_loss(model, inputs, targets):
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
+class Diverged(UserError):
+    """The loss became NaN or infinite; in a sweep this ends the job, not the sweep."""
+
+
 class Preempted(Exception):
     """The run stopped on a signal after saving; the process should exit with EXIT_PREEMPTED."""
 
@@ -239,18 +243,20 @@ class Trainer:
         self.resumed_from = rewind_to
         self.tracker = Tracker(self.cfg.logger, self.run_dir)
         self.tracker.start_wandb(self.counters.wandb_id, OmegaConf.to_container(self.cfg, resolve=True), rewind_to)
-        exit_code = 1
+        exit_code, status = 1, "failed"
         try:
             val_loss = self.loop()
-            exit_code = 0
+            exit_code, status = 0, "completed"
             return val_loss
         except Preempted:
-            exit_code = EXIT_PREEMPTED
+            exit_code, status = EXIT_PREEMPTED, "preempted"
+            raise
+        except Diverged:
+            status = "diverged"  # final: a rerun would diverge again, bit for bit
             raise
         finally:
             self.tracker.finish(exit_code)
             self.checkpoints.close()
-            status = {0: "completed", EXIT_PREEMPTED: "preempted"}.get(exit_code, "failed")
             update_run_json(self.run_dir, status=status, ended_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
 
     # -- 4. the loop
@@ -336,7 +342,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         total = total.item()  # one device sync per step, not per micro-batch
         if not math.isfinite(total):
-            raise UserError(f"training diverged at step {self.counters.step + 1} (loss {total}); lower optimizer.lr")
+            raise Diverged(f"training diverged at step {self.counters.step + 1} (loss {total}); lower optimizer.lr")
         return total
 
     def evaluate(self) -> float:
@@ -394,9 +400,19 @@ class Trainer:
 
 
 def run_job(cfg: DictConfig) -> float:
-    """The Hydra task: `train(cfg)`, with user errors as one line and exit 2, preemption as exit 75."""
+    """The Hydra task: `train(cfg)`, with user errors as one line and exit 2, preemption as exit 75.
+
+    A diverged job in a sweep returns +inf instead of ending the sweep.
+    """
     try:
         return train(cfg)
+    except Diverged as exc:
+        if hydra_context()[2] is None:
+            raise
+        # in a sweep the job ends and the sweep goes on; an Optuna trial scores worst (NaN is refused)
+        log.error("%s", exc)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return float("inf")
     except UserError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)

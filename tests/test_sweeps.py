@@ -274,3 +274,43 @@ def test_a_launcher_plugin_that_is_not_installed_names_its_pip_package(tmp_path,
         f"pip install {package}  (or pip install -e '.[sweeps]' for all of them)"
     )
     assert not (tmp_path / "multirun").exists()
+
+
+def test_a_diverged_job_ends_itself_not_the_sweep_and_is_not_rerun(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    result = sweep(tmp_path, sweep_dir, *SHORT, "trainer.max_steps=30", "optimizer.lr=1e3,1e-3")
+    assert "error: training diverged at step" in result.stderr
+    assert [status(sweep_dir / j) for j in "01"] == ["diverged", "completed"]
+    again = run_cli("gpt2exp.train", f"resume={sweep_dir}", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines() == [
+        f"sweep {sweep_dir}: 2 jobs, 1 completed, 1 diverged, 0 to run",
+        "  job   0  optimizer.lr=1000.0  diverged                  -> skip",
+        "  job   1  optimizer.lr=0.001   completed                 -> skip",
+        "nothing to resume: every job is completed or diverged",
+    ]
+
+
+def test_a_sweep_resume_refuses_while_a_job_still_trains(tmp_path):
+    from gpt2exp.rundir import RunLock
+
+    sweep_dir = tmp_path / "sweep"
+    sweep(tmp_path, sweep_dir, *SHORT, "optimizer.lr=1e-3,3e-3")
+    with RunLock(sweep_dir / "1"):  # as if job 1 were training in this process
+        result = run_cli("gpt2exp.train", f"resume={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"error: run dir {sweep_dir / '1'} is in use by another process (pid {os.getpid()}); "
+        "wait for it to finish or stop it first"
+    )
+
+
+def test_resuming_a_study_without_multirun_yaml_says_how_to_resume_its_jobs(tmp_path):
+    sweep_dir = tmp_path / "study"
+    sweep(tmp_path, sweep_dir, *SHORT, "+hparams_search=lr_wd", "hydra.sweeper.n_trials=1")
+    result = run_cli("gpt2exp.train", f"resume={sweep_dir}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip() == (
+        f"error: {sweep_dir} holds sweep jobs but no multirun.yaml (an Optuna study keeps none), so its job list "
+        "is unknown; resume each unfinished job with resume=<job dir>"
+    )
