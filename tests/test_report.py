@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from gpt2exp.report import PLOTS, Run, best_run, format_duration, main, use_log_scale, wall_seconds
+from gpt2exp.rundir import RunLock
 from tests.conftest import FAST, run_cli
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -187,13 +188,22 @@ def test_a_parent_dir_is_searched_but_not_checkpoints(tmp_path, capsys):
 def test_a_run_with_no_metrics_yet_gets_dashes(tmp_path, capsys):
     write_run(tmp_path / "sweep" / "0", curve([6.0, 5.0, 4.0]))
     write_run(tmp_path / "sweep" / "1", [], status="running", ended=None)
-    main([str(tmp_path / "sweep")])
+    with RunLock(tmp_path / "sweep" / "1"):  # a process is training there right now
+        main([str(tmp_path / "sweep")])
     table = parse_table((tmp_path / "sweep" / "report.md").read_text())
     row = table["1"]
     assert [row[c] for c in ("final val loss", "best val loss", "steps", "tokens", "wall time")] == ["-"] * 5
     assert row["status"] == "running" and row["best"] == "" and table["0"]["best"] == "**best**"
     for name in PLOTS:
         assert_png(tmp_path / "sweep" / name)
+
+
+def test_a_run_marked_running_that_nobody_trains_reads_interrupted(tmp_path, capsys):
+    write_run(tmp_path / "sweep" / "0", curve([6.0, 5.0, 4.0]))
+    write_run(tmp_path / "sweep" / "1", curve([6.0, 5.5]), status="running", ended=None)  # killed by SIGKILL
+    main([str(tmp_path / "sweep")])
+    table = parse_table((tmp_path / "sweep" / "report.md").read_text())
+    assert [table[j]["status"] for j in "01"] == ["completed", "interrupted"]
 
 
 def test_a_diverged_run_is_never_best(tmp_path, capsys):
