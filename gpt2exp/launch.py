@@ -142,7 +142,7 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
     if resume not in (None, "null", "auto"):
         resume_dir = Path(os.path.expanduser(resume))
         if is_sweep_dir(resume_dir):
-            return _resume_sweep(argv[0], args, resume, job_overrides)
+            return _resume_sweep(argv[0], args, resume, job_overrides, conf_dir)
         if holds_job_dirs(resume_dir):
             raise UserError(
                 f"{resume} holds sweep jobs but no multirun.yaml (an Optuna study keeps none), so its job list "
@@ -190,12 +190,11 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
     ]
 
 
-def _resume_sweep(program: str, args: list[str], resume: str, job_overrides: list[str]) -> list[str]:
+def _resume_sweep(program: str, args: list[str], resume: str, job_overrides: list[str], conf_dir: str) -> list[str]:
     """Print the plan for every job of the sweep, then run the unfinished ones as a multirun."""
-    from gpt2exp.sweep import RESUME_SWEEPER, plan_sweep, read_sweep_record, recorded_hydra_overrides, summary_lines
+    from gpt2exp.sweep import RESUME_SWEEPER, plan_sweep, recorded_hydra_overrides
 
     sweep_dir = Path(os.path.normpath(os.path.expanduser(resume)))
-    record = read_sweep_record(sweep_dir)
     extra = [o for o in job_overrides if override_key(o) != "resume"]
     fixed = [o for o in extra if not is_resumable_key(override_key(o))]
     if fixed:
@@ -203,21 +202,30 @@ def _resume_sweep(program: str, args: list[str], resume: str, job_overrides: lis
             f"a sweep resume rebuilds each job from its config of record and cannot change {', '.join(fixed)}; "
             f"allowed on resume: {', '.join(RESUMABLE_KEYS[1:])}"
         )
-    jobs = plan_sweep(sweep_dir)
-    sweep_overrides = list(OmegaConf.select(record, "hydra.overrides.task", default=[]) or [])
-    todo = [job for job in jobs if job.action != "skip"]
+    hydra_args = [o for o in _overrides(args) if override_key(o).startswith("hydra")]
+    not_launcher = [o for o in hydra_args if not override_key(o).startswith(("hydra/launcher", "hydra.launcher"))]
+    if not_launcher:
+        raise UserError(
+            f"a sweep resume keeps the sweep's Hydra settings and cannot change {', '.join(not_launcher)}; "
+            "only hydra/launcher=... and hydra.launcher.* may be given"
+        )
+    flags = [a for a in args if a not in MULTIRUN_FLAGS and not (not a.startswith("-") and "=" in a)]
+    if extra and not flags:  # bad values of allowed keys fail here, before any job dir is written to
+        compose(conf_dir, extra)
+    plan = plan_sweep(sweep_dir)
+    jobs, todo = plan.jobs, plan.to_run
     completed, diverged = (sum(job.status == s for job in jobs) for s in ("completed", "diverged"))
     counts = [f"{len(jobs)} jobs", f"{completed} completed", *([f"{diverged} diverged"] if diverged else [])]
     print(f"sweep {sweep_dir}: {', '.join(counts)}, {len(todo)} to run", flush=True)
-    print("\n".join(summary_lines(jobs, sweep_overrides)), flush=True)
+    print("\n".join(plan.summary_lines()), flush=True)
     if not todo:
         print(f"nothing to resume: every job is completed{' or diverged' if diverged else ''}", flush=True)
         raise SystemExit(0)
-    hydra_args = [a for a in args if override_key(a).startswith("hydra") and not a.startswith("hydra.sweep.dir=")]
     return [
         program,
+        *flags,
         "--multirun",
-        *recorded_hydra_overrides(record),
+        *recorded_hydra_overrides(plan.record, hydra_args),
         *hydra_args,
         f"hydra.sweep.dir={sweep_dir}",
         f"hydra/sweeper={RESUME_SWEEPER}",

@@ -300,6 +300,9 @@ def config_for_resume(record: DictConfig, current: DictConfig, overrides: list[s
             continue
         value = OmegaConf.select(current, key)
         OmegaConf.update(cfg, key, value, merge=False)
+    for key in ("logger.group", "logger.name"):  # a sweep job keeps its W&B group and name under a new logger
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, OmegaConf.select(record, key), merge=False)
     cfg.resume = current.resume
     return cfg
 

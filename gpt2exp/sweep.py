@@ -17,16 +17,17 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+import yaml
+from omegaconf import DictConfig
 
 from gpt2exp.errors import UserError
-from gpt2exp.rundir import CHECKPOINTS, check_unlocked, override_key, run_status
+from gpt2exp.rundir import CHECKPOINTS, check_unlocked, is_resumable_key, override_key, run_status
 
 SWEEP_RECORD = "multirun.yaml"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 RESUME_SWEEPER = "gpt2exp_resume"
+JOB_NUM_SUBDIR = "${hydra.job.num}"
 
 
 def is_sweep_dir(path: Path) -> bool:
@@ -43,44 +44,82 @@ def task_overrides(overrides: list[str]) -> list[str]:
     return [o for o in overrides if not override_key(o).startswith("hydra") and override_key(o) != "resume"]
 
 
-def job_run_name(job_overrides: list[str], sweep_overrides: list[str]) -> str:
-    """W&B run name of a sweep job: the overrides that set it apart from the sweep's fixed ones."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    # Hydra hands a job its values re-rendered (`false` -> `False`): compare the same rendering
-    parsed = OverridesParser.create().parse_overrides(task_overrides(sweep_overrides))
-    fixed = {f"{o.get_key_element()}={o.get_value_element_as_str()}" for o in parsed if not o.is_sweep_override()}
-    own = [o for o in task_overrides(job_overrides) if o not in fixed]
-    return ",".join(o.lstrip("+") for o in own)
+# -- the sweep's record --------------------------------------------------------------------------
 
 
-def read_sweep_record(sweep_dir: Path) -> DictConfig:
+@dataclass
+class SweepRecord:
+    """What Hydra wrote into multirun.yaml, read as plain YAML: no interpolation is resolved."""
+
+    dir: Path
+    sweeper: str | None
+    task_overrides: list[str]  # the sweep command's overrides (`optimizer.lr=1e-3,3e-4`, ...)
+    hydra_overrides: list[str]  # its Hydra settings (`hydra/launcher=joblib`, ...)
+    sweeper_params: dict[str, str]
+    subdir: str  # the job dir template, e.g. ${hydra.job.num}
+    cwd: str | None  # where the sweep was launched
+
+    @property
+    def swept_keys(self) -> list[str]:
+        """The keys that vary between jobs: sweep overrides and the sweeper's params."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parsed = OverridesParser.create().parse_overrides(self.task_overrides)
+        return list(self.sweeper_params) + [override_key(o.input_line) for o in parsed if o.is_sweep_override()]
+
+
+def read_sweep_record(sweep_dir: Path) -> SweepRecord:
     if not is_sweep_dir(sweep_dir):
         raise UserError(
             f"{sweep_dir} is not a sweep dir (no {SWEEP_RECORD}); pass a multirun/<date>/<time> dir "
             "to resume a sweep, or a run dir to resume one run"
         )
     try:
-        return OmegaConf.load(sweep_dir / SWEEP_RECORD)
-    except Exception as exc:  # a truncated or hand-edited record
+        hydra_cfg = yaml.safe_load((sweep_dir / SWEEP_RECORD).read_text())["hydra"]
+        overrides = hydra_cfg.get("overrides") or {}
+        sweeper = hydra_cfg.get("sweeper") or {}
+        return SweepRecord(
+            dir=sweep_dir,
+            sweeper=sweeper.get("_target_"),
+            task_overrides=[str(o) for o in overrides.get("task") or []],
+            hydra_overrides=[str(o) for o in overrides.get("hydra") or []],
+            sweeper_params={str(k): str(v) for k, v in (sweeper.get("params") or {}).items()},
+            subdir=str((hydra_cfg.get("sweep") or {}).get("subdir", JOB_NUM_SUBDIR)),
+            cwd=(hydra_cfg.get("runtime") or {}).get("cwd"),
+        )
+    except (OSError, yaml.YAMLError, KeyError, TypeError, AttributeError) as exc:  # truncated or hand-edited
         raise UserError(f"{sweep_dir / SWEEP_RECORD} cannot be read ({exc}); it is the sweep's record") from None
 
 
-def sweep_identity(sweep_dir: Path, job_overrides: list[str]) -> tuple[str, str]:
-    """(W&B group, W&B run name) of a sweep job: the sweep dir, and the job's distinguishing overrides."""
-    sweep_overrides: list[str] = []
-    if is_sweep_dir(sweep_dir):
-        record = OmegaConf.load(sweep_dir / SWEEP_RECORD)
-        sweep_overrides = list(OmegaConf.select(record, "hydra.overrides.task", default=[]) or [])
-    return str(sweep_dir), job_run_name(job_overrides, sweep_overrides)
+def sweep_group(sweep_dir: Path, launch_cwd: str | None) -> str:
+    """The W&B group: the sweep dir as seen from where the sweep was launched, however a resume spells it."""
+    absolute = sweep_dir.resolve()
+    if launch_cwd:
+        try:
+            return str(absolute.relative_to(Path(launch_cwd).resolve()))
+        except ValueError:
+            pass
+    return str(absolute)
 
 
-def name_sweep_job(cfg: DictConfig, sweep_dir: Path, job_overrides: list[str]) -> DictConfig:
-    """Record the job's W&B group (the sweep dir) and run name (its overrides), unless set by the user."""
-    group, name = sweep_identity(sweep_dir, job_overrides)
+def job_run_name(job_overrides: list[str], swept_keys: list[str]) -> str:
+    """W&B run name of a sweep job: its values of the keys the sweep varies (`optimizer.lr=0.001,seed=2`)."""
+    return ",".join(o.lstrip("+") for o in task_overrides(job_overrides) if override_key(o) in swept_keys)
+
+
+def name_sweep_job(
+    cfg: DictConfig, sweep_dir: Path, job_overrides: list[str], launch_cwd: str, searched_keys: list[str]
+) -> DictConfig:
+    """Record the job's W&B group (its sweep) and run name (its swept values), unless the user set them.
+
+    `searched_keys` (the sweeper's params) name the varying keys when the sweeper keeps no record (Optuna).
+    """
+    record = read_sweep_record(sweep_dir) if is_sweep_dir(sweep_dir) else None
+    swept = record.swept_keys if record else searched_keys
     cfg = cfg.copy()
     if cfg.logger.group is None:
-        cfg.logger.group = group
+        cfg.logger.group = sweep_group(sweep_dir, record.cwd if record else launch_cwd)
+    name = job_run_name(job_overrides, swept)
     if cfg.logger.name is None and name:
         cfg.logger.name = name
     return cfg
@@ -94,8 +133,9 @@ class SweepJob:
     num: int
     overrides: list[str]  # the job's task overrides, as Hydra launched (or would launch) it
     run_dir: Path | None  # None: never started
-    status: str  # completed | preempted | failed | interrupted | not started
+    status: str  # completed | diverged | preempted | failed | interrupted | not started
     checkpoint_step: int | None  # newest checkpoint on disk (verified when the job resumes)
+    subdir: str | None = None  # the job's dir under the sweep dir, when known before launching
 
     @property
     def action(self) -> str:
@@ -106,42 +146,94 @@ class SweepJob:
         return "start" if self.run_dir is None else "start again (no checkpoint)"
 
     def launch_overrides(self, extra: list[str], stamp: str) -> list[str]:
-        """What the launcher runs: the job's own overrides, today's allowed ones, and `resume=auto`.
+        """What the launcher runs: the job's own overrides and today's allowed ones.
 
-        A job that already has a dir keeps its first `.hydra/` files; Hydra's files for this
-        attempt go to `.hydra/resume-<stamp>/`, as for a single run's resume.
+        A job that has a dir continues it (`resume=auto`) in that very dir (its subdir pinned, so a
+        template such as ${hydra.job.override_dirname} cannot move it), keeping its first `.hydra/`
+        files: Hydra's files for this attempt go to `.hydra/resume-<stamp>/`.
         """
-        launch = [*self.overrides, *extra, "resume=auto"]
+        launch = [*self.overrides, *extra]
         if self.run_dir is not None:
-            launch.append(f"hydra.output_subdir=.hydra/resume-{stamp}")
+            launch += ["resume=auto", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+        if self.subdir is not None:
+            launch.append(f"hydra.sweep.subdir={quoted(self.subdir)}")
         return launch
 
 
-def expected_jobs(record: DictConfig) -> list[list[str]] | None:
-    """The grid of a basic sweeper's jobs, re-derived from its record; None for other sweepers."""
-    if OmegaConf.select(record, "hydra.sweeper._target_") != BASIC_SWEEPER:
+@dataclass
+class SweepPlan:
+    record: SweepRecord
+    jobs: list[SweepJob]
+
+    @property
+    def to_run(self) -> list[SweepJob]:
+        return [job for job in self.jobs if job.action != "skip"]
+
+    def batches(self) -> list[list[SweepJob]]:
+        """Jobs to run in launcher batches: one batch when every job's dir is pinned, else runs of
+        consecutive numbers (a launcher numbers a batch from its first job, and the dir may follow)."""
+        if all(job.subdir is not None for job in self.to_run):
+            return [self.to_run] if self.to_run else []
+        batches: list[list[SweepJob]] = []
+        for job in self.to_run:
+            if batches and batches[-1][-1].num == job.num - 1:
+                batches[-1].append(job)
+            else:
+                batches.append([job])
+        return batches
+
+    def summary_lines(self) -> list[str]:
+        """One line per job: number, swept values, status, what the resume does."""
+        swept = self.record.swept_keys
+        names = [job_run_name(job.overrides, swept) or "(no overrides)" for job in self.jobs]
+        width = max(len(n) for n in names)
+        lines = []
+        for job, name in zip(self.jobs, names, strict=True):
+            state = job.status
+            if job.checkpoint_step is not None and job.action != "skip":
+                state += f" at step {job.checkpoint_step}"
+            lines.append(f"  job {job.num:>3}  {name:<{width}}  {state:<24}  -> {job.action}")
+        return lines
+
+
+def quoted(value: str) -> str:
+    """A Hydra override value that may hold `=`, `,` or spaces (a dir named by its overrides)."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def expected_jobs(record: SweepRecord) -> list[list[str]] | None:
+    """The grid of a basic sweeper's jobs, re-derived from its record with Hydra's own code; None otherwise."""
+    if record.sweeper != BASIC_SWEEPER:
         return None
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    params = OmegaConf.select(record, "hydra.sweeper.params") or {}
-    arguments = [f"{k}={v}" for k, v in params.items()]
-    arguments += list(OmegaConf.select(record, "hydra.overrides.task", default=[]) or [])
+    arguments = [f"{k}={v}" for k, v in record.sweeper_params.items()] + record.task_overrides
     parsed = OverridesParser.create().parse_overrides(arguments)
     return [task_overrides(job) for job in BasicSweeper.split_arguments(parsed, None)[0]]
 
 
 def started_jobs(sweep_dir: Path) -> dict[int, tuple[Path, list[str]]]:
     """{job num: (job dir, its task overrides)} for every job Hydra launched under `sweep_dir`."""
-    found = {}
+    found: dict[int, tuple[Path, list[str]]] = {}
     for overrides_file in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
         job_dir = overrides_file.parent.parent
         hydra_file = overrides_file.parent / "hydra.yaml"
-        num = OmegaConf.select(OmegaConf.load(hydra_file), "hydra.job.num") if hydra_file.exists() else None
+        if not hydra_file.exists():
+            continue
+        num = ((yaml.safe_load(hydra_file.read_text()) or {}).get("hydra", {}).get("job") or {}).get("num")
         if num is None:
             continue
-        found[int(num)] = (job_dir, task_overrides(list(OmegaConf.load(overrides_file))))
+        if int(num) in found:
+            raise UserError(f"{found[int(num)][0]} and {job_dir} both claim job {num}; the sweep dir is inconsistent")
+        found[int(num)] = (job_dir, task_overrides([str(o) for o in yaml.safe_load(overrides_file.read_text()) or []]))
     return found
+
+
+def same_job(recorded: list[str], expected: list[str]) -> bool:
+    """A job dir's overrides are the expected ones, plus any a resume was allowed to add."""
+    head, tail = recorded[: len(expected)], recorded[len(expected) :]
+    return head == expected and all(is_resumable_key(override_key(o)) for o in tail)
 
 
 def job_status(run_dir: Path | None) -> tuple[str, int | None]:
@@ -154,7 +246,7 @@ def job_status(run_dir: Path | None) -> tuple[str, int | None]:
     return status, newest_step(run_dir / CHECKPOINTS)
 
 
-def plan_sweep(sweep_dir: Path) -> list[SweepJob]:
+def plan_sweep(sweep_dir: Path) -> SweepPlan:
     record = read_sweep_record(sweep_dir)
     started = started_jobs(sweep_dir)
     grid = expected_jobs(record)
@@ -165,51 +257,32 @@ def plan_sweep(sweep_dir: Path) -> list[SweepJob]:
         grid_nums = list(range(len(grid)))
     jobs = []
     for num, overrides in zip(grid_nums, grid, strict=True):
-        run_dir = None
+        run_dir, subdir = None, str(num) if record.subdir == JOB_NUM_SUBDIR else None
         if num in started:
             run_dir, recorded = started[num]
-            if recorded != overrides:
+            subdir = str(run_dir.relative_to(sweep_dir))
+            if not same_job(recorded, overrides):
                 raise UserError(
                     f"job {num} in {run_dir} was launched with {' '.join(recorded)}, but the sweep's "
                     f"{SWEEP_RECORD} gives {' '.join(overrides)}; the sweep dir does not match its record"
                 )
         status, step = job_status(run_dir)
-        jobs.append(SweepJob(num, overrides, run_dir, status, step))
+        jobs.append(SweepJob(num, overrides, run_dir, status, step, subdir))
     if not jobs:
         raise UserError(f"sweep {sweep_dir} has no jobs to resume (none were started and its sweeper has no grid)")
-    return jobs
-
-
-def summary_lines(jobs: list[SweepJob], sweep_overrides: list[str]) -> list[str]:
-    """One line per job: number, distinguishing overrides, status, what the resume does."""
-    names = [job_run_name(job.overrides, sweep_overrides) or "(no overrides)" for job in jobs]
-    width = max(len(n) for n in names)
-    lines = []
-    for job, name in zip(jobs, names, strict=True):
-        state = job.status
-        if job.checkpoint_step is not None and job.action != "skip":
-            state += f" at step {job.checkpoint_step}"
-        lines.append(f"  job {job.num:>3}  {name:<{width}}  {state:<24}  -> {job.action}")
-    return lines
-
-
-def contiguous_batches(jobs: list[SweepJob]) -> list[list[SweepJob]]:
-    """Jobs to run, grouped into runs of consecutive numbers (a launcher numbers a batch from its first)."""
-    batches: list[list[SweepJob]] = []
-    for job in (j for j in jobs if j.action != "skip"):
-        if batches and batches[-1][-1].num == job.num - 1:
-            batches[-1].append(job)
-        else:
-            batches.append([job])
-    return batches
+    return SweepPlan(record, jobs)
 
 
 def resume_stamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 
 
-def recorded_hydra_overrides(record: DictConfig) -> list[str]:
-    """The sweep's own Hydra settings (launcher and its options) to apply again on resume."""
-    dropped = ("hydra.mode", "hydra.sweep.dir", "hydra/sweeper", "hydra.sweeper")
-    overrides: list[Any] = list(OmegaConf.select(record, "hydra.overrides.hydra", default=[]) or [])
-    return [o for o in overrides if not override_key(o).startswith(dropped)]
+def recorded_hydra_overrides(record: SweepRecord, today: list[str]) -> list[str]:
+    """The sweep's own Hydra settings (launcher and its options) to apply again on resume.
+
+    A launcher named on today's command line replaces the recorded one and its options.
+    """
+    dropped = ["hydra.mode", "hydra.sweep.dir", "hydra/sweeper", "hydra.sweeper"]
+    if any(override_key(o) == "hydra/launcher" for o in today):
+        dropped += ["hydra/launcher", "hydra.launcher"]
+    return [o for o in record.hydra_overrides if not override_key(o).startswith(tuple(dropped))]

@@ -112,16 +112,16 @@ def run_log_file(run_dir: Path):
         handler.close()
 
 
-def hydra_context() -> tuple[Path | None, list[str], Path | None]:
-    """The Hydra run dir, this job's command-line overrides and, in a sweep, the sweep dir."""
+def hydra_context() -> tuple[Path | None, list[str], DictConfig | None]:
+    """The Hydra run dir, this job's command-line overrides and, in a sweep, Hydra's config."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
         return None, [], None
     hydra_cfg = HydraConfig.get()
-    sweep_dir = Path(hydra_cfg.sweep.dir) if hydra_cfg.mode == RunMode.MULTIRUN else None
-    return Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), sweep_dir
+    in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
+    return Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), hydra_cfg if in_sweep else None
 
 
 # -- 1. the config of record ---------------------------------------------------------------------
@@ -138,7 +138,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, overrides: list[st
     from gpt2exp.state import process_state_restored
     from gpt2exp.sweep import name_sweep_job
 
-    hydra_dir, hydra_overrides, sweep_dir = hydra_context()
+    hydra_dir, hydra_overrides, sweep = hydra_context()
     run_dir = Path(run_dir or hydra_dir or ".").resolve()
     overrides = hydra_overrides if overrides is None else overrides
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -151,8 +151,9 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, overrides: list[st
         if cfg.resume != "auto":  # auto found no checkpoint: its earlier attempt is void
             refuse_existing_run(run_dir)
         cfg = fix_values_of_record(cfg, torch.get_num_threads())
-        if sweep_dir is not None:
-            cfg = name_sweep_job(cfg, sweep_dir, overrides)
+        if sweep is not None:
+            searched = list(OmegaConf.select(sweep, "sweeper.params", default=None) or {})
+            cfg = name_sweep_job(cfg, Path(sweep.sweep.dir), overrides, sweep.runtime.cwd, searched)
     validate(cfg)
     with process_state_restored(), RunLock(run_dir), run_log_file(run_dir):
         return Trainer(cfg, run_dir).run(target.checkpoint if target else None, resume=target is not None)
@@ -406,16 +407,11 @@ def run_job(cfg: DictConfig) -> float:
     """
     try:
         return train(cfg)
-    except Diverged as exc:
-        if hydra_context()[2] is None:
-            raise
-        # in a sweep the job ends and the sweep goes on; an Optuna trial scores worst (NaN is refused)
-        log.error("%s", exc)
-        print(f"error: {exc}", file=sys.stderr, flush=True)
-        return float("inf")
     except UserError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)
+        if isinstance(exc, Diverged) and hydra_context()[2] is not None:
+            return float("inf")  # the job ends, the sweep goes on; Optuna scores it worst (it refuses NaN)
         raise SystemExit(EXIT_USAGE) from None
     except Preempted as exc:
         exc.flag.hand_over()  # under submitit: its handler requeues the job (and exits)

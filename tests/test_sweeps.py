@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -55,7 +57,7 @@ def tree_digest(run_dir: Path) -> dict[str, str]:
 
 
 def test_a_2x2_multirun_gives_four_run_dirs_with_the_swept_values(tmp_path):
-    sweep_dir = tmp_path / "sweep"
+    sweep_dir = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
     sweep(tmp_path, sweep_dir, *SHORT, "optimizer.lr=1e-3,3e-3", "optimizer.weight_decay=0.0,0.1")
     assert job_dirs(sweep_dir) == ["0", "1", "2", "3"]
     swept = [
@@ -66,7 +68,7 @@ def test_a_2x2_multirun_gives_four_run_dirs_with_the_swept_values(tmp_path):
         assert status(sweep_dir / job) == "completed"
         assert (sweep_dir / job / "checkpoints" / "step_00000006" / "manifest.json").is_file()
         logger = record(sweep_dir / job)["logger"]
-        assert logger["group"] == str(sweep_dir)  # W&B groups a sweep's runs by its dir
+        assert logger["group"] == "multirun/2026-01-01/10-00-00"  # W&B groups a sweep's runs by its dir
     names = [record(sweep_dir / d)["logger"]["name"] for d in "0123"]
     assert names == [
         "optimizer.lr=0.001,optimizer.weight_decay=0.0",
@@ -77,7 +79,7 @@ def test_a_2x2_multirun_gives_four_run_dirs_with_the_swept_values(tmp_path):
 
 
 def test_each_sweep_job_gets_its_own_wandb_run_named_by_its_overrides(tmp_path):
-    sweep_dir = tmp_path / "sweep"
+    sweep_dir = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
     sweep(tmp_path, sweep_dir, *SHORT, "logger=wandb", "logger.mode=offline", "optimizer.lr=1e-3,3e-3")
     runs = [sorted((sweep_dir / job / "wandb").glob("offline-run-*/run-*.wandb")) for job in "01"]
     assert [len(r) for r in runs] == [1, 1]
@@ -86,7 +88,7 @@ def test_each_sweep_job_gets_its_own_wandb_run_named_by_its_overrides(tmp_path):
     first, second = (r[0].read_bytes() for r in runs)
     assert b"optimizer.lr=0.001" in first and b"optimizer.lr=0.003" not in first
     assert b"optimizer.lr=0.003" in second and b"optimizer.lr=0.001" not in second
-    assert str(sweep_dir).encode() in first and str(sweep_dir).encode() in second
+    assert b"multirun/2026-01-01/10-00-00" in first and b"multirun/2026-01-01/10-00-00" in second
 
 
 def test_a_job_run_after_another_in_one_process_equals_the_job_run_alone(tmp_path):
@@ -314,3 +316,72 @@ def test_resuming_a_study_without_multirun_yaml_says_how_to_resume_its_jobs(tmp_
         f"error: {sweep_dir} holds sweep jobs but no multirun.yaml (an Optuna study keeps none), so its job list "
         "is unknown; resume each unfinished job with resume=<job dir>"
     )
+
+
+def test_a_sweep_with_dirs_named_by_overrides_resumes_each_job_in_its_own_dir(tmp_path):
+    """Job dirs from ${hydra.job.override_dirname}, an interpolated override, and an allowed change on resume."""
+    sweep_dir = tmp_path / "sweep"
+    fixed = [*SHORT, "trainer.eval_every=${trainer.max_steps}"]
+    exclude = ",".join(o.split("=")[0] for o in fixed)
+    sweep(
+        tmp_path,
+        sweep_dir,
+        "hydra.sweep.subdir=${hydra.job.override_dirname}",
+        f"hydra.job.config.override_dirname.exclude_keys=[{exclude}]",
+        *fixed,
+        "optimizer.lr=1e-3,2e-3",
+    )
+    first, second = sweep_dir / "optimizer.lr=0.001", sweep_dir / "optimizer.lr=0.002"
+    assert job_dirs(sweep_dir) == [first.name, second.name]
+    info = json.loads((first / "run.json").read_text())
+    (first / "run.json").write_text(json.dumps({**info, "status": "preempted"}))
+    shutil.rmtree(second)
+
+    result = run_cli("gpt2exp.train", f"resume={sweep_dir}", "trainer.max_steps=9", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert job_dirs(sweep_dir) == [first.name, second.name]
+    assert [r["step"] for r in json.loads((first / "run.json").read_text())["resumes"]] == [6]
+    assert [status(d) for d in (first, second)] == ["completed", "completed"]
+    last_steps = [json.loads((d / "metrics.jsonl").read_text().splitlines()[-1])["step"] for d in (first, second)]
+    assert last_steps == [9, 9]
+    assert [record(d)["trainer"]["max_steps"] for d in (first, second)] == [6, 9]  # a record is written once
+    assert [record(d)["logger"]["name"] for d in (first, second)] == ["optimizer.lr=0.001", "optimizer.lr=0.002"]
+
+    second_info = json.loads((second / "run.json").read_text())
+    (second / "run.json").write_text(json.dumps({**second_info, "status": "failed"}))
+    again = run_cli("gpt2exp.train", f"resume={sweep_dir}", cwd=tmp_path)  # its overrides now hold max_steps=9
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "  job   1  optimizer.lr=0.002  failed at step 9          -> resume from step 9" in again.stdout
+
+
+def test_a_job_leaves_no_global_state_behind_in_its_process(tmp_path, compose):
+    """What the next job in the same process would inherit: handlers, threads, RNGs, a W&B run."""
+    import random
+
+    import numpy as np
+    import torch
+    import wandb
+
+    from gpt2exp.preemption import SIGNALS
+    from gpt2exp.train import train
+
+    cfg = compose([*SHORT, "logger=wandb", "logger.mode=offline", "trainer.num_threads=1", "model.dropout=0.1"])
+
+    def seed_all() -> None:
+        random.seed(99)
+        np.random.seed(99)
+        torch.manual_seed(99)
+
+    torch.set_num_threads(2)
+    handlers = {sig: signal.getsignal(sig) for sig in SIGNALS}
+    seed_all()
+    expected = (random.random(), np.random.rand(), torch.rand(1).item())
+    seed_all()
+
+    loss = train(cfg, run_dir=tmp_path / "job")  # seeds everything itself, runs on 1 thread, traps signals
+
+    assert math.isfinite(loss)
+    assert (random.random(), np.random.rand(), torch.rand(1).item()) == expected
+    assert torch.get_num_threads() == 2
+    assert {sig: signal.getsignal(sig) for sig in SIGNALS} == handlers
+    assert wandb.run is None

@@ -41,14 +41,14 @@ class ResumeSweeper(Sweeper):
 
     def sweep(self, arguments: list[str]) -> list[list[JobReturn]]:
         from gpt2exp.rundir import override_key
-        from gpt2exp.sweep import contiguous_batches, plan_sweep, resume_stamp
+        from gpt2exp.sweep import plan_sweep, resume_stamp
 
         assert self.config is not None and self.launcher is not None
-        jobs = plan_sweep(Path(str(self.config.hydra.sweep.dir)))
+        plan = plan_sweep(Path(str(self.config.hydra.sweep.dir)))
         extra = [a for a in arguments if override_key(a) != "resume"]  # today's whitelisted overrides
         stamp = resume_stamp()
         returns = []
-        for batch in contiguous_batches(jobs):
+        for batch in plan.batches():
             overrides = [job.launch_overrides(extra, stamp) for job in batch]
             results = self.launcher.launch(overrides, initial_job_idx=batch[0].num)
             for result in results:
