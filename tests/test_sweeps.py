@@ -165,6 +165,8 @@ def test_an_optuna_study_minimises_the_returned_val_loss(tmp_path):
     trials = [record(sweep_dir / j)["optimizer"] for j in "012"]
     assert len({(t["lr"], t["weight_decay"]) for t in trials}) == 3
     assert all(1e-4 <= t["lr"] <= 1e-2 and 0.0 <= t["weight_decay"] <= 0.2 for t in trials)
+    names = [record(sweep_dir / j)["logger"]["name"] for j in "012"]  # named by the searched parameters only
+    assert names == [f"optimizer.lr={t['lr']},optimizer.weight_decay={t['weight_decay']}" for t in trials]
     results = yaml.safe_load((sweep_dir / "optimization_results.yaml").read_text())
     finals = [final_val_loss(sweep_dir / j) for j in "012"]
     best = min(range(3), key=finals.__getitem__)
