@@ -124,8 +124,12 @@ def test_the_submitit_local_launcher_runs_each_job_as_a_submitted_job(tmp_path):
     assert len(list((sweep_dir / ".submitit").glob("*/*_result.pkl"))) == 2
 
 
-def test_sigusr2_under_submitit_saves_then_requeues_and_resume_auto_continues_bit_exact(tmp_path):
-    """SLURM's pre-timeout signal: checkpoint at the step boundary, submitit requeues, the job resumes."""
+@pytest.mark.parametrize("signum", [signal.SIGUSR2, signal.SIGUSR1])
+def test_slurm_signal_under_submitit_saves_then_requeues_and_resume_auto_continues_bit_exact(tmp_path, signum):
+    """SLURM's pre-timeout signal: checkpoint at the step boundary, submitit requeues, the job resumes.
+
+    submitit listens for SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL names another (USR1 here)."""
+    name = signal.Signals(signum).name
     args = [*EXACT, "trainer.max_steps=120"]
     sweep_dir = tmp_path / "sweep"
     job = sweep_dir / "0"
@@ -136,12 +140,13 @@ def test_sigusr2_under_submitit_saves_then_requeues_and_resume_auto_continues_bi
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        env={**os.environ, "SUBMITIT_PREEMPT_SIGNAL": name.removeprefix("SIG")},
     )
     deadline = time.monotonic() + 240
     while not (job / "checkpoints" / "step_00000012").is_dir():
         assert proc.poll() is None and time.monotonic() < deadline, "the job never reached step 12"
         time.sleep(0.05)
-    os.kill(int((job / ".lock").read_text()), signal.SIGUSR2)
+    os.kill(int((job / ".lock").read_text()), signum)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
     info = json.loads((job / "run.json").read_text())
@@ -149,7 +154,7 @@ def test_sigusr2_under_submitit_saves_then_requeues_and_resume_auto_continues_bi
     [resume] = info["resumes"]
     assert 12 <= resume["step"] < 120
     log = (job / "train.log").read_text()
-    assert f"SIGUSR2 received: saved step {resume['step']}, stopping (exit 75)" in log
+    assert f"{name} received: saved step {resume['step']}, stopping (exit 75)" in log
     assert "Requeued job" in log and f"resumed from step {resume['step']} of run" in log
     straight = tmp_path / "straight"
     result = run_cli("gpt2exp.train", *args, f"hydra.run.dir={straight}", cwd=tmp_path)
