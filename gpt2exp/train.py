@@ -299,6 +299,7 @@ class Trainer:
                     }
                     bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
                     window_start, window_steps = time.perf_counter(), 0
+                aside_start = time.perf_counter()  # eval, samples and saving stay out of tokens_per_s
                 if (t.eval_every and c.step % t.eval_every == 0) or c.step == t.max_steps:
                     metrics["val/loss"] = self.evaluate()
                     c.last_eval = {"val/loss": metrics["val/loss"], "step": c.step}
@@ -311,6 +312,7 @@ class Trainer:
                         bar.write(f"--- sample at step {c.step} ---\n{text}")
                 final = c.step == t.max_steps and self.cfg.checkpoint.save_final
                 self.save(force=final or preemption.requested)
+                window_start += time.perf_counter() - aside_start
                 if preemption.requested:
                     bar.close()
                     log.warning(
