@@ -148,8 +148,10 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
                 f"{resume} holds sweep jobs but no multirun.yaml (an Optuna study keeps none), so its job list "
                 "is unknown; resume each unfinished job with resume=<job dir>"
             )
-    if multirun and resume == "auto":
-        return argv  # each job resumes its own dir when it holds a checkpoint (a requeued SLURM job)
+    if multirun and resume in (None, "null", "auto"):
+        # resume=auto: each job resumes its own dir when it holds a checkpoint (a requeued SLURM job)
+        check_sweep_values(conf_dir, job_overrides)
+        return argv
     if resume in (None, "null"):
         if not multirun:
             fixed_dir = _value(overrides, "hydra.run.dir")
@@ -188,6 +190,36 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
         f"hydra.run.dir={target.run_dir}",
         f"hydra.output_subdir=.hydra/resume-{stamp}",
     ]
+
+
+def check_sweep_values(conf_dir: str, job_overrides: list[str]) -> None:
+    """Compose a sweep's jobs so that every swept value is tried once, before any job starts.
+
+    Each swept key's values are tried with the other keys at their first value: as many
+    compositions as values in all, not the product. Ranges and intervals (Optuna's) are left to
+    the sweeper.
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(job_overrides)
+        choices = []
+        for override in parsed:
+            if not override.is_sweep_override():
+                choices.append([override.input_line])
+            elif override.is_discrete_sweep():
+                key = override.get_key_element()
+                choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+    except HydraException as exc:
+        raise UserError(_one_line(exc)) from None
+    tried: set[tuple[str, ...]] = set()
+    for i, values in enumerate(choices):
+        for value in values:
+            job = tuple(value if k == i else other[0] for k, other in enumerate(choices))
+            if job not in tried:
+                tried.add(job)
+                compose(conf_dir, list(job))
 
 
 def _resume_sweep(program: str, args: list[str], resume: str, job_overrides: list[str], conf_dir: str) -> list[str]:

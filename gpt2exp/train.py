@@ -277,7 +277,8 @@ class Trainer:
             leave=False,
         )
         if c.step == 0 and t.eval_every:  # the starting point of the validation curve
-            self.tracker.log(0, {"val/loss": self.evaluate()})
+            c.last_eval = {"val/loss": self.evaluate(), "step": 0}
+            self.tracker.log(0, {"val/loss": c.last_eval["val/loss"]})
         window_start, window_steps = time.perf_counter(), 0
         with PreemptionFlag() as preemption:
             while c.step < t.max_steps:
@@ -408,7 +409,10 @@ def run_job(cfg: DictConfig) -> float:
     A diverged job in a sweep returns +inf instead of ending the sweep.
     """
     try:
-        return train(cfg)
+        val_loss = train(cfg)
+        if hydra_context()[2] is not None and not math.isfinite(val_loss):
+            return float("inf")  # no evaluation ran; Optuna refuses NaN, and +inf scores the trial worst
+        return val_loss
     except UserError as exc:
         log.error("%s", exc)
         print(f"error: {exc}", file=sys.stderr, flush=True)

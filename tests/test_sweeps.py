@@ -392,3 +392,28 @@ def test_a_job_leaves_no_global_state_behind_in_its_process(tmp_path, compose):
     assert torch.get_num_threads() == 2
     assert {sig: signal.getsignal(sig) for sig in SIGNALS} == handlers
     assert wandb.run is None
+
+
+@pytest.mark.parametrize(
+    ("swept", "error"),
+    [
+        ("optimizer.lrr=1e-3,2e-3", "error: Could not override 'optimizer.lrr'.: Key 'lrr' not in 'OptimizerConfig'"),
+        ("trainer.log_every=1,0", "error: trainer.log_every=0 must be at least 1; set e.g. trainer.log_every=1"),
+        ("model=gpt2_tiny,gpt2_huge", "error: In 'config': Could not find 'model/gpt2_huge'; available: gpt2_124m,"),
+    ],
+)
+def test_a_bad_swept_value_fails_in_one_line_before_any_job_starts(tmp_path, swept, error):
+    result = run_cli("gpt2exp.train", "-m", *SHORT, swept, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith(error) and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "multirun").exists()
+
+
+def test_the_task_returns_the_final_val_loss_even_with_zero_steps(tmp_path, compose):
+    """What sweepers optimise: the last evaluation, which with max_steps=0 is the one at step 0."""
+    from gpt2exp.train import train
+
+    for steps in (0, 6):
+        run_dir = tmp_path / f"steps{steps}"
+        loss = train(compose([*SHORT, f"trainer.max_steps={steps}"]), run_dir=run_dir)
+        assert loss == final_val_loss(run_dir) and math.isfinite(loss)
