@@ -374,12 +374,13 @@ def write_plots(runs: Sequence[Run], out: Path) -> None:
 
 def sweep_overrides(dirs: Sequence[Path]) -> list[str]:
     """The sweep command's task overrides, from a multirun dir's multirun.yaml (empty if none)."""
-    if len(dirs) != 1 or not (dirs[0] / "multirun.yaml").is_file():
+    from gpt2exp.sweep import is_sweep_dir, read_sweep_record
+
+    if len(dirs) != 1 or not is_sweep_dir(dirs[0]):
         return []
     try:
-        cfg = yaml.safe_load((dirs[0] / "multirun.yaml").read_text()) or {}
-        return [str(o) for o in cfg["hydra"]["overrides"]["task"]]
-    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return read_sweep_record(dirs[0]).task_overrides
+    except UserError:  # an unreadable record: the report is still useful without it
         return []
 
 
