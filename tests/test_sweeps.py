@@ -57,24 +57,24 @@ def tree_digest(run_dir: Path) -> dict[str, str]:
 
 
 def test_a_2x2_multirun_gives_four_run_dirs_with_the_swept_values(tmp_path):
+    """The issue's own example: learning rate x model preset (the models' shapes left to their presets)."""
     sweep_dir = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
-    sweep(tmp_path, sweep_dir, *SHORT, "optimizer.lr=1e-3,3e-3", "optimizer.weight_decay=0.0,0.1")
+    unshaped = [o for o in SHORT if not o.startswith("model.")]
+    sweep(tmp_path, sweep_dir, *unshaped, "trainer.max_steps=2", "optimizer.lr=1e-3,3e-4", "model=gpt2_tiny,gpt2_mini")
     assert job_dirs(sweep_dir) == ["0", "1", "2", "3"]
-    swept = [
-        (record(sweep_dir / d)["optimizer"]["lr"], record(sweep_dir / d)["optimizer"]["weight_decay"]) for d in "0123"
-    ]
-    assert swept == [(1e-3, 0.0), (1e-3, 0.1), (3e-3, 0.0), (3e-3, 0.1)]
+    swept = [(record(sweep_dir / d)["optimizer"]["lr"], record(sweep_dir / d)["model"]["n_embd"]) for d in "0123"]
+    assert swept == [(1e-3, 128), (1e-3, 384), (3e-4, 128), (3e-4, 384)]
     for job in "0123":
         assert status(sweep_dir / job) == "completed"
-        assert (sweep_dir / job / "checkpoints" / "step_00000006" / "manifest.json").is_file()
+        assert (sweep_dir / job / "checkpoints" / "step_00000002" / "manifest.json").is_file()
         logger = record(sweep_dir / job)["logger"]
         assert logger["group"] == "multirun/2026-01-01/10-00-00"  # W&B groups a sweep's runs by its dir
     names = [record(sweep_dir / d)["logger"]["name"] for d in "0123"]
     assert names == [
-        "optimizer.lr=0.001,optimizer.weight_decay=0.0",
-        "optimizer.lr=0.001,optimizer.weight_decay=0.1",
-        "optimizer.lr=0.003,optimizer.weight_decay=0.0",
-        "optimizer.lr=0.003,optimizer.weight_decay=0.1",
+        "optimizer.lr=0.001,model=gpt2_tiny",
+        "optimizer.lr=0.001,model=gpt2_mini",
+        "optimizer.lr=0.0003,model=gpt2_tiny",
+        "optimizer.lr=0.0003,model=gpt2_mini",
     ]
 
 
