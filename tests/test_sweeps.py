@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -417,3 +418,13 @@ def test_the_task_returns_the_final_val_loss_even_with_zero_steps(tmp_path, comp
         run_dir = tmp_path / f"steps{steps}"
         loss = train(compose([*SHORT, f"trainer.max_steps={steps}"]), run_dir=run_dir)
         assert loss == final_val_loss(run_dir) and math.isfinite(loss)
+
+
+def test_by_default_a_sweep_lands_in_multirun_date_time_with_that_as_its_group(tmp_path):
+    result = run_cli("gpt2exp.train", "-m", *SHORT, "optimizer.lr=1e-3,3e-3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    [sweep_dir] = list((tmp_path / "multirun").glob("*/*"))
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", sweep_dir.relative_to(tmp_path / "multirun").as_posix())
+    assert job_dirs(sweep_dir) == ["0", "1"] and (sweep_dir / "multirun.yaml").is_file()
+    groups = {record(sweep_dir / j)["logger"]["group"] for j in "01"}
+    assert groups == {sweep_dir.relative_to(tmp_path).as_posix()}
