@@ -13,7 +13,6 @@ Each failure is one `error:` line and exit code 2.
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
@@ -30,7 +29,7 @@ from gpt2exp.rundir import (
     refuse_existing_run,
     resume_target,
 )
-from gpt2exp.sweep import holds_job_dirs, is_sweep_dir
+from gpt2exp.sweep import holds_job_dirs, is_sweep_dir, resume_stamp
 
 # Hydra flags that only print something: no run, nothing to check.
 INFO_FLAGS = {
@@ -121,7 +120,7 @@ def check_plugins(overrides: list[str]) -> None:
 
     for override in overrides:
         group, _, option = override.partition("=")
-        group = group.removeprefix("override ").lstrip("+~")
+        group = group.lstrip("+~")
         plugin = PLUGINS.get((group, option)) or PLUGINS.get((group, "*"))
         if plugin and find_spec(plugin[0]) is None:
             raise UserError(
@@ -182,7 +181,7 @@ def _prepare(argv: list[str], conf_dir: str) -> list[str]:
             f"resume cannot change {details}: the run is rebuilt from its config of record; "
             f"allowed on resume: {', '.join(RESUMABLE_KEYS[1:])}"
         )
-    stamp = time.strftime("%Y%m%d-%H%M%S")
+    stamp = resume_stamp()
     kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
     return [
         argv[0],

@@ -274,6 +274,7 @@ def plan_sweep(sweep_dir: Path) -> SweepPlan:
 
 
 def resume_stamp() -> str:
+    """Names `.hydra/resume-<stamp>/`, where Hydra's files of one resume go (a run's or a sweep's)."""
     return time.strftime("%Y%m%d-%H%M%S")
 
 

@@ -57,6 +57,15 @@ def tree_digest(run_dir: Path) -> dict[str, str]:
     }
 
 
+def usage_error(*args: str, cwd: Path, env: dict | None = None) -> str:
+    """Run the CLI expecting bad input: exit 2, no traceback, one line on stderr, returned."""
+    result = run_cli("gpt2exp.train", *args, cwd=cwd, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    return lines[0]
+
+
 def test_a_2x2_multirun_gives_four_run_dirs_with_the_swept_values(tmp_path):
     """The issue's own example: learning rate x model preset (the models' shapes left to their presets)."""
     sweep_dir = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
@@ -241,9 +250,7 @@ def test_an_interrupted_sweep_resumes_skipping_done_jobs_and_continuing_the_cut_
 def test_resuming_a_sweep_cannot_change_a_value_of_record(tmp_path):
     sweep_dir = tmp_path / "sweep"
     sweep(tmp_path, sweep_dir, *SHORT, "optimizer.lr=1e-3,3e-3")
-    result = run_cli("gpt2exp.train", f"resume={sweep_dir}", "optimizer.lr=1e-2", cwd=tmp_path)
-    assert result.returncode == 2
-    assert result.stderr.strip().startswith(
+    assert usage_error(f"resume={sweep_dir}", "optimizer.lr=1e-2", cwd=tmp_path).startswith(
         "error: a sweep resume rebuilds each job from its config of record and cannot change optimizer.lr=1e-2;"
     )
 
@@ -253,9 +260,7 @@ def test_resuming_a_sweep_cannot_change_a_value_of_record(tmp_path):
 
 def test_a_sweep_resume_on_a_dir_that_is_not_a_sweep_is_one_line(tmp_path):
     (tmp_path / "multirun" / "2026-01-01").mkdir(parents=True)
-    result = run_cli("gpt2exp.train", "resume=multirun/2026-01-01", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (
+    assert usage_error("resume=multirun/2026-01-01", cwd=tmp_path) == (
         "error: multirun/2026-01-01 is not a gpt2exp run dir (no config.yaml and run.json) nor a sweep dir "
         "(no multirun.yaml); pass a run dir such as outputs/<date>/<time>, one of its checkpoints/step_* dirs, "
         "or a sweep dir such as multirun/<date>/<time>"
@@ -276,10 +281,9 @@ def test_a_launcher_plugin_that_is_not_installed_names_its_pip_package(tmp_path,
     # as if the plugin were not installed: a None entry in sys.modules makes it unimportable
     (hide / "sitecustomize.py").write_text(f"import sys\nsys.modules[{module!r}] = None\n")
     env = {"PYTHONPATH": os.pathsep.join([str(hide), os.environ.get("PYTHONPATH", "")])}
-    result = run_cli("gpt2exp.train", "-m", override, *SHORT, cwd=tmp_path, env=env)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    error = usage_error("-m", override, *SHORT, cwd=tmp_path, env=env)
     group, option = override.lstrip("+").split("=")
-    assert result.stderr.strip() == (
+    assert error == (
         f"error: {group}={option} needs the Hydra plugin {package}, which is not installed: "
         f"pip install {package}  (or pip install -e '.[sweeps]' for all of them)"
     )
@@ -307,9 +311,8 @@ def test_a_sweep_resume_refuses_while_a_job_still_trains(tmp_path):
     sweep_dir = tmp_path / "sweep"
     sweep(tmp_path, sweep_dir, *SHORT, "optimizer.lr=1e-3,3e-3")
     with RunLock(sweep_dir / "1"):  # as if job 1 were training in this process
-        result = run_cli("gpt2exp.train", f"resume={sweep_dir}", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (
+        error = usage_error(f"resume={sweep_dir}", cwd=tmp_path)
+    assert error == (
         f"error: run dir {sweep_dir / '1'} is in use by another process (pid {os.getpid()}); "
         "wait for it to finish or stop it first"
     )
@@ -318,9 +321,7 @@ def test_a_sweep_resume_refuses_while_a_job_still_trains(tmp_path):
 def test_resuming_a_study_without_multirun_yaml_says_how_to_resume_its_jobs(tmp_path):
     sweep_dir = tmp_path / "study"
     sweep(tmp_path, sweep_dir, *SHORT, "+hparams_search=lr_wd", "hydra.sweeper.n_trials=1")
-    result = run_cli("gpt2exp.train", f"resume={sweep_dir}", cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip() == (
+    assert usage_error(f"resume={sweep_dir}", cwd=tmp_path) == (
         f"error: {sweep_dir} holds sweep jobs but no multirun.yaml (an Optuna study keeps none), so its job list "
         "is unknown; resume each unfinished job with resume=<job dir>"
     )
@@ -404,9 +405,7 @@ def test_a_job_leaves_no_global_state_behind_in_its_process(tmp_path, compose):
     ],
 )
 def test_a_bad_swept_value_fails_in_one_line_before_any_job_starts(tmp_path, swept, error):
-    result = run_cli("gpt2exp.train", "-m", *SHORT, swept, cwd=tmp_path)
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    assert result.stderr.strip().startswith(error) and len(result.stderr.strip().splitlines()) == 1
+    assert usage_error("-m", *SHORT, swept, cwd=tmp_path).startswith(error)
     assert not (tmp_path / "multirun").exists()
 
 

@@ -2,7 +2,7 @@
 
 Hydra only instantiates sweepers that live in the `hydra_plugins` namespace, hence this package.
 It runs no job itself: the sweep's own launcher (basic, joblib, submitit) runs every job that is
-not completed, numbered as in the original sweep so each lands in its own dir, with `resume=auto`.
+not completed, in its own dir (`SweepJob.launch_overrides` pins it), a started one with `resume=auto`.
 """
 
 # No `from __future__ import annotations`: Hydra's plugin scan executes this module without
