@@ -1,7 +1,13 @@
-"""The one exception type a user is meant to read: a problem with their input, and its fix.
+"""The exceptions a user is meant to read, and the exit code each one ends the process with.
 
-Anything raised as `UserError` reaches the terminal as a single `error: ...` line with exit code 2
-(`EXIT_USAGE`), never as a traceback.
+    0   completed
+    2   bad input (`UserError`): one `error: ...` line, nothing on disk changed
+    3   diverged (`Diverged`): the loss became NaN or infinite; the run dir says so
+    74  a checkpoint could not be saved (`SaveFailed`): disk full, permission denied; earlier ones intact
+    75  preempted: saved at a step boundary after a signal; requeue the same command with resume=auto
+    1   anything unexpected (a traceback)
+
+None of these reaches the terminal as a traceback.
 """
 
 from __future__ import annotations
@@ -9,13 +15,34 @@ from __future__ import annotations
 import sys
 
 EXIT_USAGE = 2
+EXIT_DIVERGED = 3
+EXIT_SAVE_FAILED = 74  # sysexits' EX_IOERR
+EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, retry"
 
 
 class UserError(Exception):
-    """Bad input: the message names the problem and how to fix it."""
+    """Bad input: the message names the problem and how to fix it. Raised before anything is written."""
 
 
-def fail(message: str) -> None:
-    """Print one error line and exit with the usage exit code."""
+class RunStopped(Exception):
+    """A run that started and then had to stop: the message is one line for the user, the run dir records it."""
+
+    exit_code = 1
+
+
+class Diverged(RunStopped):
+    """The loss became NaN or infinite; final (a rerun would diverge again, bit for bit)."""
+
+    exit_code = EXIT_DIVERGED
+
+
+class SaveFailed(RunStopped):
+    """A checkpoint could not be written; its partial files are gone and earlier checkpoints are intact."""
+
+    exit_code = EXIT_SAVE_FAILED
+
+
+def fail(message: str, code: int = EXIT_USAGE) -> None:
+    """Print one error line and exit (with the usage exit code unless told otherwise)."""
     print(f"error: {message}", file=sys.stderr, flush=True)
-    raise SystemExit(EXIT_USAGE)
+    raise SystemExit(code)
