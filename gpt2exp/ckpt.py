@@ -3,24 +3,25 @@
     python -m gpt2exp.ckpt list outputs/<date>/<time>
     python -m gpt2exp.ckpt verify outputs/<date>/<time>                 # every checkpoint of the run
     python -m gpt2exp.ckpt verify outputs/<date>/<time>/checkpoints/step_00000200
+    python -m gpt2exp.ckpt list --help
 
-`list` prints one row per checkpoint: step, time, size, val loss, whether it verifies, and why
-rotation keeps it (last/best/milestone). `verify` checks sizes and sha256 against each manifest
-and exits 1 if any checkpoint is corrupt (2 for bad input).
+`list` prints one row per checkpoint (of the run, or just the one named): step, time, size, val
+loss, whether it verifies, and why rotation keeps it (last/best/milestone). `verify` checks sizes
+and sha256 against each manifest and exits 1 if any checkpoint is corrupt (2 for bad input). PATH
+is a run dir or a checkpoint dir (`list` needs the run the checkpoint belongs to).
 """
 
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 
+from gpt2exp import cli
 from gpt2exp.checkpoint import (
     CORRUPT,
     STATE_FILE,
     checkpoint_size,
-    is_checkpoint_dir,
     kept_reasons,
     list_checkpoints,
     manifest_metric,
@@ -28,19 +29,17 @@ from gpt2exp.checkpoint import (
     verify_checkpoint,
 )
 from gpt2exp.errors import UserError, fail
-from gpt2exp.rundir import CHECKPOINTS, is_run_dir, read_config_of_record
+from gpt2exp.rundir import CHECKPOINTS, read_config_of_record
+from gpt2exp.targets import Target, resolve_target
 
 EXIT_CORRUPT = 1
 
 
-def _checkpoints_of(path: Path) -> list[Path]:
-    if not path.exists():
-        raise UserError(f"path does not exist: {path}; pass a run dir or a checkpoint dir")
-    if is_checkpoint_dir(path):
-        return [path]
-    if not (path / CHECKPOINTS).is_dir():
-        raise UserError(f"{path} is neither a run dir with checkpoints nor a checkpoint dir")
-    return list_checkpoints(path / CHECKPOINTS)
+def _checkpoints_of(target: Target) -> list[Path]:
+    if target.checkpoint is not None:
+        return [target.checkpoint]
+    assert target.run_dir is not None
+    return list_checkpoints(target.run_dir / CHECKPOINTS)
 
 
 def _saved_at(path: Path) -> str:
@@ -63,38 +62,45 @@ def _size(path: Path) -> str:
     return "?"
 
 
-def list_run(run_dir: Path) -> int:
-    if not is_run_dir(run_dir):
-        raise UserError(f"{run_dir} is not a gpt2exp run dir (no config.yaml and run.json)")
-    cfg = read_config_of_record(run_dir).checkpoint
-    root = run_dir / CHECKPOINTS
+def list_run(path: str | Path) -> int:
+    """Print the table of a run's checkpoints (or of the one checkpoint `path` names); exit code 0."""
+    target = resolve_target(path)
+    if target.run_dir is None:
+        raise UserError(
+            f"{path} is a checkpoint dir outside a run; `list` needs the run's config.yaml "
+            "(`verify` checks a loose checkpoint)"
+        )
+    cfg = read_config_of_record(target.run_dir).checkpoint
+    root = target.run_dir / CHECKPOINTS
     reasons = kept_reasons(root, cfg)
     rows = [("step", "saved", "size", cfg.best_metric, "status", "kept because")]
-    for path in list_checkpoints(root):
-        metric = manifest_metric(path, cfg.best_metric)
-        problem = verify_checkpoint(path, cfg.verify)
+    for ckpt in _checkpoints_of(target):
+        metric = manifest_metric(ckpt, cfg.best_metric)
+        problem = verify_checkpoint(ckpt, cfg.verify)
         rows.append(
             (
-                str(step_of(path)),
-                _saved_at(path),
-                _size(path),
+                str(step_of(ckpt)),
+                _saved_at(ckpt),
+                _size(ckpt),
                 f"{metric:.4f}" if metric is not None else "-",
                 "verified" if problem is None else f"CORRUPT: {problem}",
-                ",".join(reasons.get(path.name, [])) or "-",
+                ",".join(reasons.get(ckpt.name, [])) or "-",
             )
         )
-    for path in sorted((root / CORRUPT).glob("*")) if (root / CORRUPT).is_dir() else []:
-        rows.append(("-", _saved_at(path), "-", "-", f"moved aside: {CORRUPT}/{path.name}", "-"))
+    moved_aside = sorted((root / CORRUPT).glob("*")) if target.checkpoint is None and (root / CORRUPT).is_dir() else []
+    for aside in moved_aside:  # only in the table of a whole run
+        rows.append(("-", _saved_at(aside), "-", "-", f"moved aside: {CORRUPT}/{aside.name}", "-"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
-def verify(path: Path) -> int:
-    checkpoints = _checkpoints_of(path)
+def verify(path: str | Path) -> int:
+    """Check every checkpoint of a run (or the one named) against its manifest; 1 if any is corrupt."""
+    checkpoints = _checkpoints_of(resolve_target(path))
     if not checkpoints:
-        raise UserError(f"no checkpoints under {path}")
+        raise UserError(f"run dir {path} has no checkpoints")
     bad = 0
     for ckpt in checkpoints:
         problem = verify_checkpoint(ckpt, "sha256")
@@ -103,14 +109,25 @@ def verify(path: Path) -> int:
     return EXIT_CORRUPT if bad else 0
 
 
+COMMANDS = {"list": list_run, "verify": verify}
+
+
+def build_parser() -> cli.ArgumentParser:
+    parser = cli.parser("python -m gpt2exp.ckpt", __doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{list,verify}")
+    for name, summary in (
+        ("list", "one row per checkpoint: step, time, size, val loss, verified, kept because"),
+        ("verify", "check sizes and sha256 against each manifest; exit 1 if any checkpoint is corrupt"),
+    ):
+        command = commands.add_parser(name, help=summary, description=summary)
+        command.add_argument("path", metavar="PATH", help="a run dir or one of its checkpoints/step_* dirs")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0] not in ("list", "verify"):
-        print(__doc__)
-        raise SystemExit(0 if args[:1] in (["-h"], ["--help"]) else 2)
+    args = build_parser().parse_args(argv)
     try:
-        command, path = args[0], Path(args[1])
-        code = list_run(path) if command == "list" else verify(path)
+        code = COMMANDS[args.command](args.path)
     except UserError as exc:
         fail(str(exc))
     raise SystemExit(code)

@@ -3,6 +3,7 @@
     python -m gpt2exp.report outputs/<date>/<time>            # one run: writes into the run dir
     python -m gpt2exp.report multirun/<date>/<time>           # a sweep: one row per job, writes into the sweep dir
     python -m gpt2exp.report DIR DIR ... [--out reports/cmp]  # several: writes into --out (default: the current dir)
+    python -m gpt2exp.report --help
 
 Writes report.md (the table and the plots) and loss_vs_step.png, loss_vs_tokens.png, lr.png and
 throughput.png, and prints the table. A dir is searched for run dirs (config.yaml + run.json) up to
@@ -13,7 +14,6 @@ else by their dir name; resume points are dotted vertical lines. Exit code 2 for
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import re
@@ -26,6 +26,7 @@ from typing import Any
 
 import yaml
 
+from gpt2exp import cli
 from gpt2exp.errors import UserError, fail
 from gpt2exp.rundir import CHECKPOINTS, CONFIG_OF_RECORD, RUN_JSON, is_run_dir, override_key, read_run_json, run_status
 from gpt2exp.tracking import read_metrics
@@ -432,11 +433,8 @@ def report(dirs: Sequence[Path], out: Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m gpt2exp.report",
-        description="Table and plots of gpt2exp runs: a run dir, a multirun (sweep) dir, or several dirs.",
-    )
-    parser.add_argument("dirs", nargs="+", type=Path, help="run dirs, multirun dirs, or dirs holding them")
+    parser = cli.parser("python -m gpt2exp.report", __doc__)
+    parser.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run dirs, multirun dirs, or dirs under them")
     parser.add_argument(
         "--out", type=Path, default=None, help="where to write report.md and the PNGs (default: next to the runs)"
     )

@@ -265,6 +265,31 @@ def test_a_dir_without_runs_is_one_error_line(tmp_path):
     assert not (tmp_path / "empty" / "report.md").exists()
 
 
+def test_an_unknown_flag_is_one_error_line(sweep, capsys):
+    with pytest.raises(SystemExit) as caught:
+        main([str(sweep), "--bogus"])
+    assert caught.value.code == 2
+    captured = capsys.readouterr()
+    assert captured.err == "error: unrecognized arguments: --bogus\n" and captured.out == ""
+    assert not (sweep / "report.md").exists()
+
+
+def test_no_dir_is_one_error_line(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main([])
+    assert caught.value.code == 2
+    assert capsys.readouterr().err == "error: the following arguments are required: DIR\n"
+
+
+def test_help_shows_the_examples_and_exits_0(capsys):
+    with pytest.raises(SystemExit) as caught:
+        main(["--help"])
+    assert caught.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: python -m gpt2exp.report [-h] [--out OUT] DIR [DIR ...]")
+    assert "python -m gpt2exp.report multirun/<date>/<time>           # a sweep" in out
+
+
 # -- a real run ----------------------------------------------------------------------------------
 
 
