@@ -84,31 +84,6 @@ def test_a_normal_run_prints_no_warnings(short_run):
     assert "warn" not in output and "traceback" not in output and "loss_type" not in output
 
 
-def test_generate_samples_from_a_run_dir(short_run):
-    run_dir, _ = short_run
-    result = run_cli(
-        "gpt2exp.generate",
-        str(run_dir),
-        "prompt=ROMEO:",
-        "max_new_tokens=5",
-        "num_samples=2",
-        "seed=1",
-        cwd=run_dir,
-    )
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("=== sample") == 2 and result.stdout.count("ROMEO:") == 2
-    again = run_cli(
-        "gpt2exp.generate",
-        str(run_dir),
-        "prompt=ROMEO:",
-        "max_new_tokens=5",
-        "num_samples=2",
-        "seed=1",
-        cwd=run_dir,
-    )
-    assert again.stdout == result.stdout  # same seed, same text
-
-
 def test_cfg_job_prints_the_composed_config(tmp_path):
     result = run_cli("gpt2exp.train", "--cfg", "job", "optimizer.lr=0.005", cwd=tmp_path)
     assert result.returncode == 0
