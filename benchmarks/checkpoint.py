@@ -8,8 +8,8 @@ read and load, otherwise all of them run warm; the token cache is built on first
 
 1. save: the gpt2_124m shape (conf/model/gpt2_124m.yaml, vocab 50257, fp32) with AdamW state after one
    step on a tiny batch, plus the JSON state Trainer saves (schedule, sampler, counters, RNG).
-   `CheckpointManager.save(step, stateful, metrics, force=True)` (serialise, fsync, sha256 manifest,
-   rename, `latest`) against writing the same files (same names, sizes and bytes, held in memory
+   `CheckpointManager.save(step, stateful, metrics, force=True).wait()` (serialise, fsync, sha256
+   manifest, rename, `latest`) against writing the same files (same names, sizes and bytes, held in memory
    beforehand) with one `f.write` + `flush` + `os.fsync` each. `torch.save({'model': sd,
    'optimizer': osd})` + fsync is shown for reference. Every save goes into an empty checkpoints dir
    (no rotation in the timed call); what each method wrote is deleted, untimed, before the next.
@@ -148,7 +148,7 @@ def build_state(cfg, seed: int, step: bool) -> dict:
     from gpt2exp.data import BatchSampler
     from gpt2exp.model import quiet_transformers, scratch_config
     from gpt2exp.optim import LRSchedule, build_optimizer
-    from gpt2exp.state import RngState, TrainerCounters
+    from gpt2exp.state import RngState, TensorState, TrainerCounters
     from gpt2exp.train import next_token_loss
 
     quiet_transformers()
@@ -168,7 +168,7 @@ def build_state(cfg, seed: int, step: bool) -> dict:
         counters.step, counters.tokens_seen = 1, 16
     return {
         "model": model,
-        "optimizer": optimizer,
+        "optimizer": TensorState(optimizer),
         "scaler": None,  # fp32 on CPU: Trainer passes no GradScaler
         "schedule": schedule,
         "sampler": BatchSampler(dummy_tokens, block, batch, cfg.seed),
@@ -190,7 +190,7 @@ def bench_save(args, cfg, stateful, work: Path, timings: Timings, timed: bool) -
     ckpt_cfg = OmegaConf.merge(cfg.checkpoint, {"every_steps": 0, "every_minutes": 0.0})
     manager = CheckpointManager(ckpt_cfg, work / "manager")
     # an untimed save first: imports, allocator warm-up, and the files the other methods mirror
-    reference = manager.save(1, stateful, {}, force=True)
+    reference = manager.save(1, stateful, {}, force=True).wait()
     files = {p.name: p.read_bytes() for p in sorted(reference.iterdir()) if p.is_file()}
     timings.files = {name: len(data) for name, data in files.items()}
     kept = work / "kept" / reference.name
@@ -202,7 +202,7 @@ def bench_save(args, cfg, stateful, work: Path, timings: Timings, timed: bool) -
     sd, osd = stateful["model"].state_dict(), stateful["optimizer"].state_dict()
 
     def manager_save(out: Path, step: int) -> Callable[[], None]:
-        return lambda: manager.save(step, stateful, {}, force=True)
+        return lambda: manager.save(step, stateful, {}, force=True).wait()
 
     def raw_write(out: Path, step: int) -> Callable[[], None]:
         def run() -> None:
@@ -269,7 +269,7 @@ def bench_load(args, cfg, source_state, kept: Path, work: Path, timings: Timings
             loaded = managers[mode].load(fresh, target)
             if loaded.step != expected_step or not torch.equal(fresh["model"].state_dict()[probe], expected):
                 raise SystemExit(f"error: the load with verify={mode} did not restore the saved state")
-            if not fresh["optimizer"].state:
+            if not fresh["optimizer"].obj.state:
                 raise SystemExit(f"error: the load with verify={mode} did not restore the optimizer state")
 
         return run

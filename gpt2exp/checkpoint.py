@@ -12,6 +12,13 @@
 A save writes into a hidden temporary sibling, fsyncs every file, writes the manifest, renames the
 directory into place, fsyncs the parent, replaces `latest` atomically, and only then rotates old
 checkpoints away. A directory without a valid manifest is not a checkpoint.
+
+The seams: each stateful object declares where its state goes (`state_kind`, see state.py). A files
+writer (`HFCheckpointFiles`, the layout above; a sharded one can take its place) writes the stateful
+set into the temporary dir and reports the files it wrote, and reads them back. The manager owns the
+rest: the manifest of the reported files, the commit, verification, quarantine, and rotation as its
+own step after a commit. `save` hands back a `PendingSave`, complete on return while saves are
+synchronous, so a background save changes no caller.
 """
 
 from __future__ import annotations
@@ -25,13 +32,14 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
-from gpt2exp.errors import UserError
+from gpt2exp.errors import SaveFailed, UserError
+from gpt2exp.state import Stateful, StateKind, group_by_kind
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +52,16 @@ CORRUPT = "corrupt"
 TMP_PREFIX = ".tmp-"
 STEP_DIR = re.compile(r"^step_(\d{8,})$")
 MANIFEST_VERSION = 1
-# keys of the stateful set that go to optimizer.pt (tensors); everything else but the model is JSON
-TENSOR_STATE_KEYS = ("optimizer", "scaler")
+MODEL_KEY = "model"  # the stateful entry that is the HF model itself, saved in the HF layout
+# identity the trainer records in every trainer_state.json (CheckpointManager's `identity`)
+IDENTITY_KEYS = ("config_sha256", "code_version")
+# the keys of trainer_state.json that describe the checkpoint and restore no object
+METADATA_KEYS = ("step", "metrics", "saved_at", *IDENTITY_KEYS)
 
 
 class CheckpointError(UserError):
-    """A checkpoint could not be written or none could be loaded; the message says which and why."""
+    """No checkpoint could be loaded (none verifies, it does not fit the model, it holds a pickle); the
+    message says which and why."""
 
 
 def step_dir_name(step: int) -> str:
@@ -252,7 +264,7 @@ def find_verified(
     raise CheckpointError("no checkpoint verifies; tried: " + "; ".join(tried))
 
 
-# -- tensor state (optimizer, scaler) ------------------------------------------------------------
+# -- tensor state (optimizer, scaler) and the model's weights -------------------------------------
 
 
 def tensor_state_writer(state: dict[str, Any]) -> Callable[[Any], None]:
@@ -283,16 +295,138 @@ def load_tensor_state(path: Path) -> dict[str, Any]:
 
 
 def model_tensors(model) -> dict[str, Any]:
-    """The model's state dict with tied duplicates dropped (HF re-ties them on load)."""
+    """The model's whole weights on the CPU, tied duplicates dropped (HF re-ties them on load).
+
+    A DTensor (FSDP2) is gathered with `full_tensor()`, a collective: under torchrun every rank
+    must call this. Ties are recognised by the storage of the tensor each rank holds.
+    """
     seen: set[int] = set()
     tensors = {}
     for name, tensor in model.state_dict().items():
-        key = tensor.untyped_storage().data_ptr() if tensor.device.type != "meta" else id(tensor)
+        # duck-typed: DTensor's import path moved between torch releases
+        sharded = hasattr(tensor, "full_tensor")
+        local = tensor.to_local() if sharded else tensor
+        key = local.untyped_storage().data_ptr() if local.device.type != "meta" else id(tensor)
         if key in seen:
             continue
         seen.add(key)
-        tensors[name] = tensor.detach().to("cpu").contiguous()
+        whole = tensor.full_tensor() if sharded else tensor
+        tensors[name] = whole.detach().to("cpu").contiguous()
     return tensors
+
+
+# -- the files of a checkpoint -------------------------------------------------------------------
+
+
+class CheckpointFiles(Protocol):
+    """Turns the stateful set into the files of one checkpoint dir, and back."""
+
+    def write(
+        self, tmp_dir: Path, step: int, stateful: Mapping[str, Any], extra_json: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """Write every file into `tmp_dir`, each fsynced; returns {relative path: manifest entry}."""
+        ...
+
+    def read(self, path: Path, stateful: Mapping[str, Any]) -> dict[str, Any]:
+        """Restore `stateful` from the verified checkpoint `path`; returns its trainer_state."""
+        ...
+
+    def close(self) -> None: ...
+
+
+def split_stateful(stateful: Mapping[str, Any]) -> tuple[Any, dict[StateKind, dict[str, Stateful]]]:
+    """The model, and every other entry grouped by its `state_kind` (None entries left out)."""
+    return stateful[MODEL_KEY], group_by_kind({k: v for k, v in stateful.items() if k != MODEL_KEY})
+
+
+def build_trainer_state(json_objects: Mapping[str, Stateful], step: int, extra_json: dict[str, Any]) -> dict[str, Any]:
+    """The content of trainer_state.json: each "json" object's state under its key, then the metadata."""
+    clashes = set(json_objects) & ({"step"} | set(extra_json))
+    if clashes:
+        raise ValueError(f"stateful entries {sorted(clashes)} would overwrite checkpoint metadata")
+    return {**{k: obj.state_dict() for k, obj in json_objects.items()}, "step": step, **extra_json}
+
+
+class HFCheckpointFiles:
+    """The layout in the module docstring, written by one process.
+
+    model.safetensors is streamed tensor by tensor, optimizer.pt holds the "tensors" state by key
+    ({"optimizer": ..., "scaler": ...}), trainer_state.json the "json" state by key plus metadata.
+    """
+
+    def __init__(self, tokenizer_dir: Path | None = None):
+        self.tokenizer_dir = tokenizer_dir
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+
+    def write(
+        self, tmp_dir: Path, step: int, stateful: Mapping[str, Any], extra_json: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        model, groups = split_stateful(stateful)
+        json_state = build_trainer_state(groups["json"], step, extra_json)
+        files: dict[str, dict[str, Any]] = {}
+
+        def write(name: str, data: bytes | Callable[[Any], None]) -> None:
+            files[name] = _write_file(tmp_dir / name, data, self._hasher)
+
+        write(MODEL_FILE, _safetensors_writer(model_tensors(model), metadata={"format": "pt"}))
+        write("config.json", model.config.to_json_string().encode())
+        if self.tokenizer_dir is not None:
+            for source in sorted(Path(self.tokenizer_dir).iterdir()):
+                if source.is_file():
+                    write(source.name, source.read_bytes())
+        write(OPTIMIZER_FILE, tensor_state_writer({k: obj.state_dict() for k, obj in groups["tensors"].items()}))
+        write(STATE_FILE, json.dumps(json_state).encode())
+        return files
+
+    def read(self, path: Path, stateful: Mapping[str, Any]) -> dict[str, Any]:
+        """Read and check every file first, then restore: a refused file leaves every object untouched."""
+        from safetensors.torch import load_file
+
+        model, groups = split_stateful(stateful)
+        weights = load_file(path / MODEL_FILE)
+        tensor_state = load_tensor_state(path / OPTIMIZER_FILE)
+        state = json.loads((path / STATE_FILE).read_text())
+        _restore_model(path, model, weights)
+        for kind, saved in (("tensors", tensor_state), ("json", state)):
+            for key, obj in groups[kind].items():
+                if key in saved:
+                    obj.load_state_dict(saved[key])
+        return state
+
+    def close(self) -> None:
+        self._hasher.shutdown(wait=True)
+
+
+def _restore_model(path: Path, model, weights: dict[str, Any]) -> None:
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model its config describes "
+            f"({_mismatch_summary(exc)}); resume with the run's own config"
+        ) from None
+    tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise CheckpointError(
+            f"checkpoint {path} does not match the model its config describes "
+            f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
+        )
+    model.tie_weights()
+
+
+def _mismatch_summary(exc: RuntimeError) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
+    return lines[0] if lines else str(exc).splitlines()[0]
+
+
+def _check_reported(tmp_dir: Path, files: Mapping[str, Any]) -> None:
+    """The manifest must cover exactly what is on disk: a file the writer did not report is a bug."""
+    on_disk = {p.relative_to(tmp_dir).as_posix() for p in tmp_dir.rglob("*") if p.is_file()}
+    if on_disk != set(files):
+        raise ValueError(
+            f"the checkpoint writer reported {sorted(set(files) - on_disk)} that are not in {tmp_dir} "
+            f"and wrote {sorted(on_disk - set(files))} it did not report"
+        )
 
 
 # -- retention ----------------------------------------------------------------------------------
@@ -334,6 +468,30 @@ def kept_reasons(root: Path, cfg: Any) -> dict[str, list[str]]:
 # -- the manager ---------------------------------------------------------------------------------
 
 
+class PendingSave:
+    """A save that was due: `wait()` gives the committed dir, or None if it failed under on_save_error=warn.
+
+    Saves are synchronous today, so it is done when handed back; a background save hands back one
+    still running.
+    """
+
+    def __init__(self, future: Future[Path | None]):
+        self._future = future
+
+    @classmethod
+    def finished(cls, path: Path | None) -> PendingSave:
+        future: Future[Path | None] = Future()
+        future.set_result(path)
+        return cls(future)
+
+    @property
+    def done(self) -> bool:
+        return self._future.done()
+
+    def wait(self) -> Path | None:
+        return self._future.result()
+
+
 @dataclass
 class Loaded:
     path: Path
@@ -345,36 +503,47 @@ class CheckpointManager:
     """save / load / close; `_should_save` decides when, `_rotate` decides what stays."""
 
     def __init__(
-        self, cfg: Any, run_dir: Path, tokenizer_dir: Path | None = None, identity: dict[str, Any] | None = None
+        self,
+        cfg: Any,
+        run_dir: Path,
+        tokenizer_dir: Path | None = None,
+        identity: dict[str, Any] | None = None,
+        files: CheckpointFiles | None = None,
     ):
-        """`identity` (config hash, code version, ...) is recorded in every trainer_state.json."""
+        """`identity` (IDENTITY_KEYS) is recorded in every trainer_state.json; `files` writes and reads
+        the files of a checkpoint (default: HFCheckpointFiles(tokenizer_dir))."""
+        unknown = set(identity or {}) - set(IDENTITY_KEYS)
+        if unknown:
+            raise ValueError(f"identity keys {sorted(unknown)} are not among {IDENTITY_KEYS}")
+        if files is not None and tokenizer_dir is not None:
+            raise ValueError("tokenizer_dir belongs to the files writer when one is given")
         self.cfg = cfg
         self.root = Path(run_dir) / "checkpoints"
-        self.tokenizer_dir = tokenizer_dir
         self.identity = dict(identity or {})
+        self.files = files if files is not None else HFCheckpointFiles(tokenizer_dir)
         self.root.mkdir(parents=True, exist_ok=True)
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
         self._last_save_time = time.monotonic()
         self._clean_leftovers()
 
     # -- public API
 
     def save(
-        self, step: int, stateful: dict[str, Any], metrics: dict[str, float], *, force: bool = False
-    ) -> Path | None:
-        """Commit a checkpoint of `stateful` at `step` if due (or `force`); returns its dir, or None.
+        self, step: int, stateful: Mapping[str, Any], metrics: dict[str, float], *, force: bool = False
+    ) -> PendingSave | None:
+        """Commit a checkpoint of `stateful` at `step` if due (or `force`); None if no save was due.
 
         On an I/O failure the partial directory is removed, earlier checkpoints are untouched, and
-        a CheckpointError is raised (on_save_error=stop) or logged (on_save_error=warn).
+        SaveFailed is raised (on_save_error=stop) or a warning logged (on_save_error=warn: the
+        handle's wait() gives None).
         """
         if not force and not self._should_save(step):
             return None
         final = self.root / step_dir_name(step)
         if is_checkpoint_dir(final):
-            return final  # this step is already committed (e.g. a signal right after a periodic save)
+            return PendingSave.finished(final)  # already committed (e.g. a signal right after a periodic save)
         start = time.monotonic()
         try:
-            self._commit(step, stateful, metrics, final)
+            latest_updated = self._commit(step, stateful, metrics, final)
         except (OSError, RuntimeError) as exc:
             message = (
                 f"checkpoint {final.name} was not saved: {_describe_os_error(exc)} in {self.root}; "
@@ -382,22 +551,23 @@ class CheckpointManager:
             )
             if self.cfg.on_save_error == "warn":
                 log.warning("%s (training goes on: checkpoint.on_save_error=warn)", message)
-                return None
-            raise CheckpointError(message + "; free space or fix permissions, then resume") from exc
+                return PendingSave.finished(None)
+            raise SaveFailed(message + "; free space or fix permissions, then resume") from exc
         self._last_save_time = time.monotonic()
         log.info("saved checkpoint %s in %.2fs", final.name, time.monotonic() - start)
-        self._rotate()
-        return final
+        if latest_updated:
+            self._rotate()
+        return PendingSave.finished(final)
 
-    def load(self, stateful: dict[str, Any], target: Path | None = None) -> Loaded:
+    def load(self, stateful: Mapping[str, Any], target: Path | None = None) -> Loaded:
         """Load `target` (or the newest checkpoint that verifies) into `stateful`."""
         path = self.find_good(target)
-        loaded = self._load_into(path, stateful)
+        state = self.files.read(path, stateful)
         log.info("loaded checkpoint %s", path)
-        return loaded
+        return Loaded(path, int(state["step"]), state)
 
     def close(self) -> None:
-        self._hasher.shutdown(wait=True)
+        self.files.close()
 
     # -- finding a good checkpoint
 
@@ -426,12 +596,15 @@ class CheckpointManager:
         minutes = (time.monotonic() - self._last_save_time) / 60.0
         return bool(self.cfg.every_minutes) and minutes >= self.cfg.every_minutes
 
-    def _commit(self, step: int, stateful: dict[str, Any], metrics: dict[str, float], final: Path) -> None:
+    def _commit(self, step: int, stateful: Mapping[str, Any], metrics: dict[str, float], final: Path) -> bool:
+        """Write, add the manifest, rename into place, point `latest` at it; whether `latest` was updated."""
         tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         try:
             tmp.mkdir()
-            files = self._write_files(tmp, step, stateful, metrics)
+            extra_json = {**self.identity, "metrics": metrics, "saved_at": time.time()}
+            files = self.files.write(tmp, step, stateful, extra_json)
+            _check_reported(tmp, files)
             manifest = {"version": MANIFEST_VERSION, "step": step, "metrics": metrics, "files": files}
             manifest_text = json.dumps(manifest, indent=1).encode()
             with open(tmp / MANIFEST, "wb") as f:
@@ -448,28 +621,8 @@ class CheckpointManager:
             self._write_latest(final.name)
         except OSError as exc:  # the checkpoint is committed; `latest` is only a pointer for people
             log.warning("checkpoint %s is saved but %s was not updated: %s", final.name, LATEST, exc)
-
-    def _write_files(
-        self, tmp: Path, step: int, stateful: dict[str, Any], metrics: dict[str, float]
-    ) -> dict[str, dict[str, Any]]:
-        files: dict[str, dict[str, Any]] = {}
-
-        def write(name: str, data: bytes | Callable[[Any], None]) -> None:
-            files[name] = _write_file(tmp / name, data, self._hasher)
-
-        model = stateful["model"]
-        write(MODEL_FILE, _safetensors_writer(model_tensors(model), metadata={"format": "pt"}))
-        write("config.json", model.config.to_json_string().encode())
-        if self.tokenizer_dir is not None:
-            for source in sorted(Path(self.tokenizer_dir).iterdir()):
-                if source.is_file():
-                    write(source.name, source.read_bytes())
-        tensor_state = {k: stateful[k].state_dict() for k in TENSOR_STATE_KEYS if stateful.get(k) is not None}
-        write(OPTIMIZER_FILE, tensor_state_writer(tensor_state))
-        json_state = {k: v.state_dict() for k, v in stateful.items() if k != "model" and k not in TENSOR_STATE_KEYS}
-        json_state.update(self.identity, step=step, metrics=metrics, saved_at=time.time())
-        write(STATE_FILE, json.dumps(json_state).encode())
-        return files
+            return False
+        return True
 
     def _write_latest(self, name: str) -> None:
         tmp = self.root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
@@ -496,7 +649,7 @@ class CheckpointManager:
                 else:
                     path.unlink(missing_ok=True)
 
-    # -- rotation
+    # -- rotation: its own step, run once a commit and its `latest` are durable
 
     def kept(self) -> dict[str, list[str]]:
         return kept_reasons(self.root, self.cfg)
@@ -506,43 +659,6 @@ class CheckpointManager:
             if not reasons:
                 log.info("rotating away checkpoint %s", name)
                 shutil.rmtree(self.root / name)
-
-    # -- loading
-
-    def _load_into(self, path: Path, stateful: dict[str, Any]) -> Loaded:
-        """Read and check every file first, then restore: a refused file leaves every object untouched."""
-        from safetensors.torch import load_file
-
-        weights = load_file(path / MODEL_FILE)
-        tensor_state = load_tensor_state(path / OPTIMIZER_FILE)
-        trainer_state = json.loads((path / STATE_FILE).read_text())
-        model = stateful["model"]
-        try:
-            missing, unexpected = model.load_state_dict(weights, strict=False)
-        except RuntimeError as exc:
-            raise CheckpointError(
-                f"checkpoint {path} does not match the model its config describes "
-                f"({_mismatch_summary(exc)}); resume with the run's own config"
-            ) from None
-        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-        if unexpected or set(missing) - tied:
-            raise CheckpointError(
-                f"checkpoint {path} does not match the model its config describes "
-                f"(missing {sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})"
-            )
-        model.tie_weights()
-        for key in TENSOR_STATE_KEYS:
-            if stateful.get(key) is not None and key in tensor_state:
-                stateful[key].load_state_dict(tensor_state[key])
-        for key, obj in stateful.items():
-            if key != "model" and key not in TENSOR_STATE_KEYS and key in trainer_state:
-                obj.load_state_dict(trainer_state[key])
-        return Loaded(path, int(trainer_state["step"]), trainer_state)
-
-
-def _mismatch_summary(exc: RuntimeError) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if "size mismatch" in ln]
-    return lines[0] if lines else str(exc).splitlines()[0]
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

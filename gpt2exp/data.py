@@ -284,6 +284,8 @@ class BatchSampler:
     position is `{seed, epoch, offset}` and restoring it consumes no randomness.
     """
 
+    state_kind = "json"
+
     def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
         self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
         self.num_windows = (len(tokens) - block_size) // block_size

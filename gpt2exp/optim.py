@@ -57,7 +57,14 @@ def lr_at(step: int, peak_lr: float, cfg: Any) -> float:
 
 
 class LRSchedule:
-    """Applies `lr_at` to the optimizer each step; its state is the step it last applied."""
+    """Applies `lr_at` to the optimizer each step; its state is the step it last applied.
+
+    The peak LR and the horizon come from the config of record, so they are not state.
+    """
+
+    state_kind = "json"
+    # saved by checkpoints written before only restored fields were saved; read and dropped
+    LEGACY_KEYS = frozenset({"peak_lr", "decay_steps"})
 
     def __init__(self, optimizer, peak_lr: float, cfg: Any):
         self.optimizer, self.peak_lr, self.cfg = optimizer, peak_lr, cfg
@@ -71,7 +78,10 @@ class LRSchedule:
         return lr
 
     def state_dict(self) -> dict[str, Any]:
-        return {"last_step": self.last_step, "peak_lr": self.peak_lr, "decay_steps": self.cfg.decay_steps}
+        return {"last_step": self.last_step}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - {"last_step"} - self.LEGACY_KEYS
+        if unknown:
+            raise ValueError(f"the LR schedule has no state {sorted(unknown)}; the checkpoint is from other code")
         self.last_step = int(state["last_step"])

@@ -1,43 +1,95 @@
-"""Small stateful objects the checkpoint saves beside the model and optimizer.
+"""The stateful protocol, and the small stateful objects the checkpoint saves beside the model.
 
-Each exposes state_dict()/load_state_dict() with JSON-able values, like every other piece of state
-that must survive a restart.
+Every object with state that must survive a restart exposes `state_dict()` / `load_state_dict()`
+and a class attribute `state_kind` saying where its state goes: "json" (JSON-able values, to
+trainer_state.json) or "tensors" (to optimizer.pt, loaded back with torch.load(weights_only=True)).
+Torch objects that cannot carry the attribute are wrapped in `TensorState`. Heavy imports (numpy,
+torch) happen inside functions: checkpoint.py imports this module, and the CLIs import that one.
 """
 
 from __future__ import annotations
 
 import contextlib
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, ClassVar, Literal, Protocol
 
-import numpy as np
+StateKind = Literal["json", "tensors"]
+STATE_KINDS: tuple[StateKind, ...] = ("json", "tensors")
+
+
+class Stateful(Protocol):
+    state_kind: ClassVar[StateKind]
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TensorState:
+    """A torch object (optimizer, grad scaler) declared as tensor state; everything else is delegated."""
+
+    state_kind: ClassVar[StateKind] = "tensors"
+
+    def __init__(self, obj: Any):
+        self.obj = obj
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.obj.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.obj.load_state_dict(state)
+
+
+def group_by_kind(objects: Mapping[str, Any]) -> dict[StateKind, dict[str, Stateful]]:
+    """`objects` split by their `state_kind`, None entries left out; an undeclared kind is a TypeError."""
+    groups: dict[StateKind, dict[str, Stateful]] = {kind: {} for kind in STATE_KINDS}
+    for key, obj in objects.items():
+        if obj is None:
+            continue
+        kind = getattr(obj, "state_kind", None)
+        if kind not in STATE_KINDS:
+            raise TypeError(
+                f"stateful entry {key!r} ({type(obj).__name__}) declares state_kind={kind!r}, not one of "
+                f"{STATE_KINDS}; wrap torch objects in TensorState"
+            )
+        groups[kind][key] = obj
+    return groups
 
 
 @dataclass
 class TrainerCounters:
-    """Progress of the run: optimizer steps done, tokens seen, the best metric so far."""
+    """Progress of the run: optimizer steps done, tokens seen, the newest evaluation, the W&B run."""
+
+    state_kind: ClassVar[StateKind] = "json"
+    # saved by checkpoints written before every saved field had to be restored; read and dropped
+    LEGACY_KEYS: ClassVar[frozenset[str]] = frozenset({"best_metric", "last_logged_step"})
 
     step: int = 0
     tokens_seen: int = 0
-    best_metric: float | None = None
     last_eval: dict[str, float] = field(default_factory=dict)  # newest val metrics and their step
     wandb_id: str | None = None
-    last_logged_step: int = 0  # W&B and metrics.jsonl rows after the checkpoint step are replaced on resume
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        unknown = set(state) - set(asdict(self)) - self.LEGACY_KEYS
+        if unknown:
+            raise ValueError(f"trainer counters have no field {sorted(unknown)}; the checkpoint is from other code")
         for key, value in state.items():
-            setattr(self, key, value)
+            if key not in self.LEGACY_KEYS:
+                setattr(self, key, value)
 
 
 class RngState:
     """The python, numpy, torch CPU and CUDA generators, captured and restored together."""
 
+    state_kind: ClassVar[StateKind] = "json"
+
     def state_dict(self) -> dict[str, Any]:
+        import numpy as np
         import torch
 
         version, internal, gauss = random.getstate()
@@ -52,6 +104,7 @@ class RngState:
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        import numpy as np
         import torch
 
         version, internal, gauss = state["python"]
@@ -64,6 +117,7 @@ class RngState:
 
 
 def seed_everything(seed: int) -> None:
+    import numpy as np
     import torch
 
     random.seed(seed)

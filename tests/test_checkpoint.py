@@ -2,6 +2,7 @@
 
 Every test uses a tiny real GPT-2 (1 layer, 16-dim, 64-token vocabulary), an AdamW optimizer that
 has taken a step (so it has state), and the small stateful objects the trainer checkpoints.
+`save` hands back a PendingSave; `.wait()` gives the committed dir.
 """
 
 from __future__ import annotations
@@ -29,10 +30,11 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2exp.checkpoint as ckpt
-from gpt2exp.checkpoint import CheckpointError, CheckpointManager, verify_checkpoint
+from gpt2exp.checkpoint import CheckpointError, CheckpointManager, HFCheckpointFiles, verify_checkpoint
 from gpt2exp.config import CheckpointConfig
 from gpt2exp.data import BatchSampler
-from gpt2exp.state import RngState, TrainerCounters
+from gpt2exp.errors import EXIT_SAVE_FAILED, SaveFailed, UserError
+from gpt2exp.state import RngState, TensorState, TrainerCounters
 
 TINY = {
     "n_layer": 1,
@@ -45,15 +47,17 @@ TINY = {
 }
 CHECKPOINT_FILES = {"model.safetensors", "config.json", "optimizer.pt", "trainer_state.json", "manifest.json"}
 REPO = Path(__file__).resolve().parent.parent
+CHECKPOINT_YAML = REPO / "conf" / "checkpoint" / "default.yaml"
 
 
 # -- helpers -------------------------------------------------------------------------------------
 
 
 def make_cfg(**kwargs):
+    """The checkpoint section of the default config (conf/checkpoint/default.yaml), with `kwargs` over it."""
     kwargs.setdefault("keep_last", 100)
     kwargs.setdefault("keep_best", 0)
-    return OmegaConf.structured(CheckpointConfig(**kwargs))
+    return OmegaConf.merge(OmegaConf.structured(CheckpointConfig), OmegaConf.load(CHECKPOINT_YAML), kwargs)
 
 
 def make_model(seed: int = 0, **overrides) -> GPT2LMHeadModel:
@@ -80,7 +84,13 @@ def make_stateful(seed: int = 0, **overrides) -> dict:
     optimizer.step()
     optimizer.zero_grad()
     counters = TrainerCounters(step=1, tokens_seen=32)
-    return {"model": model, "optimizer": optimizer, "sampler": sampler, "trainer": counters, "rng": RngState()}
+    return {
+        "model": model,
+        "optimizer": TensorState(optimizer),
+        "sampler": sampler,
+        "trainer": counters,
+        "rng": RngState(),
+    }
 
 
 def clone_weights(model) -> dict[str, torch.Tensor]:
@@ -180,7 +190,7 @@ def test_round_trip_restores_model_optimizer_and_state_exactly(run_dir, managers
     manager = managers(make_cfg(), run_dir)
     src = make_stateful(seed=1)
     src["trainer"].load_state_dict(
-        {"step": 7, "tokens_seen": 224, "best_metric": 2.5, "last_eval": {"val/loss": 2.5, "step": 7}, "wandb_id": "w1"}
+        {"step": 7, "tokens_seen": 224, "last_eval": {"val/loss": 2.5, "step": 7}, "wandb_id": "w1"}
     )
     saved_weights = clone_weights(src["model"])
     saved_opt = src["optimizer"].state_dict()
@@ -189,7 +199,7 @@ def test_round_trip_restores_model_optimizer_and_state_exactly(run_dir, managers
     np.random.seed(11)
     torch.manual_seed(11)
 
-    path = manager.save(7, src, {"val/loss": 2.5}, force=True)
+    path = manager.save(7, src, {"val/loss": 2.5}, force=True).wait()
     assert path == manager.root / "step_00000007"
     # what a resumed run must draw next: the draws right after the RNG state was captured
     draws = (random.random(), float(np.random.rand()), torch.rand(3))
@@ -228,7 +238,7 @@ def test_round_trip_restores_model_optimizer_and_state_exactly(run_dir, managers
 def test_checkpoint_dir_loads_with_from_pretrained(run_dir, managers):
     manager = managers(make_cfg(), run_dir)
     stateful = make_stateful()
-    path = manager.save(3, stateful, {}, force=True)
+    path = manager.save(3, stateful, {}, force=True).wait()
     model = GPT2LMHeadModel.from_pretrained(path)
     assert model.config.n_embd == 16 and model.config.n_layer == 1 and model.config.vocab_size == 64
     assert_weights_equal(model, clone_weights(stateful["model"]))
@@ -240,7 +250,7 @@ def test_manifest_lists_every_file_with_size_and_sha256(run_dir, managers, tmp_p
     (tokenizer_dir / "tokenizer.json").write_text('{"version": "1.0"}')
     (tokenizer_dir / "special_tokens_map.json").write_text("{}")
     manager = managers(make_cfg(), run_dir, tokenizer_dir)
-    path = manager.save(12, make_stateful(), {"val/loss": 1.25}, force=True)
+    path = manager.save(12, make_stateful(), {"val/loss": 1.25}, force=True).wait()
 
     on_disk = {p.name for p in path.iterdir()}
     assert on_disk == CHECKPOINT_FILES | {"tokenizer.json", "special_tokens_map.json"}
@@ -267,10 +277,10 @@ def test_latest_names_the_newest_and_no_temp_dirs_remain(run_dir, managers):
 def test_saving_a_committed_step_again_returns_it_untouched(run_dir, managers):
     manager = managers(make_cfg(), run_dir)
     stateful = make_stateful()
-    path = manager.save(4, stateful, {}, force=True)
+    path = manager.save(4, stateful, {}, force=True).wait()
     manifest_before = (path / "manifest.json").read_bytes()
     bump(stateful["model"])
-    assert manager.save(4, stateful, {}, force=True) == path
+    assert manager.save(4, stateful, {}, force=True).wait() == path
     assert (path / "manifest.json").read_bytes() == manifest_before
 
 
@@ -282,6 +292,160 @@ def test_sampler_state_restores_the_exact_next_batch_whatever_it_held_before(run
     manager.load(dst)
     assert dst["sampler"].state_dict() == src["sampler"].state_dict()
     assert dst["sampler"].next_batch()[0].tolist() == src["sampler"].next_batch()[0].tolist()
+
+
+# -- the seams: declared state kinds, the files writer, FSDP2 weights -------------------------------
+
+
+def test_an_entry_without_a_state_kind_is_a_type_error_naming_it(run_dir, managers):
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    bare = dict(stateful, optimizer=stateful["optimizer"].obj)  # a bare torch optimizer declares nothing
+    with pytest.raises(TypeError, match="stateful entry 'optimizer' \\(AdamW\\) declares state_kind=None"):
+        manager.save(1, bare, {}, force=True)
+    assert {p.name for p in manager.root.iterdir()} == set()
+
+    manager.save(1, stateful, {}, force=True)
+    fresh = make_stateful(seed=3)
+    weights = clone_weights(fresh["model"])
+    with pytest.raises(TypeError, match="'optimizer'"):
+        manager.load(dict(fresh, optimizer=fresh["optimizer"].obj))
+    assert_weights_equal(fresh["model"], weights)  # checked before anything is restored
+
+
+def test_optimizer_pt_holds_the_tensor_state_by_key_and_none_entries_are_skipped(run_dir, managers):
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    stateful["scaler"] = TensorState(torch.amp.GradScaler("cpu", init_scale=2.0**10))
+    with_scaler = manager.save(1, stateful, {}, force=True).wait()
+    saved = torch.load(with_scaler / "optimizer.pt", weights_only=True)
+    assert set(saved) == {"optimizer", "scaler"} and saved["scaler"]["scale"] == 2.0**10
+    assert set(saved["optimizer"]["state"]) == set(range(16))
+    stateful["scaler"] = None  # fp32: the trainer passes no scaler
+    without = manager.save(2, stateful, {}, force=True).wait()
+    assert set(torch.load(without / "optimizer.pt", weights_only=True)) == {"optimizer"}
+    assert "scaler" not in json.loads((without / "trainer_state.json").read_text())
+
+    fresh = make_stateful(seed=3)
+    fresh["scaler"] = TensorState(torch.amp.GradScaler("cpu"))
+    manager.load(fresh, with_scaler)
+    assert fresh["scaler"].state_dict()["scale"] == 2.0**10
+
+
+class ExtraShardFiles(HFCheckpointFiles):
+    """The HF layout plus a file in a subfolder, as a sharded writer adds; `report` says whether it is reported."""
+
+    def __init__(self, report: bool):
+        super().__init__()
+        self.report = report
+
+    def write(self, tmp_dir, step, stateful, extra_json):
+        files = super().write(tmp_dir, step, stateful, extra_json)
+        (tmp_dir / "shards").mkdir()
+        (tmp_dir / "shards" / "__0_0.distcp").write_bytes(b"shard")
+        if self.report:
+            files["shards/__0_0.distcp"] = {"size": 5, "sha256": hashlib.sha256(b"shard").hexdigest()}
+        return files
+
+
+def test_the_manifest_covers_exactly_the_files_the_writer_reports(run_dir):
+    manager = CheckpointManager(make_cfg(), run_dir, files=ExtraShardFiles(report=True))
+    path = manager.save(1, make_stateful(), {}, force=True).wait()
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert set(manifest["files"]) == CHECKPOINT_FILES - {"manifest.json"} | {"shards/__0_0.distcp"}
+    assert verify_checkpoint(path) is None
+    flip_byte(path / "shards" / "__0_0.distcp")
+    assert verify_checkpoint(path) == "shards/__0_0.distcp fails its sha256 check"
+    manager.close()
+
+    unreported = CheckpointManager(make_cfg(), run_dir, files=ExtraShardFiles(report=False))
+    with pytest.raises(ValueError, match=r"and wrote \['shards/__0_0.distcp'\] it did not report"):
+        unreported.save(2, make_stateful(), {}, force=True)
+    assert steps(unreported.root) == {"step_00000001"} and leftovers(unreported.root) == []
+    unreported.close()
+
+
+def test_identity_and_stateful_keys_never_overwrite_metadata(run_dir, managers):
+    with pytest.raises(ValueError, match=r"identity keys \['run'\] are not among"):
+        CheckpointManager(make_cfg(), run_dir, identity={"config_sha256": "abc", "run": "x"})
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    stateful["metrics"] = TrainerCounters()
+    with pytest.raises(ValueError, match=r"stateful entries \['metrics'\] would overwrite checkpoint metadata"):
+        manager.save(1, stateful, {}, force=True)
+    assert steps(manager.root) == set() and leftovers(manager.root) == []
+
+
+def test_rotation_runs_only_once_latest_is_durable(run_dir, managers, monkeypatch, caplog):
+    manager = managers(make_cfg(keep_last=1), run_dir)
+    stateful = make_stateful()
+    manager.save(1, stateful, {}, force=True)
+
+    def refuse(name):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(manager, "_write_latest", refuse)
+    with caplog.at_level(logging.WARNING, logger="gpt2exp.checkpoint"):
+        assert manager.save(2, stateful, {}, force=True).wait() == manager.root / "step_00000002"
+    assert "step_00000002 is saved but latest was not updated" in caplog.text
+    assert steps(manager.root) == {"step_00000001", "step_00000002"}  # step 1, still named by latest, stays
+    assert latest(manager.root) == "step_00000001\n"
+    monkeypatch.undo()
+    manager.save(3, stateful, {}, force=True)
+    assert steps(manager.root) == {"step_00000003"} and latest(manager.root) == "step_00000003\n"
+
+
+FSDP_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from gpt2exp.checkpoint import model_tensors
+
+    out, rank, tiny = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(**tiny))
+    fully_shard(model)
+    assert type(model.state_dict()["transformer.wte.weight"]).__name__ == "DTensor"
+    torch.save(model_tensors(model), f"{out}/rank{rank}.pt")
+    dist.destroy_process_group()
+    """
+)
+
+
+def test_model_tensors_gathers_fsdp2_shards_whole(tmp_path):
+    import torch.distributed.fsdp
+
+    if not (torch.distributed.is_available() and torch.distributed.is_gloo_available()):
+        pytest.skip("needs torch.distributed with gloo")
+    if not hasattr(torch.distributed.fsdp, "fully_shard"):
+        pytest.skip("FSDP2 (torch.distributed.fsdp.fully_shard) needs torch>=2.6")
+    script = tmp_path / "fsdp_model_tensors.py"
+    script.write_text(FSDP_SCRIPT)
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(tmp_path), str(rank), json.dumps(TINY)],
+            cwd=REPO,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        )
+        for rank in (0, 1)
+    ]
+    for proc in ranks:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+
+    expected = ckpt.model_tensors(make_model(0))
+    assert "lm_head.weight" not in expected  # tied to transformer.wte.weight
+    for rank in (0, 1):
+        gathered = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert list(gathered) == list(expected)
+        for name, tensor in expected.items():
+            assert type(gathered[name]) is torch.Tensor and torch.equal(gathered[name], tensor), (rank, name)
 
 
 # -- when to save, what stays ----------------------------------------------------------------------
@@ -343,11 +507,11 @@ def test_every_steps_decides_which_steps_save(run_dir, managers):
     manager = managers(make_cfg(every_steps=3), run_dir)
     stateful = make_stateful()
     returned = {step: manager.save(step, stateful, {}) for step in range(1, 11)}
-    assert {s for s, path in returned.items() if path is not None} == {3, 6, 9}
+    assert {s for s, handle in returned.items() if handle is not None} == {3, 6, 9}
     assert all(returned[s] is None for s in (1, 2, 4, 5, 7, 8, 10))
-    assert returned[9] == manager.root / "step_00000009"
+    assert returned[9].done and returned[9].wait() == manager.root / "step_00000009"
     assert steps(manager.root) == {"step_00000003", "step_00000006", "step_00000009"}
-    assert manager.save(10, stateful, {}, force=True) == manager.root / "step_00000010"
+    assert manager.save(10, stateful, {}, force=True).wait() == manager.root / "step_00000010"
 
 
 def test_nothing_due_without_every_steps_or_minutes(run_dir, managers):
@@ -366,11 +530,11 @@ def test_every_minutes_saves_once_the_interval_passed(run_dir, managers, monkeyp
     clock["now"] += 119
     assert manager.save(1, stateful, {}) is None
     clock["now"] += 1
-    assert manager.save(2, stateful, {}) == manager.root / "step_00000002"
+    assert manager.save(2, stateful, {}).wait() == manager.root / "step_00000002"
     clock["now"] += 60  # the interval restarts at the save
     assert manager.save(3, stateful, {}) is None
     clock["now"] += 60
-    assert manager.save(4, stateful, {}) == manager.root / "step_00000004"
+    assert manager.save(4, stateful, {}).wait() == manager.root / "step_00000004"
 
 
 # -- a kill during a save --------------------------------------------------------------------------
@@ -383,7 +547,7 @@ KILL_SCRIPT = textwrap.dedent(
     from transformers import GPT2Config, GPT2LMHeadModel
     import gpt2exp.checkpoint as ckpt
     from gpt2exp.config import CheckpointConfig
-    from gpt2exp.state import TrainerCounters
+    from gpt2exp.state import TensorState, TrainerCounters
 
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=64))
@@ -391,8 +555,9 @@ KILL_SCRIPT = textwrap.dedent(
     ids = torch.randint(0, 64, (2, 8))
     model(input_ids=ids, labels=ids).loss.backward()
     optimizer.step()
-    stateful = {"model": model, "optimizer": optimizer, "trainer": TrainerCounters(step=1)}
-    cfg = OmegaConf.structured(CheckpointConfig(keep_last=5, keep_best=0))
+    stateful = {"model": model, "optimizer": TensorState(optimizer), "trainer": TrainerCounters(step=1)}
+    defaults = OmegaConf.load("conf/checkpoint/default.yaml")
+    cfg = OmegaConf.merge(OmegaConf.structured(CheckpointConfig), defaults, {"keep_last": 5, "keep_best": 0})
     manager = ckpt.CheckpointManager(cfg, sys.argv[1])
     manager.save(1, stateful, {"val/loss": 2.0}, force=True)
     print("saved step 1", flush=True)
@@ -451,7 +616,7 @@ def test_kill_during_save_leaves_the_previous_checkpoint_loadable(run_dir, manag
         assert torch.allclose(weights[name] + 1.0, tensor), name
     assert len(stateful["optimizer"].state_dict()["state"]) == 16
     # and training goes on: step 2 saves normally now
-    assert manager.save(2, stateful, {}, force=True) == root / "step_00000002"
+    assert manager.save(2, stateful, {}, force=True).wait() == root / "step_00000002"
     assert verify_checkpoint(root / "step_00000002") is None
 
 
@@ -516,7 +681,7 @@ def test_a_later_save_of_the_quarantined_step_works(two_steps):
 
     stateful["trainer"].step = 2
     again = clone_weights(stateful["model"])
-    assert manager.save(2, stateful, {"val/loss": 0.5}, force=True) == root / "step_00000002"
+    assert manager.save(2, stateful, {"val/loss": 0.5}, force=True).wait() == root / "step_00000002"
     assert verify_checkpoint(root / "step_00000002") is None
     assert latest(root) == "step_00000002\n"
     assert len(corrupt_dirs(root)) == 1
@@ -622,13 +787,14 @@ def test_disk_full_raises_and_keeps_earlier_checkpoints(small_tmpfs, managers, c
     run_dir = small_tmpfs / "run"
     manager = managers(make_cfg(), run_dir)
     stateful = make_stateful()
-    first = manager.save(1, stateful, {"val/loss": 2.0}, force=True)
+    first = manager.save(1, stateful, {"val/loss": 2.0}, force=True).wait()
     size = ckpt.checkpoint_size(first)
     filler = fill_until(small_tmpfs, leave=size // 2)
     assert free_bytes(small_tmpfs) < size
 
-    with pytest.raises(CheckpointError) as info:
+    with pytest.raises(SaveFailed) as info:
         manager.save(2, stateful, {"val/loss": 1.0}, force=True)
+    assert not isinstance(info.value, UserError) and info.value.exit_code == EXIT_SAVE_FAILED == 74
     message = str(info.value)
     assert "checkpoint step_00000002 was not saved: no space left on device (disk full)" in message
     assert "earlier checkpoints are intact" in message
@@ -641,12 +807,12 @@ def test_disk_full_raises_and_keeps_earlier_checkpoints(small_tmpfs, managers, c
 
     warn = managers(make_cfg(on_save_error="warn"), run_dir)
     with caplog.at_level(logging.WARNING, logger="gpt2exp.checkpoint"):
-        assert warn.save(2, stateful, {"val/loss": 1.0}, force=True) is None
+        assert warn.save(2, stateful, {"val/loss": 1.0}, force=True).wait() is None
     assert "no space left on device" in caplog.text and "training goes on" in caplog.text
     assert leftovers(root) == [] and steps(root) == {"step_00000001"}
 
     filler.unlink()  # space freed: the next save succeeds, nothing was lost on the way
-    assert warn.save(3, stateful, {"val/loss": 0.5}, force=True) == root / "step_00000003"
+    assert warn.save(3, stateful, {"val/loss": 0.5}, force=True).wait() == root / "step_00000003"
     assert verify_checkpoint(root / "step_00000003") is None
     assert verify_checkpoint(first) is None
     assert latest(root) == "step_00000003\n"
@@ -658,10 +824,10 @@ def test_read_only_filesystem_raises_permission_denied(small_tmpfs, managers):
     manager = managers(make_cfg(), run_dir)
     stateful = make_stateful()
     weights = clone_weights(stateful["model"])
-    first = manager.save(1, stateful, {}, force=True)
+    first = manager.save(1, stateful, {}, force=True).wait()
     subprocess.run(["mount", "-o", "remount,ro", str(small_tmpfs)], check=True)
     try:
-        with pytest.raises(CheckpointError, match=r"step_00000002 was not saved: permission denied \(Read-only"):
+        with pytest.raises(SaveFailed, match=r"step_00000002 was not saved: permission denied \(Read-only"):
             manager.save(2, stateful, {}, force=True)
         assert {p.name for p in manager.root.iterdir()} == {"step_00000001", "latest"}
         assert verify_checkpoint(first) is None
@@ -677,7 +843,7 @@ def test_permission_denied_while_writing(run_dir, managers, monkeypatch, on_save
     """root ignores chmod 0o555, so the EACCES a read-only checkpoints dir gives comes from a patch."""
     manager = managers(make_cfg(on_save_error=on_save_error), run_dir)
     stateful = make_stateful()
-    first = manager.save(1, stateful, {}, force=True)
+    first = manager.save(1, stateful, {}, force=True).wait()
     real_write_file = ckpt._write_file
     written = []
 
@@ -689,12 +855,12 @@ def test_permission_denied_while_writing(run_dir, managers, monkeypatch, on_save
 
     monkeypatch.setattr(ckpt, "_write_file", refuse_optimizer)
     if on_save_error == "stop":
-        with pytest.raises(CheckpointError) as info:
+        with pytest.raises(SaveFailed) as info:
             manager.save(2, stateful, {}, force=True)
         assert "checkpoint step_00000002 was not saved: permission denied (Permission denied)" in str(info.value)
         assert "fix permissions" in str(info.value)
     else:
-        assert manager.save(2, stateful, {}, force=True) is None
+        assert manager.save(2, stateful, {}, force=True).wait() is None
     assert written == ["model.safetensors", "config.json"]  # a partial dir existed and was removed
     assert {p.name for p in manager.root.iterdir()} == {"step_00000001", "latest"}
     assert verify_checkpoint(first) is None
@@ -706,10 +872,10 @@ def test_chmod_read_only_checkpoints_dir(run_dir, managers):
         pytest.skip("root ignores permission bits; test_permission_denied_while_writing covers EACCES")
     manager = managers(make_cfg(), run_dir)
     stateful = make_stateful()
-    first = manager.save(1, stateful, {}, force=True)
+    first = manager.save(1, stateful, {}, force=True).wait()
     manager.root.chmod(0o555)
     try:
-        with pytest.raises(CheckpointError, match=r"permission denied"):
+        with pytest.raises(SaveFailed, match=r"permission denied"):
             manager.save(2, stateful, {}, force=True)
     finally:
         manager.root.chmod(0o755)
@@ -755,7 +921,7 @@ def test_malicious_pickle_is_refused_and_never_runs(run_dir, managers, tmp_path,
     assert control.exists()
 
     manager = managers(make_cfg(), run_dir)
-    path = manager.save(1, make_stateful(), {}, force=True)
+    path = manager.save(1, make_stateful(), {}, force=True).wait()
     marker = tmp_path / "pwned"
     write_payload(kind, path / "optimizer.pt", marker)
     rewrite_manifest_entry(path, "optimizer.pt")
@@ -779,7 +945,7 @@ def test_malicious_pickle_is_refused_and_never_runs(run_dir, managers, tmp_path,
 )
 def test_shape_mismatch_is_a_checkpoint_error(run_dir, managers, overrides, detail):
     manager = managers(make_cfg(), run_dir)
-    path = manager.save(1, make_stateful(), {}, force=True)
+    path = manager.save(1, make_stateful(), {}, force=True).wait()
     other = make_stateful(**overrides)
     with pytest.raises(CheckpointError) as info:
         manager.load(other)

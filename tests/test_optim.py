@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
 
 from gpt2exp.config import SchedulerConfig
 from gpt2exp.optim import LRSchedule, build_optimizer, lr_at, param_groups
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
 
 
 def schedule(name: str, warmup: int = 10, decay: int = 110, min_ratio: float = 0.1):
@@ -52,6 +55,7 @@ def test_lr_schedule_applies_to_every_group_and_round_trips(tiny_model):
     sched = LRSchedule(optimizer, 1.0, schedule("cosine"))
     assert sched.apply(4) == pytest.approx(0.5)
     assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.5, 0.5])
+    assert sched.state_dict() == {"last_step": 4}  # peak LR and horizon come from the config of record
     other = LRSchedule(optimizer, 1.0, schedule("cosine"))
     other.load_state_dict(sched.state_dict())
     assert other.last_step == 4
@@ -87,7 +91,8 @@ def test_weight_decay_groups_hold_exactly_the_2d_weights(tiny_model):
 def test_fused_adamw_by_default_on_cpu_and_off_when_asked(tiny_model):
     from gpt2exp.config import OptimizerConfig
 
-    optimizer = build_optimizer(OmegaConf.structured(OptimizerConfig()), tiny_model, "cpu")
+    adamw = OmegaConf.merge(OmegaConf.structured(OptimizerConfig), OmegaConf.load(CONF / "optimizer" / "adamw.yaml"))
+    optimizer = build_optimizer(adamw, tiny_model, "cpu")
     assert optimizer.defaults["fused"] is True
-    unfused = build_optimizer(OmegaConf.structured(OptimizerConfig(fused=False)), tiny_model, "cpu")
+    unfused = build_optimizer(OmegaConf.merge(adamw, {"fused": False}), tiny_model, "cpu")
     assert not unfused.defaults["fused"]
