@@ -10,6 +10,8 @@ import yaml
 
 from tests.conftest import FAST, run_cli
 
+pytestmark = pytest.mark.slow
+
 
 def only_run_dir(root: Path) -> Path:
     dirs = [p for p in (root / "outputs").glob("*/*") if p.is_dir()]

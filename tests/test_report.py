@@ -248,12 +248,14 @@ def test_best_run_ignores_nan_and_missing():
 # -- bad input, through the real command line ------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_missing_path_is_one_error_line(tmp_path):
     result = run_cli("gpt2exp.report", str(tmp_path / "nope"), cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr == f"error: path does not exist: {tmp_path / 'nope'}; pass a run dir or a multirun dir\n"
 
 
+@pytest.mark.slow
 def test_a_dir_without_runs_is_one_error_line(tmp_path):
     (tmp_path / "empty").mkdir()
     result = run_cli("gpt2exp.report", str(tmp_path / "empty"), cwd=tmp_path)

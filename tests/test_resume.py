@@ -19,6 +19,8 @@ from safetensors.torch import load_file
 from gpt2exp.preemption import EXIT_PREEMPTED
 from tests.conftest import FAST, run_cli
 
+pytestmark = pytest.mark.slow
+
 # dropout on, so the RNG state matters; a checkpoint and an eval every 4 steps
 EXACT = [
     *FAST,
