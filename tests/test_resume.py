@@ -244,8 +244,12 @@ def test_a_forbidden_override_names_the_keys_and_the_allowed_ones(tmp_path, fini
 
 def test_the_original_command_line_is_accepted_on_resume(tmp_path, finished):
     """A requeued job reruns its full command: overrides equal to the record are not changes."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)  # resuming writes into the run dir: never into the module's fixture
     result = run_cli(
-        "gpt2exp.train", *EXACT, f"hydra.run.dir={finished}", "trainer.max_steps=8", f"resume={finished}", cwd=tmp_path
+        "gpt2exp.train", *EXACT, f"hydra.run.dir={run}", "trainer.max_steps=8", f"resume={run}", cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr[-3000:]
 
