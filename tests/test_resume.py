@@ -108,7 +108,10 @@ def spawn(cwd: Path, run_dir: Path, *args: str) -> subprocess.Popen:
 
 
 def test_sigkill_at_a_random_step_then_resume_equals_straight(tmp_path, straight):
-    kill_at = random.Random().randint(5, 14)
+    seed = int(os.environ.get("GPT2EXP_TEST_SEED") or random.randrange(2**32))
+    kill_at = random.Random(seed).randint(5, 14)
+    replay = f"killed at step {kill_at} (replay with GPT2EXP_TEST_SEED={seed})"
+    print(replay)
     run = tmp_path / "run"
     proc = spawn(tmp_path, run, "trainer.max_steps=40")
     wait_for_step(run, proc, kill_at)
@@ -116,9 +119,9 @@ def test_sigkill_at_a_random_step_then_resume_equals_straight(tmp_path, straight
     proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     resumed = run_cli("gpt2exp.train", f"resume={run}", cwd=tmp_path)
-    assert resumed.returncode == 0, f"killed at step {kill_at}: {resumed.stderr[-3000:]}"
+    assert resumed.returncode == 0, f"{replay}: {resumed.stderr[-3000:]}"
     assert_same_weights(final_weights(run, 40), final_weights(straight, 40))
-    assert losses(run) == losses(straight), f"killed at step {kill_at}"
+    assert losses(run) == losses(straight), replay
     info = json.loads((run / "run.json").read_text())
     assert info["status"] == "completed" and len(info["resumes"]) == 1
 
