@@ -56,12 +56,19 @@ def train_cli(cwd: Path, run_dir: Path, *args: str, timeout: float = 300):
     return run_cli("gpt2exp.train", *EXACT, f"hydra.run.dir={run_dir}", *args, cwd=cwd, timeout=timeout)
 
 
-def snapshot(run_dir: Path) -> dict[str, str]:
-    """sha256 of everything a failed resume must leave byte-identical."""
-    files = [run_dir / "config.yaml", run_dir / "metrics.jsonl", run_dir / "run.json"]
-    files += sorted(p for p in (run_dir / ".hydra").glob("*") if p.is_file())
-    files += sorted(p for p in (run_dir / "checkpoints").rglob("*") if p.is_file())
-    return {str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+def snapshot(run_dir: Path) -> dict[str, tuple]:
+    """Every path under `run_dir`, hidden ones and directories included, with each file's size and sha256:
+    what a refused resume must leave byte-identical."""
+    tree: dict[str, tuple] = {}
+    for p in sorted(run_dir.rglob("*")):
+        if p.is_symlink():
+            tree[str(p.relative_to(run_dir))] = ("link", os.readlink(p))
+        elif p.is_dir():
+            tree[str(p.relative_to(run_dir))] = ("dir",)
+        else:
+            data = p.read_bytes()
+            tree[str(p.relative_to(run_dir))] = ("file", len(data), hashlib.sha256(data).hexdigest())
+    return tree
 
 
 @pytest.fixture(scope="module")
@@ -192,12 +199,13 @@ def test_a_second_process_in_a_locked_run_dir_gets_exit_2(tmp_path):
 
     run = tmp_path / "run"
     assert train_cli(tmp_path, run, "trainer.max_steps=4", "scheduler.decay_steps=8").returncode == 0
-    before = snapshot(run)
-    with RunLock(run):
+    with RunLock(run):  # taking the lock writes this process's pid into .lock: snapshot while holding it
+        before = snapshot(run)
         result = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=8", cwd=tmp_path)
+        after = snapshot(run)
     assert result.returncode == 2
     assert f"error: run dir {run} is in use by another process (pid {os.getpid()})" in result.stderr
-    assert snapshot(run) == before
+    assert after == before
     assert not list((run / ".hydra").glob("resume-*"))
 
 
@@ -211,12 +219,13 @@ def finished(tmp_path_factory):
 
 
 def resume_fails(cwd: Path, run: Path, *args: str) -> str:
-    before = snapshot(run)
+    """Run a resume that must be refused; `run` and `cwd` (every file, byte for byte) stay as they were."""
+    before = snapshot(run), snapshot(cwd)
     result = run_cli("gpt2exp.train", *args, cwd=cwd)
     assert result.returncode == 2, result.stderr[-3000:]
     errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert snapshot(run) == before
+    assert (snapshot(run), snapshot(cwd)) == before
     return errors[0]
 
 
