@@ -16,10 +16,11 @@ read and load, otherwise all of them run warm; the token cache is built on first
 2. load: `CheckpointManager.load(stateful, target)` into a freshly built model, optimizer and state
    objects, with checkpoint.verify=sha256 and with verify=size, against opening and reading every
    file of the same checkpoint dir.
-3. train: the default tiny config on Shakespeare, `Trainer.build()` + `start()`, then the body of
-   `Trainer.loop` (`schedule.apply`, `train_step`, `counters.step += 1`, `trainer.save(force=False)`;
-   no eval or logging) with checkpoint.every_steps=--every-steps against checkpoint.every_steps=0;
-   the seconds spent inside `trainer.save` are shown too, a steadier figure than the tokens/s ratio.
+3. train: the default tiny config on Shakespeare, `Trainer(cfg, run_dir)` + `start_fresh()`, then
+   two phases of its loop per step, `Trainer.step()` and `Trainer.save_if_due()` (no eval or
+   logging), with checkpoint.every_steps=--every-steps against checkpoint.every_steps=0 (and
+   every_minutes=0, save_final=false in both); the seconds spent inside `save_if_due` are shown too, a steadier
+   figure than the tokens/s ratio.
 
 Each method runs --repeats times, the methods of a section interleaved in a rotated order; the table
 shows medians and every round. Read the rounds as well as the medians: on a shared or virtual machine
@@ -128,9 +129,9 @@ def fsync_write(path: Path, data: bytes | memoryview) -> None:
 
 
 def compose_cfg(overrides: list[str], threads: int):
+    from gpt2exp.config import CONF_DIR
     from gpt2exp.launch import compose
-    from gpt2exp.rundir import fix_values_of_record
-    from gpt2exp.train import CONF_DIR
+    from gpt2exp.resume import fix_values_of_record
 
     return fix_values_of_record(compose(CONF_DIR, ["logger=none", "device=cpu", *overrides]), threads)
 
@@ -149,7 +150,7 @@ def build_state(cfg, seed: int, step: bool) -> dict:
     from gpt2exp.model import quiet_transformers, scratch_config
     from gpt2exp.optim import LRSchedule, build_optimizer
     from gpt2exp.state import RngState, TensorState, TrainerCounters
-    from gpt2exp.train import next_token_loss
+    from gpt2exp.trainer import next_token_loss
 
     quiet_transformers()
     torch.manual_seed(seed)
@@ -313,7 +314,7 @@ def bench_load(args, cfg, source_state, kept: Path, work: Path, timings: Timings
 
 
 def bench_train(args, work: Path, timings: Timings) -> dict:
-    from gpt2exp.train import Trainer
+    from gpt2exp.trainer import Trainer
 
     total = args.warmup + args.steps
     saves = sum(1 for s in range(args.warmup + 1, total + 1) if s % args.every_steps == 0)
@@ -327,26 +328,23 @@ def bench_train(args, work: Path, timings: Timings) -> dict:
                     f"trainer.num_threads={args.threads}",
                     "trainer.progress=false",
                     f"checkpoint.every_steps={variants[name]}",
+                    "checkpoint.every_minutes=0",
+                    "checkpoint.save_final=false",  # the final save is not part of the steady cost
                 ],
                 args.threads,
             )
             run_dir = work / f"train-{name.split('/')[1]}-{round_index}"
             run_dir.mkdir()
             trainer = Trainer(cfg, run_dir)
-            trainer.build()
             try:
-                trainer.start(None, resume=False)
-                counters = trainer.counters
-                tokens_per_step = cfg.trainer.batch_size * cfg.trainer.grad_accum_steps * cfg.model.block_size
+                trainer.start_fresh()
+                tokens_per_step = trainer.tokens_per_step
+                in_save = [0.0]  # seconds inside save_if_due, the checkpoint's direct cost
 
-                in_save = [0.0]  # seconds inside trainer.save, the checkpoint's direct cost
-
-                def step(trainer=trainer, counters=counters, in_save=in_save) -> None:  # Trainer.loop minus logs, eval
-                    trainer.schedule.apply(counters.step)
-                    trainer.train_step()
-                    counters.step += 1
+                def step(trainer=trainer, in_save=in_save) -> None:  # the loop's step and save phases
+                    trainer.step()
                     start = time.perf_counter()
-                    trainer.save(force=False)
+                    trainer.save_if_due()
                     in_save[0] += time.perf_counter() - start
 
                 for _ in range(args.warmup):
@@ -424,7 +422,7 @@ def report(args, timings: Timings, train_info: dict | None) -> None:
         )
         in_save = timings.median("in_save/every")
         print(
-            f"  (time inside trainer.save with checkpoints: median {in_save:.2f} s = "
+            f"  (time inside save_if_due with checkpoints: median {in_save:.2f} s = "
             f"{100 * in_save / timings.median('train/every'):.1f}% of the timed steps; rounds "
             + " ".join(f"{v:.2f}" for v in timings.rows["in_save/every"])
             + f"; without: {timings.median('in_save/none') * 1e3:.1f} ms)"

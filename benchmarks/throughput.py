@@ -9,8 +9,8 @@ Run from the repository root (CPU, fp32; the token cache is built on first use):
 The three methods train the same GPT-2 (same config, same seeded initial weights, checked) on the
 same batches (the first windows of gpt2exp's BatchSampler over the training tokens):
 
-1. gpt2exp: `gpt2exp.train.Trainer.build()`, then `schedule.apply(step)` and `train_step()` per
-   step, exactly as `Trainer.loop` calls them (no eval, logging or checkpoints in the timed steps);
+1. gpt2exp: `gpt2exp.trainer.Trainer(cfg, run_dir)`, then `Trainer.step()` per step, the very
+   method its training loop calls (no eval, logging or checkpoints in the timed steps);
 2. bare: `GPT2LMHeadModel` + `torch.optim.AdamW`; forward with labels, backward, clip the gradient
    norm, step, zero_grad, nothing else;
 3. Trainer: `transformers.Trainer` (saving, eval, logging and reporting off) on a Dataset of the
@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 METHODS = ("gpt2exp", "bare", "trainer")
 LABELS = {
-    "gpt2exp": "gpt2exp Trainer.train_step",
+    "gpt2exp": "gpt2exp Trainer.step",
     "bare": "bare PyTorch loop",
     "trainer": "transformers Trainer",
 }
@@ -67,12 +67,11 @@ class Setup:
     """The composed gpt2exp config, the pre-generated batches and what the other methods need."""
 
     def __init__(self, args: argparse.Namespace):
-        from gpt2exp.config import register_schemas
+        from gpt2exp.config import CONF_DIR, register_schemas
         from gpt2exp.data import BatchSampler, prepare_data
         from gpt2exp.launch import compose
         from gpt2exp.model import quiet_transformers, scratch_config
-        from gpt2exp.rundir import fix_values_of_record
-        from gpt2exp.train import CONF_DIR
+        from gpt2exp.resume import fix_values_of_record
 
         quiet_transformers()
         register_schemas()
@@ -131,25 +130,17 @@ def check_same_start(setup: Setup, model, method: str) -> None:
 
 
 def run_gpt2exp(setup: Setup) -> float:
-    from gpt2exp.train import Trainer
+    from gpt2exp.trainer import Trainer
 
     with tempfile.TemporaryDirectory(prefix="gpt2exp-bench-") as run_dir:
         trainer = Trainer(setup.cfg, Path(run_dir))
-        trainer.build()
         try:
             check_same_start(setup, trainer.model, "gpt2exp")
-            counters = trainer.counters
-
-            def step() -> None:  # the body of Trainer.loop, minus its logging, eval and checkpoints
-                trainer.schedule.apply(counters.step)
-                trainer.train_step()
-                counters.step += 1
-
             for _ in range(setup.warmup):
-                step()
+                trainer.step()
             start = time.perf_counter()
             for _ in range(setup.steps):
-                step()
+                trainer.step()
             elapsed = time.perf_counter() - start
         finally:
             trainer.checkpoints.close()

@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import time
+import zipfile
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -659,6 +660,45 @@ class CheckpointManager:
             if not reasons:
                 log.info("rotating away checkpoint %s", name)
                 shutil.rmtree(self.root / name)
+
+
+# fields of the checkpoint's config.json that a scratch model's `model` config fixes
+SHAPE_FIELDS = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "n_positions": "block_size"}
+
+
+def check_loadable(root: Path, target: Path | None, model_cfg: Any) -> Path:
+    """Before anything is written: the checkpoint a resume would load, refused if it cannot load.
+
+    Picks `target` or the newest checkpoint whose files have their manifest sizes (the job hashes
+    them; a corrupt one found there is moved aside and the next used), then refuses one whose model
+    shape differs from `model_cfg` (the config of record's `model` section, for a scratch model) or
+    whose optimizer.pt holds anything but tensors. Cheap: the tensors themselves are not read.
+    """
+    import torch
+
+    path = find_verified(root, "size", target)
+    if model_cfg.init == "scratch":
+        saved = json.loads((path / "config.json").read_text())
+        differ = [
+            f"{key} {saved.get(field)} in the checkpoint, {model_cfg[key]} in config.yaml"
+            for field, key in SHAPE_FIELDS.items()
+            if saved.get(field) != model_cfg[key]
+        ]
+        if differ:
+            raise CheckpointError(
+                f"checkpoint {path} does not match the model its config describes ({'; '.join(differ)}); "
+                "resume with the run's own config"
+            )
+    optimizer_file = path / OPTIMIZER_FILE
+    try:  # mmap (zip files only): just the pickle is read, by the weights_only unpickler, not the tensors
+        mmap = zipfile.is_zipfile(optimizer_file)
+        torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as exc:  # the unpickler refuses with several kinds of error
+        raise CheckpointError(
+            f"{optimizer_file} holds something other than tensors and plain values; refusing to "
+            f"unpickle it ({str(exc).splitlines()[0][:160]})"
+        ) from None
+    return path
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -18,9 +18,11 @@ import signal
 import threading
 from types import FrameType
 
+from gpt2exp.errors import EXIT_PREEMPTED
+
 log = logging.getLogger(__name__)
 
-EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, retry"
+__all__ = ["EXIT_PREEMPTED", "SIGNALS", "PreemptionFlag"]
 SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 

@@ -28,7 +28,8 @@ import yaml
 
 from gpt2exp import cli
 from gpt2exp.errors import UserError, fail
-from gpt2exp.rundir import CHECKPOINTS, CONFIG_OF_RECORD, RUN_JSON, is_run_dir, override_key, read_run_json, run_status
+from gpt2exp.rundir import CHECKPOINTS, CONFIG_OF_RECORD, RUN_JSON, is_run_dir, read_run_json, run_status
+from gpt2exp.sweep import task_overrides
 from gpt2exp.tracking import read_metrics
 
 REPORT = "report.md"
@@ -83,12 +84,7 @@ def read_overrides(run_dir: Path) -> list[str]:
         overrides = yaml.safe_load((run_dir / ".hydra" / "overrides.yaml").read_text()) or []
     except (OSError, yaml.YAMLError):
         return []
-    keep = []
-    for override in map(str, overrides):
-        key = override_key(override)
-        if not (key.startswith("hydra") or key == "resume"):
-            keep.append(override)
-    return keep
+    return task_overrides([str(o) for o in overrides])
 
 
 def read_job_name(run_dir: Path) -> str | None:

@@ -1,4 +1,4 @@
-"""The run-dir contract: config of record, run.json, the run lock, and resume-target checks.
+"""The run-dir contract: config of record, run.json and its statuses, the run lock.
 
 <run dir>/config.yaml    the resolved config of record, written once at the first launch
 <run dir>/run.json       run id, W&B id, status, git sha, versions, parent, resumes
@@ -13,7 +13,7 @@ import os
 import subprocess
 import time
 import uuid
-from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,22 @@ from gpt2exp.errors import UserError
 CONFIG_OF_RECORD = "config.yaml"
 RUN_JSON = "run.json"
 CHECKPOINTS = "checkpoints"
+
+
+class RunStatus(StrEnum):
+    """run.json's `status`. `interrupted` is never written: it is how a `running` run whose process is gone reads."""
+
+    running = "running"
+    completed = "completed"
+    failed = "failed"
+    preempted = "preempted"
+    diverged = "diverged"
+    interrupted = "interrupted"
+
+
+def timestamp(for_name: bool = False) -> str:
+    """Local time now: ISO 8601 with its UTC offset for records, `YYYYmmdd-HHMMSS` inside file and dir names."""
+    return time.strftime("%Y%m%d-%H%M%S" if for_name else "%Y-%m-%dT%H:%M:%S%z")
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -44,14 +60,6 @@ def read_config_of_record(run_dir: Path) -> DictConfig:
     from gpt2exp.config import typed
 
     return typed(OmegaConf.load(run_dir / CONFIG_OF_RECORD))
-
-
-def config_digest(cfg: DictConfig) -> str:
-    """sha256 of the values of record that a resume may not change (whitelisted keys left out)."""
-    import hashlib
-
-    fixed = {k: v for k, v in sorted(leaves(cfg).items()) if not is_resumable_key(k)}
-    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
 
 
 # -- run.json ------------------------------------------------------------------------------------
@@ -109,8 +117,8 @@ def start_run_json(run_dir: Path, parent: str | None = None) -> dict[str, Any]:
         run_dir,
         run_id=run_id,
         wandb_id=run_id,
-        status="running",
-        started_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        status=RunStatus.running,
+        started_at=timestamp(),
         git_sha=git_sha(),
         versions=package_versions(),
         parent=parent,
@@ -182,136 +190,15 @@ def in_use_message(run_dir: Path, holder: str) -> str:
     return f"run dir {run_dir} is in use by another process (pid {holder}); wait for it to finish or stop it first"
 
 
-def run_status(run_dir: Path) -> str | None:
+def run_status(run_dir: Path) -> RunStatus | None:
     """run.json's status, with `running` read as `interrupted` when no process holds the run's lock."""
     status = read_run_json(run_dir).get("status")
-    if status == "running" and lock_holder(run_dir) is None:
-        return "interrupted"  # killed (SIGKILL, OOM, power loss) before it could say so
-    return status
-
-
-def refuse_existing_run(run_dir: Path) -> None:
-    """A fresh start must not overwrite another run's record, metrics or checkpoints."""
-    if is_run_dir(run_dir):
-        raise UserError(
-            f"{run_dir} already holds a run; continue it with resume={run_dir} (or resume=auto), "
-            "or choose another hydra.run.dir"
-        )
-
-
-# -- resume targets ------------------------------------------------------------------------------
+    if status is None:
+        return None
+    if status == RunStatus.running and lock_holder(run_dir) is None:
+        return RunStatus.interrupted  # killed (SIGKILL, OOM, power loss) before it could say so
+    return RunStatus(status)
 
 
 def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_OF_RECORD).is_file() and (path / RUN_JSON).is_file()
-
-
-@dataclass
-class ResumeTarget:
-    run_dir: Path
-    checkpoint: Path | None  # a specific checkpoint dir, or None for the run's newest good one
-
-
-def resume_target(resume: str, fixed_run_dir: Path | None) -> ResumeTarget | None:
-    """Where `resume=<value>` points; None means `auto` found nothing to resume (start fresh).
-
-    Raises UserError for a path that does not exist, is not a run dir, or holds no checkpoint.
-    """
-    from gpt2exp.checkpoint import is_checkpoint_dir, list_checkpoints
-
-    if resume == "auto":
-        if fixed_run_dir is None:
-            raise UserError("resume=auto needs a fixed run dir: add hydra.run.dir=<dir> to the command")
-        if is_run_dir(fixed_run_dir) and list_checkpoints(fixed_run_dir / CHECKPOINTS):
-            return ResumeTarget(fixed_run_dir.resolve(), None)
-        return None
-    path = Path(os.path.expanduser(resume))
-    if not path.exists():
-        raise UserError(f"resume path does not exist: {resume}; pass a run dir or a checkpoint dir")
-    path = path.resolve()
-    if is_checkpoint_dir(path) and is_run_dir(path.parent.parent):
-        return ResumeTarget(path.parent.parent, path)
-    if not is_run_dir(path):
-        raise UserError(
-            f"{resume} is not a gpt2exp run dir (no {CONFIG_OF_RECORD} and {RUN_JSON}) nor a sweep dir (no "
-            "multirun.yaml); pass a run dir such as outputs/<date>/<time>, one of its checkpoints/step_* dirs, "
-            "or a sweep dir such as multirun/<date>/<time>"
-        )
-    if not list_checkpoints(path / CHECKPOINTS):
-        raise UserError(f"run dir {resume} has no checkpoints to resume from; start a new run instead")
-    return ResumeTarget(path, None)
-
-
-# -- resume overrides ----------------------------------------------------------------------------
-
-# Keys a resume command may change: none of them alters the math of steps already planned.
-# (trainer.num_threads and device change floating-point bits, not meaning: allowed, documented.)
-RESUMABLE_KEYS = (
-    "resume",
-    "device",
-    "trainer.max_steps",
-    "trainer.log_every",
-    "trainer.eval_every",
-    "trainer.sample_every",
-    "trainer.num_samples",
-    "trainer.sample_tokens",
-    "trainer.progress",
-    "trainer.num_threads",
-    "data.cache_dir",
-    "checkpoint",
-    "logger",
-)
-
-
-def is_resumable_key(key: str) -> bool:
-    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_KEYS)
-
-
-def override_key(override: str) -> str:
-    """`+a.b=1` -> `a.b`; `~a` -> `a`; `model=gpt2_mini` -> `model`."""
-    return override.split("=", 1)[0].lstrip("+~")
-
-
-def leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
-    """Flatten a config to {dotted key: value}."""
-    if OmegaConf.is_config(cfg):
-        cfg = OmegaConf.to_container(cfg, resolve=True)
-    if isinstance(cfg, dict):
-        out: dict[str, Any] = {}
-        for key, value in cfg.items():
-            out.update(leaves(value, f"{prefix}{key}."))
-        return out
-    return {prefix[:-1]: cfg}
-
-
-def forbidden_changes(record: DictConfig, with_overrides: DictConfig, without_overrides: DictConfig) -> list[str]:
-    """Keys the command line's overrides touch, outside the whitelist, whose value differs from the record."""
-    record_leaves, new, old = leaves(record), leaves(with_overrides), leaves(without_overrides)
-    touched = {k for k in new.keys() | old.keys() if new.get(k) != old.get(k)}
-    return sorted(key for key in touched if not is_resumable_key(key) and new.get(key) != record_leaves.get(key))
-
-
-def config_for_resume(record: DictConfig, current: DictConfig, overrides: list[str]) -> DictConfig:
-    """The config of record with the whitelisted keys this command overrides taken from `current`."""
-    cfg = record.copy()
-    for override in overrides:
-        key = override_key(override)
-        if key == "resume" or key.startswith("hydra") or not is_resumable_key(key):
-            continue
-        value = OmegaConf.select(current, key)
-        OmegaConf.update(cfg, key, value, merge=False)
-    for key in ("logger.group", "logger.name"):  # a sweep job keeps its W&B group and name under a new logger
-        if OmegaConf.select(cfg, key) is None:
-            OmegaConf.update(cfg, key, OmegaConf.select(record, key), merge=False)
-    cfg.resume = current.resume
-    return cfg
-
-
-def fix_values_of_record(cfg: DictConfig, num_threads: int) -> DictConfig:
-    """Resolve what a resume must not re-derive: the schedule's horizon and the CPU thread count."""
-    cfg = cfg.copy()
-    if cfg.scheduler.decay_steps is None:
-        cfg.scheduler.decay_steps = cfg.trainer.max_steps
-    if cfg.trainer.num_threads is None:
-        cfg.trainer.num_threads = num_threads
-    return cfg

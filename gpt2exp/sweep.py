@@ -14,7 +14,6 @@ by the `gpt2exp_resume` sweeper (hydra_plugins/gpt2exp_sweep_resume), through th
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +21,15 @@ import yaml
 from omegaconf import DictConfig
 
 from gpt2exp.errors import UserError
-from gpt2exp.rundir import CHECKPOINTS, check_unlocked, is_resumable_key, override_key, run_status
+from gpt2exp.overrides import is_hydra, key_of, parse
+from gpt2exp.resume import is_resumable_key
+from gpt2exp.rundir import CHECKPOINTS, RunStatus, check_unlocked, run_status
 
 SWEEP_RECORD = "multirun.yaml"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 RESUME_SWEEPER = "gpt2exp_resume"
 JOB_NUM_SUBDIR = "${hydra.job.num}"
+NOT_STARTED = "not started"  # a sweep job without a dir: no run, so no RunStatus
 
 
 def is_sweep_dir(path: Path) -> bool:
@@ -41,7 +43,7 @@ def holds_job_dirs(path: Path) -> bool:
 
 def task_overrides(overrides: list[str]) -> list[str]:
     """A job's own overrides: Hydra's settings and `resume=` left out."""
-    return [o for o in overrides if not override_key(o).startswith("hydra") and override_key(o) != "resume"]
+    return [o.input_line for o in parse(overrides) if not is_hydra(o) and key_of(o) != "resume"]
 
 
 # -- the sweep's record --------------------------------------------------------------------------
@@ -62,10 +64,7 @@ class SweepRecord:
     @property
     def swept_keys(self) -> list[str]:
         """The keys that vary between jobs: sweep overrides and the sweeper's params."""
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        parsed = OverridesParser.create().parse_overrides(self.task_overrides)
-        return list(self.sweeper_params) + [override_key(o.input_line) for o in parsed if o.is_sweep_override()]
+        return list(self.sweeper_params) + [key_of(o) for o in parse(self.task_overrides) if o.is_sweep_override()]
 
 
 def read_sweep_record(sweep_dir: Path) -> SweepRecord:
@@ -104,7 +103,7 @@ def sweep_group(sweep_dir: Path, launch_cwd: str | None) -> str:
 
 def job_run_name(job_overrides: list[str], swept_keys: list[str]) -> str:
     """W&B run name of a sweep job: its values of the keys the sweep varies (`optimizer.lr=0.001,seed=2`)."""
-    return ",".join(o.lstrip("+") for o in task_overrides(job_overrides) if override_key(o) in swept_keys)
+    return ",".join(o.input_line.lstrip("+") for o in parse(task_overrides(job_overrides)) if key_of(o) in swept_keys)
 
 
 def name_sweep_job(
@@ -133,13 +132,13 @@ class SweepJob:
     num: int
     overrides: list[str]  # the job's task overrides, as Hydra launched (or would launch) it
     run_dir: Path | None  # None: never started
-    status: str  # completed | diverged | preempted | failed | interrupted | not started
+    status: RunStatus | str  # a RunStatus, or NOT_STARTED
     checkpoint_step: int | None  # newest checkpoint on disk (verified when the job resumes)
     subdir: str | None = None  # the job's dir under the sweep dir, when known before launching
 
     @property
     def action(self) -> str:
-        if self.status in ("completed", "diverged"):  # a diverged job would diverge again, bit for bit
+        if self.status in (RunStatus.completed, RunStatus.diverged):  # a diverged job would diverge again, bit for bit
             return "skip"
         if self.checkpoint_step is not None:
             return f"resume from step {self.checkpoint_step}"
@@ -233,16 +232,16 @@ def started_jobs(sweep_dir: Path) -> dict[int, tuple[Path, list[str]]]:
 def same_job(recorded: list[str], expected: list[str]) -> bool:
     """A job dir's overrides are the expected ones, plus any a resume was allowed to add."""
     head, tail = recorded[: len(expected)], recorded[len(expected) :]
-    return head == expected and all(is_resumable_key(override_key(o)) for o in tail)
+    return head == expected and all(is_resumable_key(key_of(o)) for o in parse(tail))
 
 
-def job_status(run_dir: Path | None) -> tuple[str, int | None]:
+def job_status(run_dir: Path | None) -> tuple[RunStatus | str, int | None]:
     from gpt2exp.checkpoint import newest_step
 
     if run_dir is None:
-        return "not started", None
+        return NOT_STARTED, None
     check_unlocked(run_dir)  # a job still training there: refuse the whole resume
-    status = run_status(run_dir) or "interrupted"  # no run.json: killed while it set up
+    status = run_status(run_dir) or RunStatus.interrupted  # no run.json: killed while it set up
     return status, newest_step(run_dir / CHECKPOINTS)
 
 
@@ -273,9 +272,17 @@ def plan_sweep(sweep_dir: Path) -> SweepPlan:
     return SweepPlan(record, jobs)
 
 
-def resume_stamp() -> str:
-    """Names `.hydra/resume-<stamp>/`, where Hydra's files of one resume go (a run's or a sweep's)."""
-    return time.strftime("%Y%m%d-%H%M%S")
+_planned: dict[Path, SweepPlan] = {}  # plans made before Hydra started, for the sweeper of this process
+
+
+def hand_over(plan: SweepPlan) -> None:
+    """Keep `plan` for the `gpt2exp_resume` sweeper, which runs in this process once Hydra starts."""
+    _planned[plan.record.dir.resolve()] = plan
+
+
+def take_plan(sweep_dir: Path) -> SweepPlan:
+    """The plan handed over for `sweep_dir`; planned now only when the sweeper was named by hand."""
+    return _planned.pop(sweep_dir.resolve(), None) or plan_sweep(sweep_dir)
 
 
 def recorded_hydra_overrides(record: SweepRecord, today: list[str]) -> list[str]:
@@ -284,6 +291,6 @@ def recorded_hydra_overrides(record: SweepRecord, today: list[str]) -> list[str]
     A launcher named on today's command line replaces the recorded one and its options.
     """
     dropped = ["hydra.mode", "hydra.sweep.dir", "hydra/sweeper", "hydra.sweeper"]
-    if any(override_key(o) == "hydra/launcher" for o in today):
+    if any(key_of(o) == "hydra/launcher" for o in parse(today)):
         dropped += ["hydra/launcher", "hydra.launcher"]
-    return [o for o in record.hydra_overrides if not override_key(o).startswith(tuple(dropped))]
+    return [o.input_line for o in parse(record.hydra_overrides) if not key_of(o).startswith(tuple(dropped))]

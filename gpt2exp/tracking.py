@@ -54,7 +54,7 @@ class Tracker:
     def __init__(self, cfg: Any, run_dir: Path):
         self.cfg = cfg
         self.run_dir = Path(run_dir)
-        self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
+        self._file: Any = None  # opened at the first row: a resume truncates metrics.jsonl before that
         self._wandb_run = None
 
     def start_wandb(self, run_id: str, config: dict[str, Any], resume_step: int | None) -> None:
@@ -84,6 +84,8 @@ class Tracker:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         row = {"step": step, **metrics}
+        if self._file is None:
+            self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
         if self._wandb_run is not None:
@@ -91,7 +93,9 @@ class Tracker:
 
     def finish(self, exit_code: int = 0) -> None:
         """Flush and close; finishing the W&B run keeps a later job in this process out of it."""
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
+            self._file = None
         if self._wandb_run is not None:
             self._wandb_run.finish(exit_code=exit_code)
             self._wandb_run = None

@@ -195,12 +195,12 @@ def test_gpt2_124m_starts_and_runs_a_step_on_cpu(tmp_path):
     assert row["step"] == 1 and 5.0 < row["train/loss"] < 8.0  # ~ln(512) at the start
 
 
-def test_a_diverged_run_is_one_line_exit_2_and_marked_diverged(tmp_path):
+def test_a_diverged_run_is_one_line_exit_3_and_marked_diverged(tmp_path):
     run_dir = tmp_path / "run"
     result = run_cli(
         "gpt2exp.train", *FAST, "optimizer.lr=1e3", "trainer.max_steps=30", f"hydra.run.dir={run_dir}", cwd=tmp_path
     )
-    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.returncode == 3 and "Traceback" not in result.stderr
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: training diverged at step ") and error.endswith("; lower optimizer.lr")
     assert json.loads((run_dir / "run.json").read_text())["status"] == "diverged"

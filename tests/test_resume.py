@@ -231,12 +231,16 @@ def resume_fails(cwd: Path, run: Path, *args: str) -> str:
 
 def test_resume_of_a_missing_path(tmp_path, finished):
     error = resume_fails(tmp_path, finished, f"resume={tmp_path / 'nope'}")
-    assert error == f"error: resume path does not exist: {tmp_path / 'nope'}; pass a run dir or a checkpoint dir"
+    assert error == f"error: path does not exist: {tmp_path / 'nope'}; pass a run dir or a checkpoint dir"
 
 
 def test_resume_of_a_dir_that_is_not_a_run_dir(tmp_path, finished):
     error = resume_fails(tmp_path, finished, f"resume={tmp_path}")
-    assert f"{tmp_path} is not a gpt2exp run dir" in error
+    assert error == (
+        f"error: {tmp_path} is neither a gpt2exp run dir (config.yaml and run.json) nor a checkpoint dir "
+        "(checkpoints/step_*), nor a sweep dir (multirun.yaml); pass a run dir such as outputs/<date>/<time>, "
+        "one of its checkpoints/step_* dirs, or a sweep dir such as multirun/<date>/<time>"
+    )
 
 
 def test_resume_of_a_run_dir_without_checkpoints(tmp_path, finished):

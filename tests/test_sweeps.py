@@ -261,9 +261,9 @@ def test_resuming_a_sweep_cannot_change_a_value_of_record(tmp_path):
 def test_a_sweep_resume_on_a_dir_that_is_not_a_sweep_is_one_line(tmp_path):
     (tmp_path / "multirun" / "2026-01-01").mkdir(parents=True)
     assert usage_error("resume=multirun/2026-01-01", cwd=tmp_path) == (
-        "error: multirun/2026-01-01 is not a gpt2exp run dir (no config.yaml and run.json) nor a sweep dir "
-        "(no multirun.yaml); pass a run dir such as outputs/<date>/<time>, one of its checkpoints/step_* dirs, "
-        "or a sweep dir such as multirun/<date>/<time>"
+        "error: multirun/2026-01-01 is neither a gpt2exp run dir (config.yaml and run.json) nor a checkpoint dir "
+        "(checkpoints/step_*), nor a sweep dir (multirun.yaml); pass a run dir such as outputs/<date>/<time>, "
+        "one of its checkpoints/step_* dirs, or a sweep dir such as multirun/<date>/<time>"
     )
 
 

@@ -40,13 +40,14 @@ class ResumeSweeper(Sweeper):
         )
 
     def sweep(self, arguments: list[str]) -> list[list[JobReturn]]:
-        from gpt2exp.rundir import override_key
-        from gpt2exp.sweep import plan_sweep, resume_stamp
+        from gpt2exp.overrides import key_of, parse
+        from gpt2exp.rundir import timestamp
+        from gpt2exp.sweep import take_plan
 
         assert self.config is not None and self.launcher is not None
-        plan = plan_sweep(Path(str(self.config.hydra.sweep.dir)))
-        extra = [a for a in arguments if override_key(a) != "resume"]  # today's whitelisted overrides
-        stamp = resume_stamp()
+        plan = take_plan(Path(str(self.config.hydra.sweep.dir)))
+        extra = [o.input_line for o in parse(arguments) if key_of(o) != "resume"]  # today's whitelisted overrides
+        stamp = timestamp(for_name=True)
         returns = []
         for batch in plan.batches():
             overrides = [job.launch_overrides(extra, stamp) for job in batch]

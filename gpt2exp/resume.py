@@ -1,0 +1,219 @@
+"""The run plan: a fresh start or a resume, decided once, before Hydra writes anything.
+
+`plan_run` reads the command line's `resume=` and `hydra.run.dir=` and the run dir on disk, and
+returns a `RunPlan`: where the run trains, which checkpoint it continues from, and the config it
+trains with (on resume: the config of record with this command's allowed overrides applied). The
+launcher (launch.py) computes it for a single run before Hydra starts; the job receives it. A sweep
+job, whose dir only Hydra knows, computes its own with `plan_job` at its start.
+
+Only the keys in RESUMABLE_KEYS may differ from the record on resume; any other change is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gpt2exp.errors import UserError
+from gpt2exp.overrides import key_of, parse
+from gpt2exp.rundir import CHECKPOINTS, check_unlocked, is_run_dir, read_config_of_record
+
+# Keys a resume command may change: none of them alters the math of steps already planned.
+# (trainer.num_threads and device change floating-point bits, not meaning: allowed, documented.)
+RESUMABLE_KEYS = (
+    "resume",
+    "device",
+    "trainer.max_steps",
+    "trainer.log_every",
+    "trainer.eval_every",
+    "trainer.sample_every",
+    "trainer.num_samples",
+    "trainer.sample_tokens",
+    "trainer.progress",
+    "trainer.num_threads",
+    "data.cache_dir",
+    "checkpoint",
+    "logger",
+)
+
+
+def is_resumable_key(key: str) -> bool:
+    return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_KEYS)
+
+
+def allowed_keys_text() -> str:
+    return ", ".join(RESUMABLE_KEYS[1:])
+
+
+@dataclass(frozen=True)
+class ResumeTarget:
+    run_dir: Path
+    checkpoint: Path | None  # a specific checkpoint dir, or None for the run's newest good one
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """What one run does. `resume_from` None is a fresh start; `run_dir` None is Hydra's new dir."""
+
+    run_dir: Path | None
+    resume_from: ResumeTarget | None
+    config: DictConfig | None  # the config to train with; None: the one Hydra composes (fresh start)
+
+    @property
+    def is_resume(self) -> bool:
+        return self.resume_from is not None
+
+
+# -- where `resume=` points ----------------------------------------------------------------------
+
+
+def resume_target(resume: str, fixed_run_dir: Path | None) -> ResumeTarget | None:
+    """Where `resume=<value>` points; None means `auto` found nothing to resume (start fresh).
+
+    Raises UserError for a path that does not exist, is not a run dir, or holds no checkpoint.
+    """
+    from gpt2exp.checkpoint import list_checkpoints
+    from gpt2exp.targets import resolve_target
+
+    if resume == "auto":
+        if fixed_run_dir is None:
+            raise UserError("resume=auto needs a fixed run dir: add hydra.run.dir=<dir> to the command")
+        if is_run_dir(fixed_run_dir) and list_checkpoints(fixed_run_dir / CHECKPOINTS):
+            return ResumeTarget(fixed_run_dir.resolve(), None)
+        return None
+    try:
+        target = resolve_target(resume)
+    except UserError as exc:
+        if not Path(os.path.expanduser(resume)).exists():
+            raise
+        raise UserError(
+            f"{exc}, nor a sweep dir (multirun.yaml); pass a run dir such as outputs/<date>/<time>, one of its "
+            "checkpoints/step_* dirs, or a sweep dir such as multirun/<date>/<time>"
+        ) from None
+    if target.run_dir is None:
+        raise UserError(f"{resume} is a checkpoint outside a run dir; resume needs the run dir around it")
+    if target.checkpoint is None and not list_checkpoints(target.run_dir / CHECKPOINTS):
+        raise UserError(f"run dir {resume} has no checkpoints to resume from; start a new run instead")
+    return ResumeTarget(target.run_dir, target.checkpoint)
+
+
+def refuse_existing_run(run_dir: Path) -> None:
+    """A fresh start must not overwrite another run's record, metrics or checkpoints."""
+    if is_run_dir(run_dir):
+        raise UserError(
+            f"{run_dir} already holds a run; continue it with resume={run_dir} (or resume=auto), "
+            "or choose another hydra.run.dir"
+        )
+
+
+def refuse_older_checkpoint(checkpoint: Path) -> None:
+    from gpt2exp.checkpoint import newest_step, step_dir_name, step_of
+
+    newest = newest_step(checkpoint.parent)
+    if newest is not None and newest > step_of(checkpoint):
+        raise UserError(
+            f"{checkpoint.name} is older than this run's newest checkpoint {step_dir_name(newest)}; resuming it "
+            f"would overwrite newer state. Resume the run dir ({checkpoint.parent.parent}) instead, "
+            f"or copy the run dir and resume the copy"
+        )
+
+
+# -- the plan ------------------------------------------------------------------------------------
+
+
+def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str], compose: Any) -> RunPlan:
+    """The plan of a single run from its command line; `compose(overrides)` gives the typed job config."""
+    fixed = Path(os.path.expanduser(fixed_dir)) if fixed_dir else None
+    from gpt2exp.checkpoint import check_loadable
+
+    target = resume_target(resume, fixed) if resume not in (None, "null") else None
+    if target is None:  # a fresh start (resume=auto with nothing to resume is one too)
+        if fixed is not None and resume != "auto":
+            refuse_existing_run(fixed)  # resume=auto found no checkpoint: its earlier attempt is void
+        return RunPlan(fixed.resolve() if fixed else None, None, None)
+    check_unlocked(target.run_dir)
+    if target.checkpoint is not None:
+        refuse_older_checkpoint(target.checkpoint)
+    record = read_config_of_record(target.run_dir)
+    current = compose(job_overrides)
+    without = compose([o.input_line for o in parse(job_overrides) if key_of(o) == "resume"])
+    changed = forbidden_changes(record, current, without)
+    if changed:
+        recorded = leaves(record)
+        details = ", ".join(f"{k} (recorded {recorded.get(k)!r})" for k in changed)
+        raise UserError(
+            f"resume cannot change {details}: the run is rebuilt from its config of record; "
+            f"allowed on resume: {allowed_keys_text()}"
+        )
+    cfg = config_for_resume(record, current, job_overrides)
+    check_loadable(target.run_dir / CHECKPOINTS, target.checkpoint, cfg.model)
+    return RunPlan(target.run_dir, target, cfg)
+
+
+def plan_job(cfg: DictConfig, run_dir: Path, job_overrides: list[str]) -> RunPlan:
+    """The plan of a sweep job (`-m ... resume=auto`), whose dir is known only once Hydra made it."""
+    target = resume_target("auto", run_dir) if cfg.resume == "auto" else None
+    if target is None:
+        if cfg.resume != "auto":
+            refuse_existing_run(run_dir)
+        return RunPlan(run_dir, None, None)
+    return RunPlan(run_dir, target, config_for_resume(read_config_of_record(run_dir), cfg, job_overrides))
+
+
+# -- configs -------------------------------------------------------------------------------------
+
+
+def leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
+    """Flatten a config to {dotted key: value}."""
+    if OmegaConf.is_config(cfg):
+        cfg = OmegaConf.to_container(cfg, resolve=True)
+    if isinstance(cfg, dict):
+        out: dict[str, Any] = {}
+        for key, value in cfg.items():
+            out.update(leaves(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: cfg}
+
+
+def forbidden_changes(record: DictConfig, with_overrides: DictConfig, without_overrides: DictConfig) -> list[str]:
+    """Keys the command line's overrides touch, outside the whitelist, whose value differs from the record."""
+    record_leaves, new, old = leaves(record), leaves(with_overrides), leaves(without_overrides)
+    touched = {k for k in new.keys() | old.keys() if new.get(k) != old.get(k)}
+    return sorted(key for key in touched if not is_resumable_key(key) and new.get(key) != record_leaves.get(key))
+
+
+def config_for_resume(record: DictConfig, current: DictConfig, job_overrides: list[str]) -> DictConfig:
+    """The config of record with the whitelisted keys this command overrides taken from `current`."""
+    cfg = record.copy()
+    for override in parse(job_overrides):
+        key = key_of(override)
+        if key != "resume" and is_resumable_key(key):
+            OmegaConf.update(cfg, key, OmegaConf.select(current, key), merge=False)
+    for key in ("logger.group", "logger.name"):  # a sweep job keeps its W&B group and name under a new logger
+        if OmegaConf.select(cfg, key) is None:
+            OmegaConf.update(cfg, key, OmegaConf.select(record, key), merge=False)
+    cfg.resume = current.resume
+    return cfg
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """sha256 of the values of record that a resume may not change (whitelisted keys left out)."""
+    import hashlib
+    import json
+
+    fixed = {k: v for k, v in sorted(leaves(cfg).items()) if not is_resumable_key(k)}
+    return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def fix_values_of_record(cfg: DictConfig, num_threads: int) -> DictConfig:
+    """Resolve what a resume must not re-derive: the schedule's horizon and the CPU thread count."""
+    cfg = cfg.copy()
+    if cfg.scheduler.decay_steps is None:
+        cfg.scheduler.decay_steps = cfg.trainer.max_steps
+    if cfg.trainer.num_threads is None:
+        cfg.trainer.num_threads = num_threads
+    return cfg

@@ -1,0 +1,342 @@
+"""The Trainer: everything built in `__init__`, and a run loop that reads as the phases of training.
+
+    trainer = Trainer(cfg, run_dir)          # data, model, optimizer, schedule, sampler, checkpoints, logger
+    val_loss = trainer.run(resume_from)      # fresh start or resume, the loop, the end; run.json's status
+    loss = trainer.step()                    # one optimizer step (what the benchmarks time)
+
+The loop (`train`) is its own table of contents: one optimizer step, then each periodic phase
+(evaluate, log, sample, save) and each stop condition (divergence, a preemption signal), each a
+short method that decides for itself whether it is due. The end of `max_steps` ends the loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from gpt2exp.errors import Diverged, RunStopped, UserError
+from gpt2exp.preemption import EXIT_PREEMPTED, PreemptionFlag
+from gpt2exp.resume import ResumeTarget, config_digest
+from gpt2exp.rundir import (
+    RunStatus,
+    code_version,
+    read_run_json,
+    start_run_json,
+    timestamp,
+    update_run_json,
+    write_config_of_record,
+)
+
+log = logging.getLogger("gpt2exp")
+
+
+class Preempted(Exception):
+    """The run stopped on a signal after saving; the process should exit with EXIT_PREEMPTED."""
+
+    def __init__(self, flag: PreemptionFlag):
+        super().__init__(flag.signal_name)
+        self.flag = flag
+
+
+def next_token_loss(model, inputs, targets):
+    """Mean cross-entropy of `targets` (already shifted by one) under the model's logits for `inputs`."""
+    import torch.nn.functional as F
+
+    logits = model(input_ids=inputs, use_cache=False).logits
+    return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+
+
+def pick_device(name: str):
+    import torch
+
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise UserError("device=mps but MPS is not available; use device=auto or device=cpu")
+    return torch.device(name)
+
+
+def autocast_context(device, precision: str):
+    import torch
+
+    if precision == "fp32" or (precision == "fp16" and device.type == "cpu"):
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+class StepClock:
+    """Tokens per second of the training steps alone: evaluation, samples and saves are left out."""
+
+    def __init__(self) -> None:
+        self.seconds, self.tokens = 0.0, 0
+
+    @contextlib.contextmanager
+    def timing(self, tokens: int):
+        start = time.perf_counter()
+        yield
+        self.seconds += time.perf_counter() - start
+        self.tokens += tokens
+
+    def take_rate(self) -> float:
+        """The rate since the last call, and start a new window."""
+        rate = self.tokens / max(self.seconds, 1e-9)
+        self.seconds, self.tokens = 0.0, 0
+        return rate
+
+
+class Trainer:
+    def __init__(self, cfg: DictConfig, run_dir: Path):
+        import torch
+        from tqdm import tqdm
+
+        from gpt2exp.checkpoint import CheckpointManager
+        from gpt2exp.data import BatchSampler, prepare_data, val_batches
+        from gpt2exp.model import build_model, count_parameters
+        from gpt2exp.optim import LRSchedule, build_optimizer
+        from gpt2exp.state import RngState, TensorState, TrainerCounters, seed_everything
+        from gpt2exp.tracking import Tracker
+
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        t = cfg.trainer
+        torch.set_num_threads(t.num_threads)
+        seed_everything(cfg.seed)
+        self.device = pick_device(cfg.device)
+        self.data = prepare_data(cfg.data)
+        self.model = build_model(cfg.model, self.data.vocab_size, self.data.tokenizer.eos_token_id).to(self.device)
+        log.info("model: %.2fM parameters, vocab %d", count_parameters(self.model) / 1e6, self.data.vocab_size)
+        self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device.type)
+        self.schedule = LRSchedule(self.optimizer, cfg.optimizer.lr, cfg.scheduler)
+        use_scaler = t.precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        self.sampler = BatchSampler(self.data.train, cfg.model.block_size, t.batch_size, cfg.seed)
+        self.val = val_batches(self.data.val, cfg.model.block_size, t.batch_size, t.eval_batches)
+        self.counters = TrainerCounters()
+        self.stateful: dict[str, Any] = {
+            "model": self.model,
+            "optimizer": TensorState(self.optimizer),
+            "scaler": TensorState(self.scaler) if use_scaler else None,
+            "schedule": self.schedule,
+            "sampler": self.sampler,
+            "trainer": self.counters,
+            "rng": RngState(),
+        }
+        identity = {"config_sha256": config_digest(cfg), "code_version": code_version()}
+        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.data.tokenizer_dir, identity)
+        self.tracker = Tracker(cfg.logger, self.run_dir)
+        self.forward = torch.compile(self.model) if t.compile and self.device.type == "cuda" else self.model
+        self.autocast = autocast_context(self.device, t.precision)
+        self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
+        self.clock = StepClock()
+        self.preemption = PreemptionFlag()
+        self.bar = tqdm(total=t.max_steps, disable=not t.progress, dynamic_ncols=True, leave=False, delay=0.5)
+        self.lr = 0.0  # the LR of the newest step
+
+    # -- the run: start, loop, end -----------------------------------------------------------------
+
+    def run(self, resume_from: ResumeTarget | None) -> float:
+        """Train (or continue) to trainer.max_steps; returns the final validation loss.
+
+        run.json says how it ended whatever fails, W&B start and the first evaluation included.
+        """
+        rewind_to = self.resume(resume_from.checkpoint) if resume_from else self.start_fresh()
+        status, exit_code = RunStatus.failed, 1
+        try:
+            config = OmegaConf.to_container(self.cfg, resolve=True)
+            self.tracker.start_wandb(self.counters.wandb_id, config, rewind_to)
+            val_loss = self.train()
+            status, exit_code = RunStatus.completed, 0
+            return val_loss
+        except Preempted:
+            status, exit_code = RunStatus.preempted, EXIT_PREEMPTED
+            raise
+        except Diverged:
+            status = RunStatus.diverged  # final: a rerun would diverge again, bit for bit
+            raise
+        except RunStopped as exc:
+            exit_code = exc.exit_code
+            raise
+        finally:
+            self.bar.close()
+            self.tracker.finish(exit_code)
+            self.checkpoints.close()
+            update_run_json(self.run_dir, status=status, ended_at=timestamp())
+
+    def start_fresh(self) -> None:
+        """Write the config of record, run.json and the tokenizer; no W&B step to rewind to."""
+        from gpt2exp.tracking import truncate_metrics
+
+        write_config_of_record(self.run_dir, self.cfg)
+        info = start_run_json(self.run_dir, parent=None)
+        shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
+        truncate_metrics(self.run_dir, -1)  # a fresh start in a dir whose earlier attempt never checkpointed
+        self.counters.wandb_id = info["wandb_id"]
+
+    def resume(self, checkpoint: Path | None) -> int:
+        """Load `checkpoint` (None: the newest good one) into every stateful object; returns its step."""
+        from gpt2exp.tracking import truncate_metrics
+
+        loaded = self.checkpoints.load(self.stateful, checkpoint)
+        if loaded.trainer_state.get("config_sha256") != config_digest(self.cfg):
+            log.warning("%s was saved under another config than this run's config.yaml", loaded.path.name)
+        info = read_run_json(self.run_dir)
+        dropped = truncate_metrics(self.run_dir, loaded.step)
+        resumes = info.get("resumes", []) + [{"step": loaded.step, "at": timestamp()}]
+        update_run_json(self.run_dir, status=RunStatus.running, resumes=resumes)
+        log.info(
+            "resumed from step %d of run %s (W&B id %s)%s",
+            loaded.step,
+            info.get("run_id"),
+            self.counters.wandb_id,
+            f"; dropped {dropped} metrics rows logged after it" if dropped else "",
+        )
+        self.bar.set_description(f"resumed at {loaded.step}")
+        self.bar.update(loaded.step)
+        return loaded.step
+
+    def train(self) -> float:
+        """The loop: one line per phase."""
+        with self.preemption:
+            if self.counters.step == 0:
+                self.evaluate_if_due()  # the starting point of the validation curve
+                self.log_if_due(None)
+            while self.counters.step < self.cfg.trainer.max_steps:
+                loss = self.step()
+                self.stop_if_diverged(loss)
+                self.evaluate_if_due()
+                self.log_if_due(loss)
+                self.sample_if_due()
+                self.save_if_due()
+                self.stop_if_asked()
+        return self.finish()
+
+    # -- one optimizer step ------------------------------------------------------------------------
+
+    def step(self) -> float:
+        """One optimizer step over trainer.grad_accum_steps micro-batches; returns the mean loss."""
+        import torch
+
+        t, c = self.cfg.trainer, self.counters
+        with self.clock.timing(self.tokens_per_step):
+            self.lr = self.schedule.apply(c.step)
+            self.model.train()
+            total = torch.zeros((), device=self.device)
+            for _ in range(t.grad_accum_steps):
+                x, y = (torch.from_numpy(a).to(self.device) for a in self.sampler.next_batch())
+                with self.autocast:
+                    loss = next_token_loss(self.forward, x, y) / t.grad_accum_steps
+                self.scaler.scale(loss).backward()
+                total += loss.detach()
+            if t.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            loss_value = total.item()  # one device sync per step, not per micro-batch
+        c.step += 1
+        c.tokens_seen += self.tokens_per_step
+        self.bar.update(1)
+        return loss_value
+
+    # -- periodic work -----------------------------------------------------------------------------
+
+    def evaluate_if_due(self) -> None:
+        c, t = self.counters, self.cfg.trainer
+        if not ((t.eval_every and c.step % t.eval_every == 0) or c.step == t.max_steps):
+            return
+        c.last_eval = {"val/loss": self.evaluate(), "step": c.step}
+
+    def evaluate(self) -> float:
+        import torch
+
+        self.model.eval()
+        losses = []
+        with torch.no_grad(), self.autocast:
+            for x, y in self.val:
+                x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
+                losses.append(next_token_loss(self.model, x, y).item())
+        return float(sum(losses) / len(losses))
+
+    def log_if_due(self, loss: float | None) -> None:
+        """This step's row: train metrics every log_every steps and at the end, val/loss when evaluated now."""
+        c, t = self.counters, self.cfg.trainer
+        row: dict[str, float] = {}
+        if loss is not None and (c.step % t.log_every == 0 or c.step == t.max_steps):
+            tokens_per_s = self.clock.take_rate()
+            row = {"train/loss": loss, "lr": self.lr, "tokens_per_s": tokens_per_s, "tokens": c.tokens_seen}
+            self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
+        if c.last_eval.get("step") == c.step:  # evaluated at this step
+            row["val/loss"] = c.last_eval["val/loss"]
+            train_loss = f"train/loss {loss:.4f} " if loss is not None else ""
+            log.info("step %d: %sval/loss %.4f", c.step, train_loss, row["val/loss"])
+        if row:
+            self.tracker.log(c.step, row)
+
+    def sample_if_due(self) -> None:
+        every = self.cfg.trainer.sample_every
+        if every and self.counters.step % every == 0:
+            for text in self.samples(1):
+                self.bar.write(f"--- sample at step {self.counters.step} ---\n{text}")
+
+    def samples(self, count: int) -> list[str]:
+        from gpt2exp.generate import sample_texts
+
+        return sample_texts(
+            self.model,
+            self.data.tokenizer,
+            prompt="",
+            count=count,
+            max_new_tokens=self.cfg.trainer.sample_tokens,
+            seed=self.cfg.seed + self.counters.step,
+        )
+
+    def save_if_due(self) -> None:
+        """A checkpoint when checkpoint.every_steps/every_minutes says so, at the end, and on a signal."""
+        c = self.counters
+        final = c.step == self.cfg.trainer.max_steps and self.cfg.checkpoint.save_final
+        metrics = {k: v for k, v in c.last_eval.items() if k != "step"} if c.last_eval.get("step") == c.step else {}
+        self.checkpoints.save(c.step, self.stateful, metrics, force=final or self.preemption.requested)
+
+    # -- stop conditions ---------------------------------------------------------------------------
+
+    def stop_if_diverged(self, loss: float) -> None:
+        if not math.isfinite(loss):
+            raise Diverged(f"training diverged at step {self.counters.step} (loss {loss}); lower optimizer.lr")
+
+    def stop_if_asked(self) -> None:
+        """After a preemption signal: the step is saved (save_if_due forced it), so stop here."""
+        if self.preemption.requested:
+            log.warning(
+                "%s received: saved step %d, stopping (exit %d)",
+                self.preemption.signal_name,
+                self.counters.step,
+                EXIT_PREEMPTED,
+            )
+            raise Preempted(self.preemption)
+
+    # -- the end -----------------------------------------------------------------------------------
+
+    def finish(self) -> float:
+        val_loss = self.counters.last_eval.get("val/loss", float("nan"))
+        if self.cfg.trainer.num_samples:
+            texts = self.samples(self.cfg.trainer.num_samples)
+            body = "".join(f"=== sample {i + 1} ===\n{text}\n\n" for i, text in enumerate(texts))
+            (self.run_dir / "samples.txt").write_text(body, encoding="utf-8")
+            self.bar.close()
+            print(body, end="", flush=True)
+        log.info("finished at step %d: val/loss %.4f; run dir %s", self.counters.step, val_loss, self.run_dir)
+        return val_loss

@@ -1,0 +1,87 @@
+"""The Trainer in process: built whole in __init__, one optimizer step per step(), run.json's final status."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt2exp.resume import fix_values_of_record
+from gpt2exp.trainer import Trainer
+from tests.conftest import FAST
+
+
+@pytest.fixture
+def make_trainer(compose, tmp_path):
+    def make(*overrides: str) -> Trainer:
+        cfg = fix_values_of_record(compose([*FAST, "trainer.max_steps=4", "trainer.eval_every=2", *overrides]), 1)
+        return Trainer(cfg, tmp_path / "run")
+
+    (tmp_path / "run").mkdir()
+    return make
+
+
+def test_step_is_one_optimizer_step_over_the_global_batch(make_trainer):
+    trainer = make_trainer("trainer.grad_accum_steps=2")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    loss = trainer.step()
+    assert trainer.counters.step == 1
+    assert trainer.counters.tokens_seen == 4 * 2 * 32  # batch_size x grad_accum_steps x block_size
+    assert trainer.sampler.state_dict()["offset"] == 2 * 4  # two micro-batches of 4 windows drawn
+    assert 5.0 < loss < 7.5  # ~ln(512) for an untrained model
+    changed = [k for k, v in trainer.model.state_dict().items() if not v.equal(before[k])]
+    assert "transformer.h.0.attn.c_attn.weight" in changed
+
+
+def test_everything_the_loop_uses_is_built_in_init(make_trainer):
+    trainer = make_trainer()
+    built = set(vars(trainer))
+    trainer.run(None)
+    assert set(vars(trainer)) == built
+
+
+def test_a_run_logs_each_step_once_and_saves_the_last(make_trainer):
+    trainer = make_trainer("trainer.log_every=1")
+    val_loss = trainer.run(None)
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [0, 1, 2, 3, 4]
+    assert [("val/loss" in row) for row in rows] == [True, False, True, False, True]
+    assert rows[-1]["val/loss"] == val_loss
+    assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "completed"
+    assert (trainer.run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000004"
+
+
+def test_run_json_says_failed_when_the_wandb_start_fails(make_trainer, monkeypatch):
+    trainer = make_trainer()
+
+    def no_wandb(*args, **kwargs):
+        raise RuntimeError("W&B could not start")
+
+    monkeypatch.setattr(trainer.tracker, "start_wandb", no_wandb)
+    with pytest.raises(RuntimeError, match="W&B could not start"):
+        trainer.run(None)
+    info = json.loads((trainer.run_dir / "run.json").read_text())
+    assert info["status"] == "failed" and "ended_at" in info
+
+
+def test_run_json_says_failed_when_the_first_evaluation_fails(make_trainer, monkeypatch):
+    trainer = make_trainer()
+
+    def broken_eval():
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(trainer, "evaluate", broken_eval)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        trainer.run(None)
+    assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "failed"
+    assert trainer.counters.step == 0
+
+
+def test_a_nan_loss_stops_as_diverged(make_trainer, monkeypatch):
+    from gpt2exp.errors import Diverged
+
+    trainer = make_trainer()
+    monkeypatch.setattr(trainer, "step", lambda: float("nan"))
+    with pytest.raises(Diverged, match="training diverged at step 0 \\(loss nan\\); lower optimizer.lr"):
+        trainer.run(None)
+    assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "diverged"
