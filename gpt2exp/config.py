@@ -2,20 +2,29 @@
 
 `conf/config.yaml` lists `gpt2exp_schema` first in its defaults, so every YAML file and every
 command-line override is checked against these dataclasses at compose time: a misspelled key or
-`optimizer.lr=abc` fails there, naming the key. The YAML files carry one comment per key; the
-dataclasses carry the types and the defaults.
+`optimizer.lr=abc` fails there, naming the key. The YAML files carry the values, one comment per
+key; the dataclasses carry only the types.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from gpt2exp.errors import UserError
+
+
+def _conf_dir() -> str:
+    packaged = Path(__file__).resolve().parent / "conf"  # a wheel or a non-editable install
+    return str(packaged if packaged.is_dir() else Path(__file__).resolve().parent.parent / "conf")
+
+
+CONF_DIR = _conf_dir()  # the Hydra config tree: conf/ of the source tree, gpt2exp/conf/ once installed
 
 
 class Device(StrEnum):
@@ -68,102 +77,108 @@ class MetricMode(StrEnum):
     max = "max"
 
 
+# Every value comes from the YAML files under conf/ (the one source of defaults, each key with its
+# comment there); the dataclasses give types. `MISSING` marks a key that every option of its group
+# sets; a key that only some options use defaults to its "unset" value (None or []), and
+# `check_applicable` refuses it set under an option that does not use it.
+
+
 @dataclass
 class ModelConfig:
-    n_layer: int = 4
-    n_head: int = 4
-    n_embd: int = 128
-    block_size: int = 128
-    dropout: float = 0.0
-    init: str = "scratch"
+    n_layer: int = MISSING
+    n_head: int = MISSING
+    n_embd: int = MISSING
+    block_size: int = MISSING
+    dropout: float = MISSING
+    init: str = MISSING
 
 
 @dataclass
 class OptimizerConfig:
-    name: OptimizerName = OptimizerName.adamw
-    lr: float = 2e-3
-    weight_decay: float = 0.1
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    momentum: float = 0.9
-    fused: bool | None = None
+    name: OptimizerName = MISSING
+    lr: float = MISSING
+    weight_decay: float = MISSING
+    betas: list[float] | None = None  # adamw
+    eps: float | None = None  # adamw
+    fused: bool | None = None  # adamw; None also means "choose by device"
+    momentum: float | None = None  # sgd
 
 
 @dataclass
 class SchedulerConfig:
-    name: ScheduleName = ScheduleName.cosine
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.1
+    name: ScheduleName = MISSING
+    warmup_steps: int = MISSING
+    min_lr_ratio: float = MISSING
     decay_steps: int | None = None
 
 
 @dataclass
 class TokenizerConfig:
-    name: str = "bpe"
-    vocab_size: int = 4096
+    name: str = MISSING
+    vocab_size: int = MISSING
 
 
 @dataclass
 class DataConfig:
-    source: str = "shakespeare"
-    files: list[str] = field(default_factory=list)
-    dataset: str | None = None
-    config_name: str | None = None
-    split: str = "train"
-    val_split: str | None = None
-    text_column: str = "text"
-    val_fraction: float = 0.05
-    cache_dir: str = "~/.cache/gpt2exp"
+    source: str = MISSING
+    val_fraction: float = MISSING
+    cache_dir: str = MISSING
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    files: list[str] = field(default_factory=list)  # text_files
+    dataset: str | None = None  # hf_dataset
+    config_name: str | None = None  # hf_dataset
+    split: str | None = None  # hf_dataset
+    val_split: str | None = None  # hf_dataset
+    text_column: str | None = None  # hf_dataset
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0
-    every_minutes: float = 0.0
-    save_final: bool = True
-    keep_last: int = 2
-    keep_best: int = 1
-    best_metric: str = "val/loss"
-    best_mode: MetricMode = MetricMode.min
-    keep_every: int = 0
-    verify: VerifyMode = VerifyMode.sha256
-    on_save_error: OnSaveError = OnSaveError.stop
+    every_steps: int = MISSING
+    every_minutes: float = MISSING
+    save_final: bool = MISSING
+    keep_last: int = MISSING
+    keep_best: int = MISSING
+    best_metric: str = MISSING
+    best_mode: MetricMode = MISSING
+    keep_every: int = MISSING
+    verify: VerifyMode = MISSING
+    on_save_error: OnSaveError = MISSING
 
 
 @dataclass
 class LoggerConfig:
-    backend: LoggerBackend = LoggerBackend.wandb
-    mode: WandbMode = WandbMode.offline
-    project: str = "gpt2exp"
-    entity: str | None = None
-    group: str | None = None
-    tags: list[str] = field(default_factory=list)
-    name: str | None = None
+    backend: LoggerBackend = MISSING
+    group: str | None = None  # any backend: also labels the run in reports
+    name: str | None = None  # any backend
+    mode: WandbMode | None = None  # wandb
+    project: str | None = None  # wandb
+    entity: str | None = None  # wandb
+    tags: list[str] = field(default_factory=list)  # wandb
 
 
 @dataclass
 class TrainerConfig:
-    max_steps: int = 600
-    batch_size: int = 16
-    grad_accum_steps: int = 1
-    log_every: int = 10
-    eval_every: int = 100
-    eval_batches: int = 8
-    precision: Precision = Precision.fp32
-    compile: bool = False
-    grad_clip: float = 1.0
+    max_steps: int = MISSING
+    batch_size: int = MISSING
+    grad_accum_steps: int = MISSING
+    log_every: int = MISSING
+    eval_every: int = MISSING
+    eval_batches: int = MISSING
+    precision: Precision = MISSING
+    compile: bool = MISSING
+    grad_clip: float = MISSING
     num_threads: int | None = None
-    sample_every: int = 0
-    num_samples: int = 3
-    sample_tokens: int = 200
-    progress: bool = True
+    sample_every: int = MISSING
+    num_samples: int = MISSING
+    sample_tokens: int = MISSING
+    progress: bool = MISSING
 
 
 @dataclass
 class Config:
-    seed: int = 1337
-    device: Device = Device.auto
+    seed: int = MISSING
+    device: Device = MISSING
     resume: str | None = None
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -172,6 +187,31 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+
+
+# Keys that only some options of a group use: key -> (the key naming the option, its group, the options).
+ONLY_FOR: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "data.files": ("data.source", "data", ("text_files",)),
+    **{f"data.{k}": ("data.source", "data", ("hf_dataset",)) for k in ("dataset", "config_name", "split")},
+    **{f"data.{k}": ("data.source", "data", ("hf_dataset",)) for k in ("val_split", "text_column")},
+    **{f"optimizer.{k}": ("optimizer.name", "optimizer", ("adamw",)) for k in ("betas", "eps", "fused")},
+    "optimizer.momentum": ("optimizer.name", "optimizer", ("sgd",)),
+    **{f"logger.{k}": ("logger.backend", "logger", ("wandb",)) for k in ("mode", "project", "entity", "tags")},
+}
+
+
+def check_applicable(cfg: DictConfig) -> None:
+    """A key set for an option other than the chosen one is refused, naming the option that has it.
+
+    Run on freshly composed configs only: a config of record from before this check may carry such
+    keys with the values the option files then listed.
+    """
+    for key, (chooser, group, options) in ONLY_FOR.items():
+        value = OmegaConf.select(cfg, key)
+        chosen = str(OmegaConf.select(cfg, chooser))
+        if value not in (None, []) and chosen not in options:
+            choices = " or ".join(f"{group}={option}" for option in options)
+            raise UserError(f"{key} applies only to {choices}, not to {group}={chosen}; did you mean {choices}?")
 
 
 def register_schemas() -> None:

@@ -2,12 +2,12 @@
 
 Hydra writes the run dir (and, on a reused dir, overwrites `.hydra/`) before the task function
 starts, so every check that must reject a command without touching the disk happens here, on
-`sys.argv`:
+`sys.argv`, and the run is planned here once (resume.plan_run) and handed to the job:
 - the config must compose against the typed schema and pass `config.validate`;
 - `resume=...` must name a resumable run, not be combined with `-m`, not be older than the run's
   newest checkpoint, and change only whitelisted keys of the config of record;
 - a resume is pointed at its own run dir, with Hydra's files going to `.hydra/resume-<stamp>/`.
-Each failure is one `error:` line and exit code 2.
+Each failure is one `error:` line and exit code 2. Overrides are read with Hydra's own parser.
 """
 
 from __future__ import annotations
@@ -18,33 +18,10 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.errors import UserError, fail
-from gpt2exp.rundir import (
-    RESUMABLE_KEYS,
-    check_unlocked,
-    forbidden_changes,
-    is_resumable_key,
-    leaves,
-    override_key,
-    read_config_of_record,
-    refuse_existing_run,
-    resume_target,
-)
-from gpt2exp.sweep import holds_job_dirs, is_sweep_dir, resume_stamp
-
-# Hydra flags that only print something: no run, nothing to check.
-INFO_FLAGS = {
-    "--help",
-    "-h",
-    "--hydra-help",
-    "--cfg",
-    "-c",
-    "--info",
-    "-i",
-    "--version",
-    "--shell-completion",
-    "-sc",
-}
-MULTIRUN_FLAGS = {"--multirun", "-m"}
+from gpt2exp.overrides import INFO_FLAGS, MULTIRUN_FLAGS, is_hydra, key_of, last_value, parse, split_argv
+from gpt2exp.resume import RunPlan, allowed_keys_text, is_resumable_key, plan_run
+from gpt2exp.rundir import RunStatus, timestamp
+from gpt2exp.sweep import holds_job_dirs, is_sweep_dir
 
 # Hydra plugins the configs name: (group, option) -> (module, pip package).
 PLUGINS = {
@@ -64,7 +41,7 @@ def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from gpt2exp.config import register_schemas, typed, validate
+    from gpt2exp.config import check_applicable, register_schemas, typed, validate
 
     register_schemas()
     try:
@@ -74,6 +51,7 @@ def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
         raise UserError(_one_line(exc)) from None
     typed(OmegaConf.to_container(cfg))  # catches keys added with `+group.key=...`, which slip past Hydra's own check
     validate(cfg)
+    check_applicable(cfg)
     return cfg
 
 
@@ -96,17 +74,12 @@ def _one_line(exc: BaseException) -> str:
     return message + (f" (key {key})" if key else "")
 
 
-def _overrides(args: list[str]) -> list[str]:
-    return [a for a in args if not a.startswith("-") and "=" in a]
+def prepare_argv(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]:
+    """Check the command line; returns the argv Hydra should see and the plan of a single run.
 
-
-def _value(overrides: list[str], key: str) -> str | None:
-    found = [o.split("=", 1)[1] for o in overrides if override_key(o) == key]
-    return found[-1] if found else None
-
-
-def prepare_argv(argv: list[str], conf_dir: str) -> list[str]:
-    """Check the command line and return the argv Hydra should see; exits 2 on bad input."""
+    The plan is None where each job plans itself (a sweep) or nothing runs (--help, --cfg).
+    Exits 2 on bad input.
+    """
     try:
         return _prepare(argv, conf_dir)
     except UserError as exc:
@@ -114,13 +87,13 @@ def prepare_argv(argv: list[str], conf_dir: str) -> list[str]:
         raise  # unreachable: fail() exits
 
 
-def check_plugins(overrides: list[str]) -> None:
+def check_plugins(overrides: list) -> None:
     """A launcher or sweeper that is not installed: say which pip package provides it."""
     from importlib.util import find_spec
 
     for override in overrides:
-        group, _, option = override.partition("=")
-        group = group.lstrip("+~")
+        group = key_of(override)
+        option = "" if override.is_sweep_override() else override.get_value_element_as_str()
         plugin = PLUGINS.get((group, option)) or PLUGINS.get((group, "*"))
         if plugin and find_spec(plugin[0]) is None:
             raise UserError(
@@ -129,82 +102,58 @@ def check_plugins(overrides: list[str]) -> None:
             )
 
 
-def _prepare(argv: list[str], conf_dir: str) -> list[str]:
+def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]:
     args = argv[1:]
     if any(a in INFO_FLAGS for a in args):
-        return argv
-    multirun = any(a in MULTIRUN_FLAGS for a in args)
-    overrides = _overrides(args)
+        return argv, None
+    flags, override_args = split_argv(args)
+    multirun = any(a in MULTIRUN_FLAGS for a in flags)
+    overrides = parse(override_args)
     check_plugins(overrides)
-    job_overrides = [o for o in overrides if not override_key(o).startswith("hydra")]
-    resume = _value(overrides, "resume")
-    if resume not in (None, "null", "auto"):
+    job_overrides = [o.input_line for o in overrides if not is_hydra(o)]
+    resume = last_value(overrides, "resume")
+    if resume not in (None, "auto"):
         resume_dir = Path(os.path.expanduser(resume))
         if is_sweep_dir(resume_dir):
-            return _resume_sweep(argv[0], args, resume, job_overrides, conf_dir)
+            return _resume_sweep(argv[0], flags, overrides, conf_dir), None
         if holds_job_dirs(resume_dir):
             raise UserError(
                 f"{resume} holds sweep jobs but no multirun.yaml (an Optuna study keeps none), so its job list "
                 "is unknown; resume each unfinished job with resume=<job dir>"
             )
-    if multirun and resume in (None, "null", "auto"):
-        # resume=auto: each job resumes its own dir when it holds a checkpoint (a requeued SLURM job)
-        check_sweep_values(conf_dir, job_overrides)
-        return argv
-    if resume in (None, "null"):
-        if not multirun:
-            fixed_dir = _value(overrides, "hydra.run.dir")
-            if fixed_dir:
-                refuse_existing_run(Path(fixed_dir))
-            compose(conf_dir, job_overrides)
-        return argv
     if multirun:
-        raise UserError(
-            "-m cannot be combined with resume=<run dir>; resume a sweep with resume=<multirun/<date>/<time>>, "
-            "or use -m ... resume=auto to let each job continue its own dir"
-        )
-    fixed_dir = _value(overrides, "hydra.run.dir")
-    target = resume_target(resume, Path(fixed_dir) if fixed_dir else None)
-    if target is None:  # resume=auto and nothing to resume yet: a fresh start in the fixed dir
+        if resume not in (None, "auto"):
+            raise UserError(
+                "-m cannot be combined with resume=<run dir>; resume a sweep with resume=<multirun/<date>/<time>>, "
+                "or use -m ... resume=auto to let each job continue its own dir"
+            )
+        # resume=auto: each job resumes its own dir when it holds a checkpoint (a requeued SLURM job)
+        check_sweep_values(conf_dir, overrides)
+        return argv, None
+    plan = plan_run(resume, last_value(overrides, "hydra.run.dir"), job_overrides, lambda o: compose(conf_dir, o))
+    if not plan.is_resume:
         compose(conf_dir, job_overrides)
-        return argv
-    check_unlocked(target.run_dir)
-    if target.checkpoint is not None:
-        _refuse_older_checkpoint(target.checkpoint)
-    record = read_config_of_record(target.run_dir)
-    without = [o for o in job_overrides if override_key(o) == "resume"]
-    changed = forbidden_changes(record, compose(conf_dir, job_overrides), compose(conf_dir, without))
-    if changed:
-        recorded = leaves(record)
-        details = ", ".join(f"{k} (recorded {recorded.get(k)!r})" for k in changed)
-        raise UserError(
-            f"resume cannot change {details}: the run is rebuilt from its config of record; "
-            f"allowed on resume: {', '.join(RESUMABLE_KEYS[1:])}"
-        )
-    stamp = resume_stamp()
-    kept = [a for a in args if not a.startswith(("hydra.run.dir=", "hydra.output_subdir="))]
-    return [
-        argv[0],
-        *kept,
-        f"hydra.run.dir={target.run_dir}",
-        f"hydra.output_subdir=.hydra/resume-{stamp}",
-    ]
+        return argv, plan
+    kept = [a for a in args if a not in override_args]
+    kept += [o.input_line for o in overrides if key_of(o) not in ("hydra.run.dir", "hydra.output_subdir")]
+    hydra_args = [f"hydra.run.dir={plan.run_dir}", f"hydra.output_subdir=.hydra/resume-{timestamp(for_name=True)}"]
+    return [argv[0], *kept, *hydra_args], plan
 
 
-def check_sweep_values(conf_dir: str, job_overrides: list[str]) -> None:
+def check_sweep_values(conf_dir: str, overrides: list) -> None:
     """Compose a sweep's jobs so that every swept value is tried once, before any job starts.
 
     Each swept key's values are tried with the other keys at their first value: as many
     compositions as values in all, not the product. Ranges and intervals (Optuna's) are left to
     the sweeper.
     """
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
+    choices = []
     try:
-        parsed = OverridesParser.create().parse_overrides(job_overrides)
-        choices = []
-        for override in parsed:
+        for override in overrides:
+            if is_hydra(override):
+                continue
             if not override.is_sweep_override():
                 choices.append([override.input_line])
             elif override.is_discrete_sweep():
@@ -221,37 +170,39 @@ def check_sweep_values(conf_dir: str, job_overrides: list[str]) -> None:
                 compose(conf_dir, list(job))
 
 
-def _resume_sweep(program: str, args: list[str], resume: str, job_overrides: list[str], conf_dir: str) -> list[str]:
+def _resume_sweep(program: str, flags: list[str], overrides: list, conf_dir: str) -> list[str]:
     """Print the plan for every job of the sweep, then run the unfinished ones as a multirun."""
-    from gpt2exp.sweep import RESUME_SWEEPER, plan_sweep, recorded_hydra_overrides
+    from gpt2exp.sweep import RESUME_SWEEPER, hand_over, plan_sweep, recorded_hydra_overrides
 
-    sweep_dir = Path(os.path.normpath(os.path.expanduser(resume)))
-    extra = [o for o in job_overrides if override_key(o) != "resume"]
-    fixed = [o for o in extra if not is_resumable_key(override_key(o))]
+    sweep_dir = Path(os.path.normpath(os.path.expanduser(last_value(overrides, "resume"))))
+    extra = [o.input_line for o in overrides if not is_hydra(o) and key_of(o) != "resume"]
+    fixed = [o.input_line for o in overrides if not is_hydra(o) and not is_resumable_key(key_of(o))]
     if fixed:
         raise UserError(
             f"a sweep resume rebuilds each job from its config of record and cannot change {', '.join(fixed)}; "
-            f"allowed on resume: {', '.join(RESUMABLE_KEYS[1:])}"
+            f"allowed on resume: {allowed_keys_text()}"
         )
-    hydra_args = [o for o in _overrides(args) if override_key(o).startswith("hydra")]
-    not_launcher = [o for o in hydra_args if not override_key(o).startswith(("hydra/launcher", "hydra.launcher"))]
+    hydra_args = [o.input_line for o in overrides if is_hydra(o)]
+    launcher = ("hydra/launcher", "hydra.launcher")
+    not_launcher = [o.input_line for o in overrides if is_hydra(o) and not key_of(o).startswith(launcher)]
     if not_launcher:
         raise UserError(
             f"a sweep resume keeps the sweep's Hydra settings and cannot change {', '.join(not_launcher)}; "
             "only hydra/launcher=... and hydra.launcher.* may be given"
         )
-    flags = [a for a in args if a not in MULTIRUN_FLAGS and not (not a.startswith("-") and "=" in a)]
+    flags = [a for a in flags if a not in MULTIRUN_FLAGS]
     if extra and not flags:  # bad values of allowed keys fail here, before any job dir is written to
         compose(conf_dir, extra)
     plan = plan_sweep(sweep_dir)
     jobs, todo = plan.jobs, plan.to_run
-    completed, diverged = (sum(job.status == s for job in jobs) for s in ("completed", "diverged"))
+    completed, diverged = (sum(job.status == s for job in jobs) for s in (RunStatus.completed, RunStatus.diverged))
     counts = [f"{len(jobs)} jobs", f"{completed} completed", *([f"{diverged} diverged"] if diverged else [])]
     print(f"sweep {sweep_dir}: {', '.join(counts)}, {len(todo)} to run", flush=True)
     print("\n".join(plan.summary_lines()), flush=True)
     if not todo:
         print(f"nothing to resume: every job is completed{' or diverged' if diverged else ''}", flush=True)
         raise SystemExit(0)
+    hand_over(plan)
     return [
         program,
         *flags,
@@ -263,15 +214,3 @@ def _resume_sweep(program: str, args: list[str], resume: str, job_overrides: lis
         f"resume={sweep_dir}",
         *extra,
     ]
-
-
-def _refuse_older_checkpoint(checkpoint: Path) -> None:
-    from gpt2exp.checkpoint import newest_step, step_dir_name, step_of
-
-    newest = newest_step(checkpoint.parent)
-    if newest is not None and newest > step_of(checkpoint):
-        raise UserError(
-            f"{checkpoint.name} is older than this run's newest checkpoint {step_dir_name(newest)}; resuming it "
-            f"would overwrite newer state. Resume the run dir ({checkpoint.parent.parent}) instead, "
-            f"or copy the run dir and resume the copy"
-        )

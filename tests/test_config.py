@@ -146,3 +146,74 @@ def test_an_unknown_experiment_lists_the_available_ones(compose):
 def test_an_added_key_outside_the_schema_is_rejected(compose):
     with pytest.raises(UserError, match="foo"):
         compose(["+optimizer.foo=1"])
+
+
+def test_the_schema_holds_types_only_so_conf_is_the_one_source_of_values():
+    from omegaconf import OmegaConf
+
+    from gpt2exp.config import ONLY_FOR, Config
+    from gpt2exp.resume import leaves
+
+    schema = OmegaConf.structured(Config)
+    given = {}
+    for key in leaves(OmegaConf.to_container(schema, resolve=False)):
+        if not OmegaConf.is_missing(schema, key) and OmegaConf.select(schema, key) not in (None, []):
+            given[key] = OmegaConf.select(schema, key)
+    assert given == {}  # every value comes from conf/; optional keys default to unset
+    unset = {k for k in leaves(OmegaConf.to_container(schema, resolve=False)) if not OmegaConf.is_missing(schema, k)}
+    assert set(ONLY_FOR) <= unset  # option-specific keys are unset unless their option sets them
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["data.files=[my/story.txt]"],
+            "data.files applies only to data=text_files, not to data=shakespeare; did you mean data=text_files?",
+        ),
+        (
+            ["data.dataset=wikitext"],
+            "data.dataset applies only to data=hf_dataset, not to data=shakespeare; did you mean data=hf_dataset?",
+        ),
+        (
+            ["data=text_files", "data.files=[a.txt]", "data.text_column=body"],
+            "data.text_column applies only to data=hf_dataset, not to data=text_files",
+        ),
+        (["optimizer=sgd", "optimizer.betas=[0.9,0.99]"], "optimizer.betas applies only to optimizer=adamw"),
+        (["optimizer.momentum=0.8"], "optimizer.momentum applies only to optimizer=sgd, not to optimizer=adamw"),
+        (["logger=none", "logger.project=mine"], "logger.project applies only to logger=wandb, not to logger=none"),
+    ],
+)
+def test_a_key_of_another_option_is_refused_naming_the_option(compose, overrides, message):
+    with pytest.raises(UserError) as caught:
+        compose(overrides)
+    assert str(caught.value).startswith(message)
+
+
+def test_keys_every_option_of_a_group_needs_are_set_by_each_option(compose):
+    for group, option_overrides in {
+        "data": [
+            ["data=shakespeare"],
+            ["data=text_files", "data.files=[a.txt]"],
+            ["data=hf_dataset", "data.dataset=x"],
+        ],
+        "optimizer": [["optimizer=adamw"], ["optimizer=sgd"]],
+        "logger": [["logger=wandb"], ["logger=none"]],
+    }.items():
+        for overrides in option_overrides:
+            cfg = compose(overrides)
+            assert missing_keys(cfg) == [], (group, overrides)
+
+
+def test_the_default_config_saves_every_30_minutes_and_on_a_step_interval(compose):
+    cfg = compose()
+    assert (cfg.checkpoint.every_minutes, cfg.checkpoint.every_steps) == (30.0, 200)
+    for preset, steps in {"shakespeare_small": 500, "gpt2_124m": 500, "finetune_gpt2": 50}.items():
+        cfg = compose([f"+experiment={preset}"])
+        assert (cfg.checkpoint.every_steps, cfg.checkpoint.every_minutes) == (steps, 30.0), preset
+
+
+def missing_keys(cfg) -> list[str]:
+    from omegaconf import OmegaConf
+
+    return sorted(OmegaConf.missing_keys(cfg))

@@ -7,21 +7,20 @@ import pytest
 from omegaconf import OmegaConf
 
 from gpt2exp import data
-from gpt2exp.config import DataConfig, TokenizerConfig
+from gpt2exp.config import CONF_DIR, DataConfig
 from gpt2exp.errors import UserError
 
 
-def data_cfg(tmp_path, **overrides):
-    cfg = DataConfig(cache_dir=str(tmp_path / "cache"), tokenizer=TokenizerConfig(vocab_size=300))
-    merged = OmegaConf.merge(OmegaConf.structured(cfg), overrides)
-    return merged
+def data_cfg(tmp_path, source="shakespeare", vocab_size=300, **overrides):
+    """The `data` section of data=<source> as conf/ gives it, with its own cache and a small BPE."""
+    option = OmegaConf.load(f"{CONF_DIR}/data/{source}.yaml")
+    mine = {"cache_dir": str(tmp_path / "cache"), "tokenizer": {"vocab_size": vocab_size}}
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), option, mine, overrides)
 
 
 @pytest.fixture(scope="module")
 def shakespeare(tmp_path_factory):
-    cache = tmp_path_factory.mktemp("cache")
-    cfg = OmegaConf.merge(OmegaConf.structured(DataConfig(cache_dir=str(cache))), {"tokenizer": {"vocab_size": 512}})
-    return data.prepare_data(cfg)
+    return data.prepare_data(data_cfg(tmp_path_factory.mktemp("data"), vocab_size=512))
 
 
 def test_the_shakespeare_corpus_is_every_play_as_plain_text():
@@ -79,7 +78,7 @@ def test_changing_the_vocab_size_makes_a_new_cache_entry(tmp_path):
     (tmp_path / "a.txt").write_text("now is the winter of our discontent\n" * 200)
     base = {"source": "text_files", "files": [str(tmp_path / "a.txt")]}
     data.prepare_data(data_cfg(tmp_path, **base))
-    data.prepare_data(data_cfg(tmp_path, **base, tokenizer={"vocab_size": 280}))
+    data.prepare_data(data_cfg(tmp_path, **{**base, "vocab_size": 280}))
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 
