@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gpt2exp.errors import SaveFailed, UserError
+from gpt2exp.rundir import timestamp
 from gpt2exp.state import Stateful, StateKind, group_by_kind
 
 log = logging.getLogger(__name__)
@@ -581,7 +582,7 @@ class CheckpointManager:
         corrupt = self.root / CORRUPT
         corrupt.mkdir(exist_ok=True)
         log.warning("moving %s to %s/ for inspection; it will not be loaded again", path.name, CORRUPT)
-        stem = f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+        stem = f"{path.name}-{timestamp(for_name=True)}-{os.getpid()}"
         destination, n = corrupt / stem, 1
         while destination.exists():  # the same step may go bad again within the second
             destination, n = corrupt / f"{stem}-{n}", n + 1

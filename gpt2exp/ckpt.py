@@ -14,7 +14,6 @@ is a run dir or a checkpoint dir (`list` needs the run the checkpoint belongs to
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 from gpt2exp import cli
@@ -29,7 +28,7 @@ from gpt2exp.checkpoint import (
     verify_checkpoint,
 )
 from gpt2exp.errors import UserError, fail
-from gpt2exp.rundir import CHECKPOINTS, read_config_of_record
+from gpt2exp.rundir import CHECKPOINTS, read_config_of_record, timestamp
 from gpt2exp.targets import Target, resolve_target
 
 EXIT_CORRUPT = 1
@@ -47,7 +46,7 @@ def _saved_at(path: Path) -> str:
         stamp = json.loads((path / STATE_FILE).read_text())["saved_at"]
     except (OSError, ValueError, KeyError):
         stamp = path.stat().st_mtime
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp))
+    return timestamp(stamp)
 
 
 def _size(path: Path) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -28,7 +27,15 @@ import yaml
 
 from gpt2exp import cli
 from gpt2exp.errors import UserError, fail
-from gpt2exp.rundir import CHECKPOINTS, CONFIG_OF_RECORD, RUN_JSON, is_run_dir, read_run_json, run_status
+from gpt2exp.rundir import (
+    CHECKPOINTS,
+    CONFIG_OF_RECORD,
+    RUN_JSON,
+    is_run_dir,
+    read_run_json,
+    run_status,
+    timestamp,
+)
 from gpt2exp.sweep import task_overrides
 from gpt2exp.tracking import read_metrics
 
@@ -386,7 +393,7 @@ def render_report(dirs: Sequence[Path], runs: Sequence[Run], table: str) -> str:
     lines = [
         f"# gpt2exp report: {what}",
         "",
-        f"Generated {time.strftime('%Y-%m-%d %H:%M:%S')}; {len(runs)} run{'s' if len(runs) != 1 else ''}.",
+        f"Generated {timestamp()}; {len(runs)} run{'s' if len(runs) != 1 else ''}.",
         "",
     ]
     if sweep := sweep_overrides(dirs):

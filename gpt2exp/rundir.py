@@ -15,11 +15,12 @@ import time
 import uuid
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
-
-from omegaconf import DictConfig, OmegaConf
+from typing import TYPE_CHECKING, Any
 
 from gpt2exp.errors import UserError
+
+if TYPE_CHECKING:  # omegaconf is imported where used: checkpoint.py and the small CLIs import this module
+    from omegaconf import DictConfig
 
 CONFIG_OF_RECORD = "config.yaml"
 RUN_JSON = "run.json"
@@ -37,9 +38,10 @@ class RunStatus(StrEnum):
     interrupted = "interrupted"
 
 
-def timestamp(for_name: bool = False) -> str:
-    """Local time now: ISO 8601 with its UTC offset for records, `YYYYmmdd-HHMMSS` inside file and dir names."""
-    return time.strftime("%Y%m%d-%H%M%S" if for_name else "%Y-%m-%dT%H:%M:%S%z")
+def timestamp(at: float | None = None, for_name: bool = False) -> str:
+    """Local time (now, or the epoch seconds `at`): ISO 8601 with its UTC offset for records and
+    people, `YYYYmmdd-HHMMSS` inside file and dir names. The project's one time format."""
+    return time.strftime("%Y%m%d-%H%M%S" if for_name else "%Y-%m-%dT%H:%M:%S%z", time.localtime(at))
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -53,10 +55,14 @@ def write_atomic(path: Path, text: str) -> None:
 
 
 def write_config_of_record(run_dir: Path, cfg: DictConfig) -> None:
+    from omegaconf import OmegaConf
+
     write_atomic(run_dir / CONFIG_OF_RECORD, OmegaConf.to_yaml(cfg, resolve=True))
 
 
 def read_config_of_record(run_dir: Path) -> DictConfig:
+    from omegaconf import OmegaConf
+
     from gpt2exp.config import typed
 
     return typed(OmegaConf.load(run_dir / CONFIG_OF_RECORD))
