@@ -204,3 +204,33 @@ def test_a_diverged_run_is_one_line_exit_3_and_marked_diverged(tmp_path):
     error = result.stderr.strip().splitlines()[-1]
     assert error.startswith("error: training diverged at step ") and error.endswith("; lower optimizer.lr")
     assert json.loads((run_dir / "run.json").read_text())["status"] == "diverged"
+
+
+def test_a_save_that_fills_the_disk_is_one_line_exit_74_and_marked_failed(tmp_path):
+    import os
+    import subprocess
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill up needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=300k", "tmpfs", str(disk)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.decode().strip()}")
+    try:
+        run_dir = disk / "run"
+        result = run_cli(
+            "gpt2exp.train", *FAST, "trainer.max_steps=4", "checkpoint.every_steps=2", f"hydra.run.dir={run_dir}",
+            cwd=tmp_path,
+        )  # fmt: skip
+        assert result.returncode == 74, result.stderr[-3000:]
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert errors == [
+            f"error: checkpoint step_00000002 was not saved: no space left on device (disk full) in "
+            f"{run_dir / 'checkpoints'}; earlier checkpoints are intact; free space or fix permissions, then resume"
+        ]
+        assert "Traceback" not in result.stderr
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"
+        assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == []  # no partial dir left
+    finally:
+        subprocess.run(["umount", str(disk)], check=True)
