@@ -16,7 +16,11 @@ read and load, otherwise all of them run warm; the token cache is built on first
 2. load: `CheckpointManager.load(stateful, target)` into a freshly built model, optimizer and state
    objects, with checkpoint.verify=sha256 and with verify=size, against opening and reading every
    file of the same checkpoint dir.
-3. train: the default tiny config on Shakespeare, `Trainer(cfg, run_dir)` + `start_fresh()`, then
+3. blocked: how long the training loop stands still per save of the same 124M state: a
+   synchronous save (`checkpoint.async_save=false`, the whole save) against a background one
+   (`save()` freezes the state and starts the copy; `wait_snapshot()` before the next optimizer
+   update, after the next step's real forward+backward, batch 1 x --next-tokens).
+4. train: --train-model (gpt2_mini) on Shakespeare, `Trainer(cfg, run_dir)` + `start_fresh()`, then
    two phases of its loop per step, `Trainer.step()` and `Trainer.save_if_due()` (no eval or
    logging), with checkpoint.every_steps=--every-steps against checkpoint.every_steps=0 (and
    every_minutes=0, save_final=false in both); the seconds spent inside `save_if_due` are shown too, a steadier
@@ -49,8 +53,8 @@ import torch  # noqa: E402
 
 DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 GPT2_VOCAB = 50257
-SAVE_TARGET, LOAD_TARGET, TRAIN_TARGET = 1.25, 2.0, 0.98
-SECTIONS = ("save", "load", "train")
+SAVE_TARGET, LOAD_TARGET, TRAIN_TARGET, BLOCKED_TARGET = 1.1, 2.0, 0.99, 0.10
+SECTIONS = ("save", "load", "blocked", "train")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=300, help="timed training steps per train run")
     parser.add_argument("--warmup", type=int, default=5, help="untimed training steps before the timed ones")
     parser.add_argument("--every-steps", type=int, default=100, help="checkpoint.every_steps of the train run")
+    parser.add_argument("--train-model", default="gpt2_mini", help="the model preset of the train section")
+    parser.add_argument(
+        "--next-tokens", type=int, default=256, help="blocked: tokens of the next step's forward+backward (batch 1)"
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--workdir", type=Path, default=None, help="where to write (a temp dir is made inside)")
     parser.add_argument(
@@ -67,7 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="auto",
         help="page cache before each timed save/read/load: cold drops it (root only); auto = cold if allowed",
     )
-    parser.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated subset of save,load,train")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS)
+    )
     args = parser.parse_args(argv)
     for name in ("repeats", "steps", "every_steps", "threads"):
         if getattr(args, name) < 1:
@@ -188,7 +198,7 @@ def bench_save(args, cfg, stateful, work: Path, timings: Timings, timed: bool) -
     from gpt2exp.checkpoint import CheckpointManager
 
     cold = args.cache == "cold"
-    ckpt_cfg = OmegaConf.merge(cfg.checkpoint, {"every_steps": 0, "every_minutes": 0.0})
+    ckpt_cfg = OmegaConf.merge(cfg.checkpoint, {"every_steps": 0, "every_minutes": 0.0, "async_save": False})
     manager = CheckpointManager(ckpt_cfg, work / "manager")
     # an untimed save first: imports, allocator warm-up, and the files the other methods mirror
     reference = manager.save(1, stateful, {}, force=True).wait()
@@ -257,7 +267,8 @@ def bench_load(args, cfg, source_state, kept: Path, work: Path, timings: Timings
     target = root / "checkpoints" / kept.name
     os.rename(kept, target)
     managers = {
-        mode: CheckpointManager(OmegaConf.merge(cfg.checkpoint, {"verify": mode}), root) for mode in ("sha256", "size")
+        mode: CheckpointManager(OmegaConf.merge(cfg.checkpoint, {"verify": mode, "async_save": False}), root)
+        for mode in ("sha256", "size")
     }
     probe = "transformer.h.0.attn.c_attn.weight"
     expected = source_state["model"].state_dict()[probe].clone()
@@ -310,7 +321,69 @@ def bench_load(args, cfg, source_state, kept: Path, work: Path, timings: Timings
     shutil.rmtree(root)
 
 
-# -- 3. train ------------------------------------------------------------------------------------
+# -- 3. blocked ----------------------------------------------------------------------------------
+
+
+def bench_blocked(args, cfg, stateful, work: Path, timings: Timings) -> dict:
+    """How long the loop is blocked per save: a synchronous save against a background one.
+
+    The background save blocks for `save()` (the state frozen, the tensor copy started) plus
+    `wait_snapshot()` before the next optimizer update, which here follows the next step's real
+    forward and backward of the same model (batch 1 x --next-tokens): the copy runs beside it.
+    """
+    from omegaconf import OmegaConf
+
+    from gpt2exp.checkpoint import CheckpointManager
+    from gpt2exp.trainer import next_token_loss
+
+    model = stateful["model"]
+    tokens = torch.randint(0, GPT2_VOCAB, (1, args.next_tokens + 1))
+    info: dict = {}
+
+    def next_forward_backward() -> float:
+        start = time.perf_counter()
+        next_token_loss(model, tokens[:, :-1], tokens[:, 1:]).backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    managers = {
+        mode: CheckpointManager(
+            OmegaConf.merge(cfg.checkpoint, {"every_steps": 0, "every_minutes": 0.0, "async_save": mode == "async"}),
+            work / f"blocked-{mode}",
+        )
+        for mode in ("sync", "async")
+    }
+    step = 1
+    try:
+        next_forward_backward()  # warm-up
+        for round_index in range(args.repeats):
+            for mode in rotated(list(managers), round_index):
+                manager = managers[mode]
+                step += 1
+                settle(False)
+                start = time.perf_counter()
+                pending = manager.save(step, stateful, {}, force=True)
+                if mode == "sync":
+                    pending.wait()
+                    blocked = time.perf_counter() - start
+                else:
+                    in_save = time.perf_counter() - start
+                    info.setdefault("forward_backward", []).append(next_forward_backward())
+                    start = time.perf_counter()
+                    manager.wait_snapshot()
+                    blocked = in_save + time.perf_counter() - start
+                    commit_start = time.perf_counter()
+                    pending.wait()  # untimed: the background commit, before the next round
+                    info.setdefault("background_commit", []).append(time.perf_counter() - commit_start)
+                timings.add(f"blocked/{mode}", blocked)
+                shutil.rmtree(manager.root / f"step_{step:08d}")
+    finally:
+        for manager in managers.values():
+            manager.close()
+    return info
+
+
+# -- 4. train ------------------------------------------------------------------------------------
 
 
 def bench_train(args, work: Path, timings: Timings) -> dict:
@@ -324,6 +397,7 @@ def bench_train(args, work: Path, timings: Timings) -> dict:
         for name in rotated(list(variants), round_index):
             cfg = compose_cfg(
                 [
+                    f"model={args.train_model}",
                     f"trainer.max_steps={total}",
                     f"trainer.num_threads={args.threads}",
                     "trainer.progress=false",
@@ -389,6 +463,8 @@ def report(args, timings: Timings, train_info: dict | None) -> None:
         "load/sha256": "CheckpointManager.load verify=sha256",
         "load/size": "CheckpointManager.load verify=size",
         "load/raw": "plain open+read of the same files",
+        "blocked/sync": "loop blocked per save, async_save=false",
+        "blocked/async": "loop blocked per save, async_save=true",
         "train/none": "train, checkpoint.every_steps=0",
         "train/every": f"train, checkpoint.every_steps={args.every_steps}",
     }
@@ -401,6 +477,8 @@ def report(args, timings: Timings, train_info: dict | None) -> None:
         rounds = " ".join(f"{v:.2f}" for v in timings.rows[key])
         if key in timings.bytes:
             rate = f"{timings.bytes[key] / median / 1e6:,.0f} MB/s"
+        elif key.startswith("blocked/"):
+            rate = ""
         else:
             rate = f"{train_info['tokens'] / median:,.0f} tok/s"  # type: ignore[index]
         print(f"{label:<{width}}  {median:>10.3f} s  {rate:>14}  {rounds}")
@@ -414,6 +492,10 @@ def report(args, timings: Timings, train_info: dict | None) -> None:
             ratio = timings.median(f"load/{mode}") / timings.median("load/raw")
             ok = verdict(ratio <= LOAD_TARGET)
             print(f"load {mode:<6} / plain read = {ratio:.2f}x  (target <= {LOAD_TARGET:.2f}x)  {ok}")
+    if "blocked/async" in timings.rows:
+        ratio = timings.median("blocked/async") / timings.median("blocked/sync")
+        ok = verdict(ratio <= BLOCKED_TARGET)
+        print(f"blocked async / sync save = {ratio:.3f}  (target <= {BLOCKED_TARGET:.2f})  {ok}")
     if train_info is not None:
         ratio = timings.median("train/none") / timings.median("train/every")  # tokens/s with / without
         print(
@@ -441,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     timings = Timings()
     train_info = None
     try:
-        if "save" in args.sections or "load" in args.sections:
+        if {"save", "load", "blocked"} & set(args.sections):
             cfg = compose_cfg(["model=gpt2_124m"], args.threads)
             state = build_state(cfg, seed=cfg.seed, step=True)
             params = sum(p.numel() for p in state["model"].parameters())
@@ -454,13 +536,22 @@ def main(argv: list[str] | None = None) -> int:
             )
             if "load" in args.sections:
                 bench_load(args, cfg, state, kept, work, timings)
+            if "blocked" in args.sections:
+                blocked = bench_blocked(args, cfg, state, work, timings)
+                print(
+                    f"blocked: the next step's forward+backward (1 x {args.next_tokens} tokens) took "
+                    + " ".join(f"{v:.2f}" for v in blocked["forward_backward"])
+                    + " s; each background commit finished "
+                    + " ".join(f"{v:.2f}" for v in blocked["background_commit"])
+                    + " s after it"
+                )
             del state
             gc.collect()
         if "train" in args.sections:
             train_info = bench_train(args, work, timings)
             n_layer, n_embd, block, batch = train_info["model"]
             print(
-                f"train: default tiny model (n_layer {n_layer}, n_embd {n_embd}), batch {batch} x {block} tokens, "
+                f"train: {args.train_model} (n_layer {n_layer}, n_embd {n_embd}), batch {batch} x {block} tokens, "
                 f"{args.warmup} warmup + {args.steps} timed steps, checkpoint.every_steps={args.every_steps} "
                 f"({train_info['saves']} saves in the timed steps, "
                 f"{train_info.get('checkpoint_mb', 0):.1f} MB each) vs 0; page cache warm"

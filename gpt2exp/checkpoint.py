@@ -41,6 +41,7 @@ from typing import Any, Protocol
 
 from gpt2exp.errors import SaveFailed, UserError
 from gpt2exp.rundir import timestamp
+from gpt2exp.snapshot import Copy, HostSnapshot, freeze
 from gpt2exp.state import Stateful, StateKind, group_by_kind
 
 log = logging.getLogger(__name__)
@@ -296,8 +297,9 @@ def load_tensor_state(path: Path) -> dict[str, Any]:
         ) from None
 
 
-def model_tensors(model) -> dict[str, Any]:
-    """The model's whole weights on the CPU, tied duplicates dropped (HF re-ties them on load).
+def model_tensors(model, on_cpu: bool = True) -> dict[str, Any]:
+    """The model's whole weights (on the CPU, or where they live), tied duplicates dropped (HF re-ties
+    them on load).
 
     A DTensor (FSDP2) is gathered with `full_tensor()`, a collective: under torchrun every rank
     must call this. Ties are recognised by the storage of the tensor each rank holds.
@@ -313,7 +315,7 @@ def model_tensors(model) -> dict[str, Any]:
             continue
         seen.add(key)
         whole = tensor.full_tensor() if sharded else tensor
-        tensors[name] = whole.detach().to("cpu").contiguous()
+        tensors[name] = whole.detach().to("cpu").contiguous() if on_cpu else whole.detach()
     return tensors
 
 
@@ -445,13 +447,13 @@ def manifest_metric(path: Path, metric: str) -> float | None:
 def kept_reasons(root: Path, cfg: Any) -> dict[str, list[str]]:
     """Why each committed checkpoint under `root` stays (last/best/milestone); [] means rotate it away.
 
-    The newest is always kept; a NaN metric never ranks as best.
+    The newest is always kept, and every one with keep_last=-1; a NaN metric never ranks as best.
     """
     checkpoints = list_checkpoints(root)
     reasons: dict[str, list[str]] = {p.name: [] for p in checkpoints}
     if not checkpoints:
         return reasons
-    for path in checkpoints[-max(1, cfg.keep_last) :]:
+    for path in checkpoints if cfg.keep_last == -1 else checkpoints[-max(1, cfg.keep_last) :]:
         reasons[path.name].append("last")
     if cfg.keep_every:
         for path in checkpoints:
@@ -526,6 +528,10 @@ class CheckpointManager:
         self.root.mkdir(parents=True, exist_ok=True)
         self._last_save_time = time.monotonic()
         self._clean_leftovers()
+        # background saves: a frozen copy of the state is written by one thread, one save at a time
+        self._snapshot = HostSnapshot() if cfg.async_save else None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save") if cfg.async_save else None
+        self._in_flight: PendingSave | None = None
 
     # -- public API
 
@@ -534,17 +540,50 @@ class CheckpointManager:
     ) -> PendingSave | None:
         """Commit a checkpoint of `stateful` at `step` if due (or `force`); None if no save was due.
 
-        On an I/O failure the partial directory is removed, earlier checkpoints are untouched, and
-        SaveFailed is raised (on_save_error=stop) or a warning logged (on_save_error=warn: the
-        handle's wait() gives None).
+        With checkpoint.async_save the state is frozen now and written in the background: the handle
+        is still running when it comes back; a save that comes due while another runs first waits for
+        it (one in flight at most). On an I/O failure the partial directory is removed, earlier
+        checkpoints are untouched, and SaveFailed is raised (on_save_error=stop: by `save` itself, or
+        for a background save by the next `poll`, `flush` or `save`) or a warning logged
+        (on_save_error=warn: the handle's wait() gives None).
         """
         if not force and not self._should_save(step):
             return None
         final = self.root / step_dir_name(step)
         if is_checkpoint_dir(final):
             return PendingSave.finished(final)  # already committed (e.g. a signal right after a periodic save)
+        self._last_save_time = time.monotonic()
+        if self._writer is None:
+            return PendingSave.finished(self._commit_and_rotate(step, stateful, metrics, final, None))
+        self.flush()  # one save in flight at most; its buffers are reused by this one
+        model, groups = split_stateful(stateful)
+        weights = model_tensors(model, on_cpu=False)
+        frozen, copy = freeze(MODEL_KEY, weights, model.config.to_json_string(), groups, self._snapshot)
+        self._in_flight = PendingSave(self._writer.submit(self._commit_and_rotate, step, frozen, metrics, final, copy))
+        return self._in_flight
+
+    def wait_snapshot(self) -> None:
+        """Call before the state changes (the optimizer update): waits until a background save has its copy."""
+        if self._snapshot is not None:
+            self._snapshot.wait_copied()
+
+    def poll(self) -> None:
+        """At a step boundary: a background save that failed raises its SaveFailed now."""
+        if self._in_flight is not None and self._in_flight.done:
+            self.flush()
+
+    def flush(self) -> Path | None:
+        """Wait for the save in flight, if any, to commit; raises its SaveFailed. Returns its dir."""
+        pending, self._in_flight = self._in_flight, None
+        return pending.wait() if pending is not None else None
+
+    def _commit_and_rotate(
+        self, step: int, stateful: Mapping[str, Any], metrics: dict[str, float], final: Path, copy: Copy | None
+    ) -> Path | None:
         start = time.monotonic()
         try:
+            if copy is not None:
+                copy.on_host()
             latest_updated = self._commit(step, stateful, metrics, final)
         except (OSError, RuntimeError) as exc:
             message = (
@@ -553,13 +592,13 @@ class CheckpointManager:
             )
             if self.cfg.on_save_error == "warn":
                 log.warning("%s (training goes on: checkpoint.on_save_error=warn)", message)
-                return PendingSave.finished(None)
+                return None
             raise SaveFailed(message + "; free space or fix permissions, then resume") from exc
-        self._last_save_time = time.monotonic()
-        log.info("saved checkpoint %s in %.2fs", final.name, time.monotonic() - start)
+        how = "in the background " if copy is not None else ""
+        log.info("saved checkpoint %s %sin %.2fs", final.name, how, time.monotonic() - start)
         if latest_updated:
             self._rotate()
-        return PendingSave.finished(final)
+        return final
 
     def load(self, stateful: Mapping[str, Any], target: Path | None = None) -> Loaded:
         """Load `target` (or the newest checkpoint that verifies) into `stateful`."""
@@ -569,7 +608,16 @@ class CheckpointManager:
         return Loaded(path, int(state["step"]), state)
 
     def close(self) -> None:
-        self.files.close()
+        """Wait for a save in flight (its failure is logged: close runs on the way out), then release."""
+        try:
+            self.flush()
+        except SaveFailed as exc:
+            log.error("%s", exc)
+        finally:
+            if self._writer is not None:
+                self._writer.shutdown(wait=True)
+                self._snapshot.close()
+            self.files.close()
 
     # -- finding a good checkpoint
 

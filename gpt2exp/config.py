@@ -144,6 +144,7 @@ class CheckpointConfig:
     keep_every: int = MISSING
     verify: VerifyMode = MISSING
     on_save_error: OnSaveError = MISSING
+    async_save: bool = MISSING
 
 
 @dataclass
@@ -218,6 +219,18 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="gpt2exp_schema", node=Config)
 
 
+# Keys added after a config of record could have been written, with the value that reproduces what
+# such a run did (its config.yaml lacks them).
+ADDED_KEYS: dict[str, Any] = {"checkpoint.async_save": False}
+
+
+def is_missing(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted `key` holds `???` (OmegaConf.is_missing takes only a direct child)."""
+    parent, _, leaf = key.rpartition(".")
+    node = OmegaConf.select(cfg, parent) if parent else cfg
+    return node is not None and OmegaConf.is_missing(node, leaf)
+
+
 def typed(cfg: Any) -> DictConfig:
     """Merge an untyped config (e.g. a `config.yaml` read back from disk) into the schema."""
     schema = OmegaConf.structured(Config)
@@ -225,6 +238,9 @@ def typed(cfg: Any) -> DictConfig:
         merged = OmegaConf.merge(schema, cfg)
     except Exception as exc:  # omegaconf raises several ValidationError kinds
         raise UserError(f"config does not match the schema: {str(exc).splitlines()[0]}") from exc
+    for key, value in ADDED_KEYS.items():
+        if is_missing(merged, key):
+            OmegaConf.update(merged, key, value)
     OmegaConf.set_struct(merged, True)
     return merged
 

@@ -243,6 +243,7 @@ class Trainer:
             if t.grad_clip:
                 self.scaler.unscale_(self.optimizer)
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+            self.checkpoints.wait_snapshot()  # a background save's copy of the weights must be done first
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
@@ -305,11 +306,18 @@ class Trainer:
         )
 
     def save_if_due(self) -> None:
-        """A checkpoint when checkpoint.every_steps/every_minutes says so, at the end, and on a signal."""
+        """A checkpoint when checkpoint.every_steps/every_minutes says so, at the end, and on a signal.
+
+        A background save that failed since the last step is reported here (checkpoint.on_save_error);
+        the last save and a signal's save are waited for: the run ends only once they are committed.
+        """
         c = self.counters
+        self.checkpoints.poll()
         final = c.step == self.cfg.trainer.max_steps and self.cfg.checkpoint.save_final
         metrics = {k: v for k, v in c.last_eval.items() if k != "step"} if c.last_eval.get("step") == c.step else {}
         self.checkpoints.save(c.step, self.stateful, metrics, force=final or self.preemption.requested)
+        if c.step == self.cfg.trainer.max_steps or self.preemption.requested:
+            self.checkpoints.flush()
 
     # -- stop conditions ---------------------------------------------------------------------------
 

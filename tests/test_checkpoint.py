@@ -54,7 +54,12 @@ CHECKPOINT_YAML = REPO / "conf" / "checkpoint" / "default.yaml"
 
 
 def make_cfg(**kwargs):
-    """The checkpoint section of the default config (conf/checkpoint/default.yaml), with `kwargs` over it."""
+    """The checkpoint section of the default config (conf/checkpoint/default.yaml), with `kwargs` over it.
+
+    Synchronous saves unless asked: these tests pin the commit protocol; tests/test_async_save.py
+    runs the same protocol in the background.
+    """
+    kwargs.setdefault("async_save", False)
     kwargs.setdefault("keep_last", 100)
     kwargs.setdefault("keep_best", 0)
     return OmegaConf.merge(OmegaConf.structured(CheckpointConfig), OmegaConf.load(CHECKPOINT_YAML), kwargs)
@@ -557,7 +562,8 @@ KILL_SCRIPT = textwrap.dedent(
     optimizer.step()
     stateful = {"model": model, "optimizer": TensorState(optimizer), "trainer": TrainerCounters(step=1)}
     defaults = OmegaConf.load("conf/checkpoint/default.yaml")
-    cfg = OmegaConf.merge(OmegaConf.structured(CheckpointConfig), defaults, {"keep_last": 5, "keep_best": 0})
+    overrides = {"keep_last": 5, "keep_best": 0, "async_save": False}
+    cfg = OmegaConf.merge(OmegaConf.structured(CheckpointConfig), defaults, overrides)
     manager = ckpt.CheckpointManager(cfg, sys.argv[1])
     manager.save(1, stateful, {"val/loss": 2.0}, force=True)
     print("saved step 1", flush=True)

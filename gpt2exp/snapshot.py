@@ -1,0 +1,167 @@
+"""A frozen copy of one step's training state, for a checkpoint written in the background.
+
+The training thread freezes the stateful set in two parts (`freeze`):
+- at once, everything small: JSON state, the structure and scalars of each tensor state (the
+  optimizer's param groups with their LR), the model config;
+- the tensors (weights, optimizer moments): copied into host buffers that are kept and reused from
+  save to save, by a copy that runs beside the next forward and backward. On CUDA the buffers are
+  pinned and the copy is non-blocking on a side stream; on the CPU a thread copies them.
+The next optimizer update, the first thing to change those tensors, waits for the copy
+(`HostSnapshot.wait_copied`); the writer waits for it too (`Copy.on_host`). So the checkpoint
+holds exactly the state of its step while the loop goes on.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+
+class Copy:
+    """One copy into host buffers, as the writer waits for it."""
+
+    def __init__(self, future: Future[None] | None, event: Any):
+        self._future, self._event = future, event
+
+    def on_host(self) -> None:
+        """Block this thread until the buffers hold the copy."""
+        if self._event is not None:
+            self._event.synchronize()
+        if self._future is not None:
+            self._future.result()
+
+
+class HostSnapshot:
+    """Reusable host buffers and the copy into them; one copy at a time."""
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] = {}
+        self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-copy")
+        self._stream: Any = None
+        self._copy: Copy | None = None  # the newest copy, until the training side has waited for it
+
+    def start(self, tensors: Mapping[str, Any]) -> tuple[dict[str, Any], Copy]:
+        """Begin copying `tensors` into this snapshot's buffers; the buffers hold them once `on_host()`.
+
+        The caller must not start another copy before the previous one's writer is done with the buffers.
+        """
+        import torch
+
+        buffers = {name: self._buffer(name, tensor) for name, tensor in tensors.items()}
+        event = None
+        on_cuda = [name for name, tensor in tensors.items() if tensor.is_cuda]
+        if on_cuda:
+            if self._stream is None:
+                self._stream = torch.cuda.Stream()
+            self._stream.wait_stream(torch.cuda.current_stream())  # after the step that made this state
+            with torch.cuda.stream(self._stream):
+                for name in on_cuda:
+                    buffers[name].copy_(tensors[name], non_blocking=True)
+                event = torch.cuda.Event()
+                event.record(self._stream)
+        on_cpu = {name: tensor for name, tensor in tensors.items() if not tensor.is_cuda}
+        future = self._copier.submit(_copy_all, {n: buffers[n] for n in on_cpu}, on_cpu) if on_cpu else None
+        self._copy = Copy(future, event)
+        return buffers, self._copy
+
+    def wait_copied(self) -> None:
+        """Hold back what would change the copied tensors until they are copied (the training side).
+
+        On CUDA the current stream waits for the copy's event, which does not block the host.
+        """
+        copy, self._copy = self._copy, None
+        if copy is None:
+            return
+        if copy._event is not None:
+            import torch
+
+            torch.cuda.current_stream().wait_event(copy._event)
+        if copy._future is not None:
+            copy._future.result()
+
+    def close(self) -> None:
+        self._copier.shutdown(wait=True)
+
+    def _buffer(self, name: str, tensor: Any) -> Any:
+        import torch
+
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != tensor.shape or buffer.dtype != tensor.dtype:
+            buffer = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=tensor.is_cuda)
+            self._buffers[name] = buffer
+        return buffer
+
+
+def _copy_all(buffers: Mapping[str, Any], tensors: Mapping[str, Any]) -> None:
+    for name, tensor in tensors.items():
+        buffers[name].copy_(tensor)  # releases the GIL: runs beside the training thread's kernels
+
+
+class Frozen:
+    """One object's state as it was at the freeze: `state_dict()` gives it, nothing can load into it."""
+
+    def __init__(self, state_kind: str, state: Any):
+        self.state_kind = state_kind
+        self._state = state
+
+    def state_dict(self) -> Any:
+        return self._state
+
+    def load_state_dict(self, state: Any) -> None:
+        raise TypeError("a frozen snapshot is read-only")
+
+
+class _FrozenConfig:
+    def __init__(self, text: str):
+        self._text = text
+
+    def to_json_string(self) -> str:
+        return self._text
+
+
+class FrozenModel:
+    """The model as the checkpoint writer sees it: `config.to_json_string()` and `state_dict()`."""
+
+    def __init__(self, config_json: str, tensors: dict[str, Any]):
+        self.config = _FrozenConfig(config_json)
+        self._tensors = tensors
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._tensors
+
+
+def freeze(model_key: str, model_weights: dict[str, Any], config_json: str, groups: Mapping[str, Mapping[str, Any]],
+           snapshot: HostSnapshot) -> tuple[dict[str, Any], Copy]:  # fmt: skip
+    """The stateful set frozen at this moment, and the copy of its tensors into `snapshot` (wait for
+    it with `Copy.on_host()` before reading them); the rest is copied now.
+
+    `model_weights` are the model's tensors to save (ties already dropped), `groups` the other
+    stateful objects by `state_kind` ("tensors" ones may nest their tensors in dicts and lists).
+    """
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    live: dict[str, Any] = {f"{model_key}/{name}": tensor for name, tensor in model_weights.items()}
+    structures = {}
+    for key, obj in groups.get("tensors", {}).items():
+        leaves, spec = tree_flatten(obj.state_dict())
+        slots = []
+        for i, leaf in enumerate(leaves):
+            if isinstance(leaf, torch.Tensor):
+                live[f"{key}/{i}"] = leaf
+                slots.append(f"{key}/{i}")
+            else:
+                slots.append(None)
+        structures[key] = (leaves, spec, slots)
+    buffers, copy = snapshot.start(live)
+    frozen: dict[str, Any] = {
+        model_key: FrozenModel(config_json, {name: buffers[f"{model_key}/{name}"] for name in model_weights})
+    }
+    for key, (leaves, spec, slots) in structures.items():
+        values = [buffers[slot] if slot is not None else leaf for leaf, slot in zip(leaves, slots, strict=True)]
+        frozen[key] = Frozen("tensors", tree_unflatten(values, spec))
+    for key, obj in groups.get("json", {}).items():
+        frozen[key] = Frozen("json", json.loads(json.dumps(obj.state_dict())))  # a deep copy, as written
+    return frozen, copy
