@@ -8,13 +8,15 @@ key; the dataclasses carry only the types.
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 
 from gpt2exp.errors import UserError
 
@@ -254,18 +256,133 @@ def validate(cfg: DictConfig) -> None:
         raise UserError("data.files is required for data=text_files; add data.files=[path/to/text.txt]")
     if cfg.data.source == "hf_dataset" and not cfg.data.dataset:
         raise UserError("data.dataset is required for data=hf_dataset; add data.dataset=<hub name or local path>")
-    t = cfg.trainer
-    for key in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_batches", "num_samples"):
-        value = t[key]
-        if value < 1 and not (key in ("max_steps", "num_samples") and value == 0):
-            raise UserError(f"trainer.{key}={value} must be at least 1; set e.g. trainer.{key}=1")
+    check_ranges(cfg)
     m = cfg.model
-    for key in ("n_layer", "n_head", "n_embd", "block_size"):
-        if m[key] < 1:
-            raise UserError(f"model.{key}={m[key]} must be at least 1")
     if m.init == "scratch" and m.n_embd % m.n_head:
         raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
-    if not 0.0 < cfg.data.val_fraction < 1.0 and cfg.data.val_split is None:
-        raise UserError(f"data.val_fraction={cfg.data.val_fraction} must lie between 0 and 1")
-    if cfg.optimizer.lr <= 0:
-        raise UserError(f"optimizer.lr={cfg.optimizer.lr} must be positive")
+
+
+# -- ranges ----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key accepts: an interval (each bound included unless marked open), plus
+    special values with their meaning, e.g. `(-1, "keep all")`. A list key (`count` set) holds that
+    many values, each in the interval. The YAML comment of the key states `notation()`."""
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+    special: tuple[tuple[Any, str], ...] = ()
+    count: int | None = None
+    why: str = ""  # said after the range in an error, e.g. why the bound is what it is
+    when: Callable[[Any], bool] | None = field(default=None, compare=False)  # only where the key is used
+
+    def admits(self, value: Any) -> bool:
+        if any(value is None if v is None else value == v for v, _ in self.special):
+            return True
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return self.high is None or (value < self.high if self.high_open else value <= self.high)
+
+    def words(self) -> str:
+        """`at least 1`, `-1 (keep all) or at least 1`, `at least 0 and less than 1`, ..."""
+        bounds = []
+        if self.low is not None:
+            bounds.append(f"{'greater than' if self.low_open else 'at least'} {self.low}")
+        if self.high is not None:
+            bounds.append(f"{'less than' if self.high_open else 'at most'} {self.high}")
+        specials = [f"{_yaml_value(v)} ({meaning})" for v, meaning in self.special]
+        return " or ".join([*specials, " and ".join(bounds)])
+
+    def notation(self) -> str:
+        """As the YAML comments write it: `>= 1`, `> 0`, `[0, 1)`, `null or >= 1`, `-1 or >= 1`."""
+        if self.low is not None and self.high is not None:
+            interval = f"{'(' if self.low_open else '['}{self.low}, {self.high}{')' if self.high_open else ']'}"
+        elif self.low is not None:
+            interval = f"{'>' if self.low_open else '>='} {self.low}"
+        else:
+            interval = f"{'<' if self.high_open else '<='} {self.high}"
+        return " or ".join([*(_yaml_value(v) for v, _ in self.special), interval])
+
+    def refusal(self, key: str, value: Any) -> str | None:
+        """The one-line error for `key=value`, or None if the value is in range."""
+        if self.count is not None:
+            values = list(value) if isinstance(value, ListConfig | list) else None
+            if values is None or len(values) != self.count or not all(self.admits(v) for v in values):
+                shown = values if values is not None else value
+                return f"{key}={shown} must hold {self.count} numbers, each {self.words()}"
+            return None
+        if self.admits(value):
+            return None
+        finite = "" if not isinstance(value, float) or math.isfinite(value) else "a finite number "
+        example = f"; set e.g. {key}={self.low}" if self.low is not None and not self.low_open else ""
+        why = f" ({self.why})" if self.why else ""
+        return f"{key}={_yaml_value(value)} must be {finite}{self.words()}{why}{example if self.high is None else ''}"
+
+
+def _yaml_value(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _bpe(cfg: Any) -> bool:
+    return cfg.data.tokenizer.name == "bpe"
+
+
+def _no_val_split(cfg: Any) -> bool:
+    return cfg.data.val_split is None
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(low=0), Range(low=1), Range(low=0, low_open=True)
+FRACTION = Range(low=0, high=1, high_open=True)  # 0 <= x < 1
+
+# The documented range of every numeric key (conf/ comments state each one; tests/test_ranges.py
+# checks that they agree and that no numeric key of the schema is missing here).
+RANGES: dict[str, Range] = {
+    "seed": AT_LEAST_0,
+    **{f"trainer.{k}": AT_LEAST_0 for k in ("max_steps", "eval_every", "sample_every", "num_samples", "grad_clip")},
+    **{f"trainer.{k}": AT_LEAST_1 for k in ("batch_size", "grad_accum_steps", "log_every", "eval_batches")},
+    "trainer.sample_tokens": AT_LEAST_1,
+    "trainer.num_threads": Range(low=1, special=((None, "torch's default"),)),
+    **{f"model.{k}": AT_LEAST_1 for k in ("n_layer", "n_head", "n_embd", "block_size")},
+    "model.dropout": FRACTION,
+    "optimizer.lr": POSITIVE,
+    "optimizer.weight_decay": AT_LEAST_0,
+    "optimizer.betas": Range(low=0, high=1, high_open=True, count=2),
+    "optimizer.eps": POSITIVE,
+    "optimizer.momentum": FRACTION,
+    "scheduler.warmup_steps": AT_LEAST_0,
+    "scheduler.min_lr_ratio": Range(low=0, high=1),
+    "scheduler.decay_steps": Range(low=0, special=((None, "trainer.max_steps"),)),  # 0: the record of max_steps=0
+    "data.val_fraction": Range(low=0, high=1, low_open=True, high_open=True, when=_no_val_split),
+    "data.tokenizer.vocab_size": Range(low=257, why="the 256 bytes and the end-of-text token", when=_bpe),
+    "checkpoint.every_steps": AT_LEAST_0,
+    "checkpoint.every_minutes": AT_LEAST_0,
+    "checkpoint.keep_last": Range(low=1, special=((-1, "keep all"),)),
+    "checkpoint.keep_best": AT_LEAST_0,
+    "checkpoint.keep_every": AT_LEAST_0,
+}
+
+
+def check_ranges(cfg: DictConfig) -> None:
+    """Refuse the first value outside its key's documented range, naming key, value and range.
+
+    A key of an option other than the chosen one is left to `check_applicable`.
+    """
+    for key, allowed in RANGES.items():
+        if key in ONLY_FOR and not _chosen(cfg, key):
+            continue
+        if allowed.when is not None and not allowed.when(cfg):
+            continue
+        refusal = allowed.refusal(key, OmegaConf.select(cfg, key))
+        if refusal:
+            raise UserError(refusal)
+
+
+def _chosen(cfg: DictConfig, key: str) -> bool:
+    chooser, _, options = ONLY_FOR[key]
+    return str(OmegaConf.select(cfg, chooser)) in options

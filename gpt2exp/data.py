@@ -176,10 +176,22 @@ def train_bpe(texts: list[str], vocab_size: int, out_dir: Path) -> None:
     wrapped.save_pretrained(out_dir)
 
 
+# Files one of which every saved HF tokenizer has (fast, GPT-2 BPE, sentencepiece, WordPiece).
+TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model", "spiece.model", "vocab.txt")
+
+
 def load_tokenizer(path_or_name: str):
     from transformers import AutoTokenizer
 
+    folder = Path(os.path.expanduser(path_or_name))
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise UserError(
+            f"no tokenizer in {path_or_name}: it has none of {', '.join(TOKENIZER_FILES)}; save one there with "
+            "tokenizer.save_pretrained(path), or set data.tokenizer.name to a tokenizer's path or hub name (or bpe)"
+        )
     tokenizer = load_pretrained(AutoTokenizer.from_pretrained, path_or_name, what="tokenizer")
+    if len(tokenizer) < 2:  # transformers builds an empty GPT-2 tokenizer where the files are missing
+        raise UserError(f"the tokenizer of {path_or_name} is empty ({len(tokenizer)} token); its files are missing")
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer {path_or_name} has no end-of-text token; pick a GPT-style tokenizer")
     return tokenizer
@@ -230,6 +242,38 @@ class TokenData:
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
+
+    def state_context_length(self, n_positions: int) -> None:
+        """Make the tokenizer say the model's context length (`model_max_length`), in memory and in its files.
+
+        The cached tokenizer is shared by models of every context length, so the files that go into
+        the run dir and every checkpoint are a copy per length (built once, next to the cache's):
+        HF pipelines read model_max_length from them.
+        """
+        self.tokenizer.model_max_length = n_positions
+        self.tokenizer_dir = tokenizer_with_context_length(self.tokenizer_dir, n_positions)
+
+
+def tokenizer_with_context_length(tokenizer_dir: Path, n_positions: int) -> Path:
+    """A sibling of `tokenizer_dir` with the same files whose tokenizer_config.json says `n_positions`."""
+    out = tokenizer_dir.with_name(f"{tokenizer_dir.name}-ctx{n_positions}")
+    if (out / "tokenizer_config.json").exists():
+        return out
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        shutil.copytree(tokenizer_dir, staging, dirs_exist_ok=True)
+        config_file = staging / "tokenizer_config.json"
+        config = json.loads(config_file.read_text()) if config_file.exists() else {}
+        config["model_max_length"] = n_positions
+        config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        try:
+            staging.rename(out)
+        except OSError:  # another process made the same copy first
+            if not (out / "tokenizer_config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
 
 
 def prepare_data(cfg: Any) -> TokenData:

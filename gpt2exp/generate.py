@@ -6,8 +6,8 @@
 
 A run dir uses its newest checkpoint that verifies; a checkpoint dir is used as it is (after
 verification). Generation starts as after a document boundary, then the prompt; the same seed gives
-the same text. --temperature 0 (or less) is greedy; --top-k 0 samples from the whole vocabulary.
-Exit code 2 for bad input.
+the same text. --temperature 0 is greedy; --top-k 0 samples from the whole vocabulary. Ranges:
+--max-new-tokens >= 1, --temperature >= 0, --top-k >= 0, --num-samples >= 1. Exit code 2 for bad input.
 """
 
 from __future__ import annotations
@@ -127,9 +127,9 @@ def build_parser() -> cli.ArgumentParser:
     parser.add_argument("path", metavar="PATH", help="a run dir (its newest good checkpoint) or a checkpoint dir")
     parser.add_argument("--prompt", default="", metavar="TEXT", help="text to continue (default: none)")
     parser.add_argument(
-        "--max-new-tokens", type=cli.non_negative_int, default=200, metavar="N", help="tokens per sample (200)"
+        "--max-new-tokens", type=cli.positive_int, default=200, metavar="N", help="tokens per sample, >= 1 (200)"
     )
-    parser.add_argument("--temperature", type=float, default=0.8, metavar="T", help="0 or less: greedy (0.8)")
+    parser.add_argument("--temperature", type=float, default=0.8, metavar="T", help=">= 0; 0: greedy (0.8)")
     parser.add_argument(
         "--top-k", type=cli.non_negative_int, default=50, metavar="K", help="sample among the K likeliest; 0: all (50)"
     )
@@ -175,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if not math.isfinite(args.temperature):
         parser.error(f"argument --temperature: must be a finite number, got {args.temperature}")
+    if args.temperature < 0:
+        parser.error(f"argument --temperature: must be >= 0 (0: greedy), got {args.temperature:g}")
     try:
         model, tokenizer = load(find_checkpoint(args.path), args.device)
     except UserError as exc:

@@ -78,6 +78,49 @@ def autocast_context(device, precision: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def config_as_run(cfg: DictConfig, device_type: str, model_config: Any) -> DictConfig:
+    """A copy of `cfg` holding what actually runs on `device_type` with the built model, each change logged.
+
+    fp16 autocast runs on accelerators only and torch.compile on CUDA only: elsewhere the run trains
+    in fp32 / uncompiled and the config of record says so. A pretrained model (model.init) has its own
+    shape, which replaces the preset's. A warm-up longer than the run is said too (the LR never peaks).
+    On resume the record already holds these values, so nothing changes.
+    """
+    import copy
+
+    cfg = copy.deepcopy(cfg)
+    t, m = cfg.trainer, cfg.model
+    if t.precision == "fp16" and device_type == "cpu":
+        log.warning("trainer.precision=fp16 is not used on cpu: training in fp32 (config.yaml records fp32)")
+        t.precision = "fp32"
+    if t.compile and device_type != "cuda":
+        log.warning("trainer.compile=true is not used on %s: running uncompiled (recorded as false)", device_type)
+        t.compile = False
+    if m.init != "scratch":
+        shape = {key: getattr(model_config, key) for key in ("n_layer", "n_head", "n_embd")}
+        changed = {key: value for key, value in shape.items() if m[key] != value}
+        if changed:
+            said = _pairs({key: m[key] for key in changed})
+            log.info(
+                "model.init=%s is %s: config.yaml records that shape (the config said %s)", m.init, _pairs(shape), said
+            )
+            for key, value in changed.items():
+                m[key] = value
+    warmup = cfg.scheduler.warmup_steps
+    if t.max_steps and warmup > t.max_steps:
+        log.warning(
+            "scheduler.warmup_steps=%d is more than trainer.max_steps=%d: the LR stays in warm-up and never "
+            "reaches optimizer.lr; lower scheduler.warmup_steps to train at the full LR",
+            warmup,
+            t.max_steps,
+        )
+    return cfg
+
+
+def _pairs(values: dict[str, Any]) -> str:
+    return ", ".join(f"{key}={value}" for key, value in values.items())
+
+
 class StepClock:
     """Tokens per second of the training steps alone: evaluation, samples and saves are left out."""
 
@@ -118,6 +161,9 @@ class Trainer:
         self.data = prepare_data(cfg.data)
         self.model = build_model(cfg.model, self.data.vocab_size, self.data.tokenizer.eos_token_id).to(self.device)
         log.info("model: %.2fM parameters, vocab %d", count_parameters(self.model) / 1e6, self.data.vocab_size)
+        self.data.state_context_length(self.model.config.n_positions)  # the tokenizer files say the model's
+        cfg = self.cfg = config_as_run(cfg, self.device.type, self.model.config)  # what is recorded is what runs
+        t = cfg.trainer
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device.type)
         self.schedule = LRSchedule(self.optimizer, cfg.optimizer.lr, cfg.scheduler)
         use_scaler = t.precision == "fp16" and self.device.type == "cuda"
@@ -137,7 +183,7 @@ class Trainer:
         identity = {"config_sha256": config_digest(cfg), "code_version": code_version()}
         self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.data.tokenizer_dir, identity)
         self.tracker = Tracker(cfg.logger, self.run_dir)
-        self.forward = torch.compile(self.model) if t.compile and self.device.type == "cuda" else self.model
+        self.forward = torch.compile(self.model) if t.compile else self.model
         self.autocast = autocast_context(self.device, t.precision)
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
         self.clock = StepClock()

@@ -125,7 +125,7 @@ def test_an_unknown_enum_value_lists_the_choices(compose):
     [
         ("trainer.batch_size=0", "trainer.batch_size=0 must be at least 1"),
         ("model.n_head=3", "model.n_embd=128 is not divisible by model.n_head=3"),
-        ("data.val_fraction=1.5", "data.val_fraction=1.5 must lie between 0 and 1"),
+        ("data.val_fraction=1.5", "data.val_fraction=1.5 must be greater than 0 and less than 1"),
     ],
 )
 def test_validation_names_the_key(compose, override, message):
