@@ -130,18 +130,20 @@ def process_state_restored() -> Iterator[None]:
     """Leave the process as the job found it, for the next job of a sweep in the same process.
 
     Hydra's basic launcher runs a sweep's jobs one after another in one process, and joblib reuses
-    its workers: the torch thread count and the global RNGs a job sets must not leak into the
-    next one, and the job's datasets (memory-maps) are released.
+    its workers: the torch thread count, the TF32 switches and the global RNGs a job sets must not
+    leak into the next one, and the job's datasets (memory-maps) are released.
     """
     import gc
 
     import torch
 
     threads = torch.get_num_threads()
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     rng = RngState().state_dict()
     try:
         yield
     finally:
         torch.set_num_threads(threads)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         RngState().load_state_dict(rng)
         gc.collect()

@@ -22,6 +22,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.errors import Diverged, RunStopped, UserError
+from gpt2exp.mfu import flops_per_token, mfu, peak_flops
 from gpt2exp.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gpt2exp.resume import ResumeTarget, config_digest
 from gpt2exp.rundir import (
@@ -158,6 +159,8 @@ class Trainer:
         torch.set_num_threads(t.num_threads)
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
+        if self.device.type == "cuda":  # TF32 tensor cores for the matmuls autocast leaves in fp32
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         self.data = prepare_data(cfg.data)
         self.model = build_model(cfg.model, self.data.vocab_size, self.data.tokenizer.eos_token_id).to(self.device)
         log.info("model: %.2fM parameters, vocab %d", count_parameters(self.model) / 1e6, self.data.vocab_size)
@@ -186,6 +189,8 @@ class Trainer:
         self.forward = torch.compile(self.model) if t.compile else self.model
         self.autocast = autocast_context(self.device, t.precision)
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
+        self.flops_per_token = flops_per_token(self.model, cfg.model.block_size)
+        self.peak_flops = peak_flops(self.device)  # None on a CPU or an unknown GPU: no mfu is logged
         self.clock = StepClock()
         self.preemption = PreemptionFlag()
         self.bar = tqdm(total=t.max_steps, disable=not t.progress, dynamic_ncols=True, leave=False, delay=0.5)
@@ -281,7 +286,7 @@ class Trainer:
             self.model.train()
             total = torch.zeros((), device=self.device)
             for _ in range(t.grad_accum_steps):
-                x, y = (torch.from_numpy(a).to(self.device) for a in self.sampler.next_batch())
+                x, y = (self.to_device(a) for a in self.sampler.next_batch())
                 with self.autocast:
                     loss = next_token_loss(self.forward, x, y) / t.grad_accum_steps
                 self.scaler.scale(loss).backward()
@@ -298,6 +303,13 @@ class Trainer:
         c.tokens_seen += self.tokens_per_step
         self.bar.update(1)
         return loss_value
+
+    def to_device(self, array):
+        """A host batch on the device: through pinned memory and a non-blocking copy on CUDA."""
+        import torch
+
+        batch = torch.from_numpy(array)
+        return batch.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else batch
 
     # -- periodic work -----------------------------------------------------------------------------
 
@@ -325,6 +337,8 @@ class Trainer:
         if loss is not None and (c.step % t.log_every == 0 or c.step == t.max_steps):
             tokens_per_s = self.clock.take_rate()
             row = {"train/loss": loss, "lr": self.lr, "tokens_per_s": tokens_per_s, "tokens": c.tokens_seen}
+            if self.peak_flops is not None:
+                row["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.peak_flops)
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if c.last_eval.get("step") == c.step:  # evaluated at this step
             row["val/loss"] = c.last_eval["val/loss"]

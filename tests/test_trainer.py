@@ -85,3 +85,21 @@ def test_a_nan_loss_stops_as_diverged(make_trainer, monkeypatch):
     with pytest.raises(Diverged, match="training diverged at step 0 \\(loss nan\\); lower optimizer.lr"):
         trainer.run(None)
     assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "diverged"
+
+
+def test_mfu_is_logged_beside_tokens_per_s_where_the_peak_is_known(make_trainer):
+    cpu = make_trainer("trainer.log_every=1")
+    assert cpu.peak_flops is None
+    cpu.run(None)
+    assert all("mfu" not in json.loads(line) for line in (cpu.run_dir / "metrics.jsonl").read_text().splitlines())
+
+
+def test_mfu_is_tokens_per_s_times_flops_per_token_over_the_peak(make_trainer, tmp_path):
+    trainer = make_trainer("trainer.log_every=1")
+    trainer.peak_flops = 1e9  # as a GPU in the table would give
+    trainer.run(None)
+    rows = [json.loads(line) for line in (trainer.run_dir / "metrics.jsonl").read_text().splitlines()]
+    logged = [row for row in rows if "tokens_per_s" in row]
+    assert len(logged) == 4
+    for row in logged:
+        assert row["mfu"] == row["tokens_per_s"] * trainer.flops_per_token / 1e9
