@@ -1,0 +1,222 @@
+"""GPU throughput and MFU of GPT-2 124M: gpt2exp against a bare HF loop and nanoGPT-style settings,
+and how long the loop stands still per checkpoint save, synchronous against background.
+
+    python benchmarks/gpu.py                                   # on a CUDA GPU (bf16)
+    python benchmarks/gpu.py --steps 50 --batch-size 16
+    python benchmarks/gpu.py --device cpu --model gpt2_tiny --steps 5 --warmup 1   # a smoke run of the code
+
+The three methods train the same model shape on the same batches (gpt2exp's sampler over the
+Shakespeare tokens, the preset's 50257-token BPE), one after another, each after --warmup untimed
+steps (compilation happens there):
+1. gpt2exp: `Trainer(cfg, run_dir)` of `+experiment=gpt2_124m` (bf16 autocast, fused AdamW,
+   torch.compile, SDPA attention, TF32, pinned batches), `Trainer.step()` per step;
+2. bare HF loop: `GPT2LMHeadModel` in fp32, `model(input_ids, labels=...)`, `torch.optim.AdamW`
+   with its defaults, no autocast, no compile, no TF32;
+3. nanoGPT-style: the same HF model with nanoGPT's settings: TF32, bf16 autocast, fused AdamW,
+   torch.compile.
+MFU = tokens/s x (6N + 12LHQT) / the GPU's dense bf16 peak (gpt2exp/mfu.py). Then, with gpt2exp's
+state: the seconds the loop is blocked per save with checkpoint.async_save=false (the whole save)
+and =true (the state frozen and its copy started, then `wait_snapshot()` before the next optimizer
+update, after the next step's forward and backward).
+Targets (issue 11): gpt2exp >= 45% MFU on an H100 and >= 1.0x the bare loop's tokens/s; blocked
+per background save <= 5% of a synchronous one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+MFU_TARGET, BARE_TARGET, BLOCKED_TARGET = 0.45, 1.0, 0.05
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per method")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
+    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--model", default="gpt2_124m", help="a model preset of conf/model/")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    parser.add_argument("--saves", type=int, default=3, help="rounds of the blocked-per-save measurement")
+    args = parser.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("no CUDA GPU here; run it on a GPU machine, or use --device cpu for a smoke run")
+    return args
+
+
+def compose_cfg(args, run_steps: int):
+    from gpt2exp.config import CONF_DIR, register_schemas
+    from gpt2exp.launch import compose
+    from gpt2exp.resume import fix_values_of_record
+
+    register_schemas()
+    overrides = [
+        "+experiment=gpt2_124m",
+        f"model={args.model}",
+        f"device={args.device}",
+        f"trainer.batch_size={args.batch_size}",
+        "trainer.grad_accum_steps=1",
+        f"trainer.max_steps={run_steps}",
+        "trainer.progress=false",
+        "logger=none",
+    ]
+    return fix_values_of_record(compose(CONF_DIR, overrides), torch.get_num_threads())
+
+
+def timed(step, warmup: int, steps: int, sync) -> float:
+    for _ in range(warmup):
+        step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    return time.perf_counter() - start
+
+
+def run_gpt2exp(cfg, args, sync) -> tuple[float, object]:
+    from gpt2exp.trainer import Trainer
+
+    run_dir = Path(tempfile.mkdtemp(prefix="gpt2exp-gpu-bench-"))
+    trainer = Trainer(cfg, run_dir)
+    return timed(trainer.step, args.warmup, args.steps, sync), trainer
+
+
+def run_hf(cfg, args, batches, sync, nanogpt: bool) -> float:
+    from transformers import GPT2LMHeadModel
+
+    from gpt2exp.model import scratch_config
+    from gpt2exp.trainer import autocast_context
+
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = nanogpt
+    torch.manual_seed(cfg.seed)
+    model = GPT2LMHeadModel(scratch_config(cfg.model, batches.vocab_size, batches.eos_id)).to(device)
+    opt = cfg.optimizer
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, fused=nanogpt or None
+    )
+    forward = torch.compile(model) if nanogpt and args.device == "cuda" else model
+    autocast = autocast_context(device, "bf16" if nanogpt else "fp32")
+    it = iter(batches)
+
+    def step() -> None:
+        x = next(it).to(device, non_blocking=True)
+        with autocast:
+            loss = forward(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss.item()  # one read per step, as gpt2exp does
+
+    try:
+        return timed(step, args.warmup, args.steps, sync)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+
+
+class Batches:
+    """The windows gpt2exp's sampler draws, for the HF loops (inputs only: labels are the inputs)."""
+
+    def __init__(self, trainer, count: int):
+        from gpt2exp.data import BatchSampler
+
+        cfg = trainer.cfg
+        sampler = BatchSampler(trainer.data.train, cfg.model.block_size, cfg.trainer.batch_size, cfg.seed)
+        pin = trainer.device.type == "cuda"
+        self.inputs = [torch.from_numpy(sampler.next_batch()[0].copy()) for _ in range(count)]
+        self.inputs = [x.pin_memory() if pin else x for x in self.inputs]
+        self.vocab_size, self.eos_id = trainer.data.vocab_size, trainer.data.tokenizer.eos_token_id
+
+    def __iter__(self):
+        return iter(self.inputs)
+
+
+def blocked_per_save(trainer, saves: int, sync) -> dict[str, list[float]]:
+    """Seconds the loop stands still per save of the trainer's state, sync against background.
+
+    Each round times a save followed by one training step (to the device's end) and takes off the
+    median time of a step without a save: what the save added to the loop, however it was spent
+    (on the host, or as the optimizer's kernels waiting for the snapshot's copy on the device).
+    """
+    from omegaconf import OmegaConf
+
+    from gpt2exp.checkpoint import CheckpointManager
+
+    def one_step() -> float:
+        sync()
+        start = time.perf_counter()
+        trainer.step()
+        sync()
+        return time.perf_counter() - start
+
+    plain = statistics.median(one_step() for _ in range(3))
+    blocked: dict[str, list[float]] = {"sync": [], "async": []}
+    for mode in ("sync", "async"):
+        cfg = OmegaConf.merge(trainer.cfg.checkpoint, {"async_save": mode == "async", "every_minutes": 0.0})
+        manager = CheckpointManager(cfg, trainer.run_dir / f"bench-{mode}", trainer.data.tokenizer_dir)
+        trainer.checkpoints = manager  # Trainer.step waits on this manager's snapshot
+        try:
+            for i in range(saves):
+                sync()
+                start = time.perf_counter()
+                pending = manager.save(1000 + i, trainer.stateful, {}, force=True)
+                if mode == "sync":
+                    pending.wait()
+                trainer.step()
+                sync()
+                blocked[mode].append(time.perf_counter() - start - plain)
+                pending.wait()  # the background commit, before the next round
+        finally:
+            manager.close()
+    return blocked
+
+
+def main(argv: list[str] | None = None) -> int:
+    from gpt2exp.mfu import mfu, peak_flops
+
+    args = parse_args(argv)
+    sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
+    cfg = compose_cfg(args, run_steps=10 * (args.warmup + args.steps + args.saves))
+    seconds, trainer = run_gpt2exp(cfg, args, sync)
+    per_token, peak = trainer.flops_per_token, peak_flops(trainer.device)
+    tokens = args.steps * trainer.tokens_per_step
+    batches = Batches(trainer, args.warmup + args.steps)
+    results = {"gpt2exp Trainer.step": seconds}
+    results["bare HF loop"] = run_hf(trainer.cfg, args, batches, sync, nanogpt=False)
+    results["nanoGPT-style HF loop"] = run_hf(trainer.cfg, args, batches, sync, nanogpt=True)
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    print(f"{args.model}, batch {args.batch_size} x {cfg.model.block_size}, {args.steps} timed steps on {name}")
+    print(f"{'method':<24} {'tokens/s':>12} {'MFU':>7}")
+    rates = {method: tokens / s for method, s in results.items()}
+    for method, rate in rates.items():
+        util = mfu(rate, per_token, peak)
+        print(f"{method:<24} {rate:>12,.0f} {'-' if util is None else f'{100 * util:.1f}%':>7}")
+    ours = rates["gpt2exp Trainer.step"]
+    print(f"gpt2exp / bare HF loop = {ours / rates['bare HF loop']:.2f}x (target >= {BARE_TARGET})")
+    print(f"gpt2exp / nanoGPT-style = {ours / rates['nanoGPT-style HF loop']:.2f}x (reference)")
+    util = mfu(ours, per_token, peak)
+    if util is not None:
+        print(f"gpt2exp MFU = {100 * util:.1f}% (target >= {100 * MFU_TARGET:.0f}% on an H100)")
+    blocked = blocked_per_save(trainer, args.saves, sync)
+    for mode, values in blocked.items():
+        print(f"loop blocked per save, async_save={mode == 'async'}: median {statistics.median(values):.3f} s; "
+              + " ".join(f"{v:.3f}" for v in values))  # fmt: skip
+    ratio = statistics.median(blocked["async"]) / statistics.median(blocked["sync"])
+    print(f"blocked async / sync = {ratio:.3f} (target <= {BLOCKED_TARGET} on a GPU)")
+    trainer.checkpoints.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
