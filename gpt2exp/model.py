@@ -10,6 +10,8 @@ from gpt2exp.hub import load_pretrained
 
 log = logging.getLogger(__name__)
 
+ATTENTION = "sdpa"  # PyTorch's scaled_dot_product_attention: flash / memory-efficient kernels where they apply
+
 
 def quiet_transformers() -> None:
     """Hide transformers notices a user cannot act on (e.g. the per-model `loss_type=None` line)."""
@@ -33,6 +35,7 @@ def scratch_config(cfg: Any, vocab_size: int, eos_id: int):
         attn_pdrop=cfg.dropout,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
+        attn_implementation=ATTENTION,
     )
 
 
@@ -44,7 +47,9 @@ def build_model(cfg: Any, vocab_size: int, eos_id: int):
     if cfg.init == "scratch":
         return GPT2LMHeadModel(scratch_config(cfg, vocab_size, eos_id))
     dropout = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
-    model = load_pretrained(GPT2LMHeadModel.from_pretrained, cfg.init, what="model", **dropout)
+    model = load_pretrained(
+        GPT2LMHeadModel.from_pretrained, cfg.init, what="model", attn_implementation=ATTENTION, **dropout
+    )
     supported = model.config.n_positions
     if cfg.block_size > supported:
         raise UserError(

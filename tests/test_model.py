@@ -1,0 +1,23 @@
+"""The model is built with PyTorch's SDPA attention, from scratch and from pretrained weights alike."""
+
+from __future__ import annotations
+
+from omegaconf import OmegaConf
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from gpt2exp.model import build_model
+
+
+def model_cfg(init: str):
+    return OmegaConf.create({"init": init, "block_size": 16, "n_embd": 16, "n_layer": 1, "n_head": 2, "dropout": 0.0})
+
+
+def test_a_scratch_model_uses_sdpa_attention():
+    assert build_model(model_cfg("scratch"), 64, 63).config._attn_implementation == "sdpa"
+
+
+def test_a_pretrained_model_saved_with_eager_attention_loads_with_sdpa(tmp_path):
+    config = GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=64, attn_implementation="eager")
+    GPT2LMHeadModel(config).save_pretrained(tmp_path / "pretrained")
+    model = build_model(model_cfg(str(tmp_path / "pretrained")), 64, 63)
+    assert model.config._attn_implementation == "sdpa"
