@@ -55,6 +55,8 @@ class ScheduleName(StrEnum):
 
 class LoggerBackend(StrEnum):
     wandb = "wandb"
+    tensorboard = "tensorboard"
+    wandb_tensorboard = "wandb_tensorboard"  # both: W&B's keys, and TensorBoard event files
     none = "none"
 
 
@@ -154,10 +156,10 @@ class LoggerConfig:
     backend: LoggerBackend = MISSING
     group: str | None = None  # any backend: also labels the run in reports
     name: str | None = None  # any backend
-    mode: WandbMode | None = None  # wandb
-    project: str | None = None  # wandb
-    entity: str | None = None  # wandb
-    tags: list[str] = field(default_factory=list)  # wandb
+    mode: WandbMode | None = None  # wandb, wandb_tensorboard
+    project: str | None = None  # wandb, wandb_tensorboard
+    entity: str | None = None  # wandb, wandb_tensorboard
+    tags: list[str] = field(default_factory=list)  # wandb, wandb_tensorboard
 
 
 @dataclass
@@ -199,7 +201,10 @@ ONLY_FOR: dict[str, tuple[str, str, tuple[str, ...]]] = {
     **{f"data.{k}": ("data.source", "data", ("hf_dataset",)) for k in ("val_split", "text_column")},
     **{f"optimizer.{k}": ("optimizer.name", "optimizer", ("adamw",)) for k in ("betas", "eps", "fused")},
     "optimizer.momentum": ("optimizer.name", "optimizer", ("sgd",)),
-    **{f"logger.{k}": ("logger.backend", "logger", ("wandb",)) for k in ("mode", "project", "entity", "tags")},
+    **{
+        f"logger.{k}": ("logger.backend", "logger", ("wandb", "wandb_tensorboard"))
+        for k in ("mode", "project", "entity", "tags")
+    },
 }
 
 

@@ -33,7 +33,7 @@ def test_groups_have_the_contracted_options():
     assert options("scheduler") == ["constant", "cosine", "linear"]
     assert options("data") == ["hf_dataset", "shakespeare", "text_files"]
     assert options("checkpoint") == ["default"]
-    assert options("logger") == ["none", "wandb"]
+    assert options("logger") == ["none", "tensorboard", "wandb", "wandb_tensorboard"]
     assert {"shakespeare_tiny", "shakespeare_small", "gpt2_124m", "finetune_gpt2"} <= set(options("experiment"))
 
 
@@ -79,7 +79,7 @@ def test_each_data_source_composes(compose, overrides):
     assert cfg.data.tokenizer.name == "bpe"
 
 
-@pytest.mark.parametrize("name", ["none", "wandb"])
+@pytest.mark.parametrize("name", options("logger"))
 def test_each_logger_composes(compose, name):
     assert compose([f"logger={name}"]).logger.backend == name
 
@@ -180,7 +180,10 @@ def test_the_schema_holds_types_only_so_conf_is_the_one_source_of_values():
         ),
         (["optimizer=sgd", "optimizer.betas=[0.9,0.99]"], "optimizer.betas applies only to optimizer=adamw"),
         (["optimizer.momentum=0.8"], "optimizer.momentum applies only to optimizer=sgd, not to optimizer=adamw"),
-        (["logger=none", "logger.project=mine"], "logger.project applies only to logger=wandb, not to logger=none"),
+        (
+            ["logger=none", "logger.project=mine"],
+            "logger.project applies only to logger=wandb or logger=wandb_tensorboard, not to logger=none",
+        ),
     ],
 )
 def test_a_key_of_another_option_is_refused_naming_the_option(compose, overrides, message):
@@ -197,7 +200,7 @@ def test_keys_every_option_of_a_group_needs_are_set_by_each_option(compose):
             ["data=hf_dataset", "data.dataset=x"],
         ],
         "optimizer": [["optimizer=adamw"], ["optimizer=sgd"]],
-        "logger": [["logger=wandb"], ["logger=none"]],
+        "logger": [[f"logger={name}"] for name in options("logger")],
     }.items():
         for overrides in option_overrides:
             cfg = compose(overrides)
