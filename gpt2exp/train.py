@@ -132,8 +132,13 @@ def run_job(cfg: DictConfig, plan: RunPlan | None = None) -> float:
 def main() -> None:
     import hydra
 
+    from gpt2exp.completion import module_install_script
     from gpt2exp.launch import prepare_argv
 
+    completion = module_install_script(sys.argv, sys.orig_argv)
+    if completion is not None:  # `python -m gpt2exp.train -sc install=bash`: Hydra's own script misses `-m`
+        print(completion, end="")
+        return
     register_schemas()
     sys.argv, plan = prepare_argv(sys.argv, CONF_DIR)
 
