@@ -3,24 +3,32 @@
 Hydra writes the run dir (and, on a reused dir, overwrites `.hydra/`) before the task function
 starts, so every check that must reject a command without touching the disk happens here, on
 `sys.argv`, and the run is planned here once (resume.plan_run) and handed to the job:
-- the config must compose against the typed schema and pass `config.validate`;
+- the config must compose against the typed schema and pass `config.validate`, and what it names
+  must be there: the data files, the device (every swept value of a sweep is checked too);
 - `resume=...` must name a resumable run, not be combined with `-m`, not be older than the run's
-  newest checkpoint, and change only whitelisted keys of the config of record;
-- a resume is pointed at its own run dir, with Hydra's files going to `.hydra/resume-<stamp>/`.
+  newest checkpoint, and change only whitelisted keys of the config of record; a run that already
+  completed its steps is left as it is (one line, exit 0);
+- a resume is pointed at its own run dir, with Hydra's files going to `.hydra/resume-<stamp>/`;
+- a run dir named on the command line (a resume, `hydra.run.dir=`) is locked here, before Hydra
+  writes into it, and what this launch adds to it is noted (rundir.Footprint).
 Each failure is one `error:` line and exit code 2. Overrides are read with Hydra's own parser.
 """
 
 from __future__ import annotations
 
+import glob
 import os
+import re
+import sys
+from dataclasses import replace
 from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.errors import UserError, fail
 from gpt2exp.overrides import INFO_FLAGS, MULTIRUN_FLAGS, is_hydra, key_of, last_value, parse, split_argv
-from gpt2exp.resume import RunPlan, allowed_keys_text, is_resumable_key, plan_run
-from gpt2exp.rundir import RunStatus, timestamp
+from gpt2exp.resume import RunComplete, RunPlan, allowed_keys_text, is_resumable_key, plan_run
+from gpt2exp.rundir import Footprint, RunLock, RunStatus, timestamp
 from gpt2exp.sweep import holds_job_dirs, is_sweep_dir
 
 # Hydra plugins the configs name: (group, option) -> (module, pip package).
@@ -55,6 +63,46 @@ def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
     return cfg
 
 
+def check_available(cfg: DictConfig) -> None:
+    """What a job would otherwise find missing only after Hydra wrote its run dir: data files, the device."""
+    if cfg.data.source == "text_files":
+        found = False
+        for pattern in cfg.data.files:
+            matched = glob.glob(os.path.expanduser(pattern), recursive=True)
+            if not matched:
+                raise UserError(f"data file not found: {pattern}; check the path in data.files=[...]")
+            found = found or any(os.path.isfile(p) for p in matched)
+        if not found:
+            raise UserError("data.files names no files; set data.files=[path/to/text.txt]")
+    if cfg.device == "cuda" and not cuda_may_be_available():
+        raise UserError("device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
+    if cfg.device == "mps" and sys.platform != "darwin":
+        raise UserError("device=mps but MPS is not available; use device=auto or device=cpu")
+
+
+def cuda_may_be_available() -> bool:
+    """False only where CUDA surely is not, found without importing torch (a second): GPUs hidden by
+    CUDA_VISIBLE_DEVICES, a torch build without CUDA or ROCm, or on Linux no NVIDIA driver. Anything
+    else is left to torch.cuda.is_available() in the job."""
+    from importlib.util import find_spec
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1"):
+        return False
+    spec = find_spec("torch")
+    if spec is None or not spec.submodule_search_locations:
+        return True
+    try:
+        version = (Path(next(iter(spec.submodule_search_locations))) / "version.py").read_text()
+    except OSError:
+        return True
+    built = dict(re.findall(r"^(cuda|hip)\b[^=\n]*=\s*(.+?)\s*$", version, re.MULTILINE))
+    if built.get("cuda") == "None" and built.get("hip") == "None":
+        return False
+    if built.get("cuda", "None") != "None" and sys.platform == "linux":
+        return any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg"))
+    return True
+
+
 def _one_line(exc: BaseException) -> str:
     """Hydra's composition errors as one line: what failed, the key, and the choices if any."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
@@ -85,6 +133,9 @@ def prepare_argv(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | N
     except UserError as exc:
         fail(str(exc))
         raise  # unreachable: fail() exits
+    except RunComplete as done:
+        print(done, flush=True)
+        raise SystemExit(0) from None
 
 
 def check_plugins(overrides: list) -> None:
@@ -132,16 +183,44 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
         return argv, None
     plan = plan_run(resume, last_value(overrides, "hydra.run.dir"), job_overrides, lambda o: compose(conf_dir, o))
     if not plan.is_resume:
-        compose(conf_dir, job_overrides)
-        return argv, plan
+        check_available(compose(conf_dir, job_overrides))
+        return argv, claim_run_dir(plan)
+    check_available(plan.config)
     kept = [a for a in args if a not in override_args]
     kept += [o.input_line for o in overrides if key_of(o) not in ("hydra.run.dir", "hydra.output_subdir")]
-    hydra_args = [f"hydra.run.dir={plan.run_dir}", f"hydra.output_subdir=.hydra/resume-{timestamp(for_name=True)}"]
-    return [argv[0], *kept, *hydra_args], plan
+    subdir = f".hydra/resume-{timestamp(for_name=True)}"
+    hydra_args = [f"hydra.run.dir={plan.run_dir}", f"hydra.output_subdir={subdir}"]
+    return [argv[0], *kept, *hydra_args], claim_run_dir(plan, subdir)
+
+
+def claim_run_dir(plan: RunPlan, hydra_subdir: str | None = None) -> RunPlan:
+    """Lock a run dir named on the command line before Hydra writes into it, noting what is there.
+
+    The last step of the launcher: every check has passed. A dir Hydra names itself (a timestamp) is
+    locked by the job. A dir in use by another process is refused (UserError) with nothing written.
+    """
+    if plan.run_dir is None:
+        return plan
+    footprint = Footprint.before_launch(plan.run_dir, (hydra_subdir,) if hydra_subdir else ())
+    lock = RunLock(plan.run_dir)
+    try:
+        plan.run_dir.mkdir(parents=True, exist_ok=True)
+        lock.acquire()
+        return replace(plan, lock=lock, footprint=footprint)
+    except BaseException as exc:  # in use, unwritable, or a signal: leave the disk as it was
+        if lock.held:
+            footprint.erase()
+            lock.release()
+        else:
+            footprint.prune()
+        if isinstance(exc, OSError):
+            raise UserError(f"cannot create the run dir {plan.run_dir}: {exc.strerror or exc}") from None
+        raise
 
 
 def check_sweep_values(conf_dir: str, overrides: list) -> None:
-    """Compose a sweep's jobs so that every swept value is tried once, before any job starts.
+    """Compose a sweep's jobs so that every swept value is tried once, before any job starts, and
+    check that what each names is there (data files, the device).
 
     Each swept key's values are tried with the other keys at their first value: as many
     compositions as values in all, not the product. Ranges and intervals (Optuna's) are left to
@@ -167,7 +246,7 @@ def check_sweep_values(conf_dir: str, overrides: list) -> None:
             job = tuple(value if k == i else other[0] for k, other in enumerate(choices))
             if job not in tried:
                 tried.add(job)
-                compose(conf_dir, list(job))
+                check_available(compose(conf_dir, list(job)))
 
 
 def _resume_sweep(program: str, flags: list[str], overrides: list, conf_dir: str) -> list[str]:
@@ -192,7 +271,7 @@ def _resume_sweep(program: str, flags: list[str], overrides: list, conf_dir: str
         )
     flags = [a for a in flags if a not in MULTIRUN_FLAGS]
     if extra and not flags:  # bad values of allowed keys fail here, before any job dir is written to
-        compose(conf_dir, extra)
+        check_available(compose(conf_dir, extra))
     plan = plan_sweep(sweep_dir)
     jobs, todo = plan.jobs, plan.to_run
     completed, diverged = (sum(job.status == s for job in jobs) for s in (RunStatus.completed, RunStatus.diverged))

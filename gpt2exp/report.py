@@ -9,7 +9,9 @@ Writes report.md (the table and the plots) and loss_vs_step.png, loss_vs_tokens.
 throughput.png, and prints the table. A dir is searched for run dirs (config.yaml + run.json) up to
 three levels down (not into checkpoints/, wandb/ or hidden dirs). Runs are labelled by the Hydra
 overrides that differ between them (from each run's .hydra/overrides.yaml), else by logger.name,
-else by their dir name; resume points are dotted vertical lines. Exit code 2 for bad input.
+else by their dir name; resume points are dotted vertical lines. A dir passed that holds no run
+(e.g. one left by a launch that stopped before its run began) is skipped with a note on stderr, as
+long as another one holds runs. Exit code 2 for bad input.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -121,18 +124,22 @@ def load_run(run_dir: Path) -> Run:
 def collect_runs(dirs: Sequence[Path]) -> list[Run]:
     """Every run under `dirs`, named relative to their common parent and labelled by what differs."""
     paths: list[Path] = []
+    empty: list[Path] = []
     for root in dirs:
         if not root.exists():
             raise UserError(f"path does not exist: {root}; pass a run dir or a multirun dir")
         if not root.is_dir():
             raise UserError(f"{root} is not a directory; pass a run dir or a multirun dir")
         found = find_runs(root.resolve())
-        if not found:
-            raise UserError(
-                f"no gpt2exp runs under {root}; pass a run dir (with {CONFIG_OF_RECORD} and {RUN_JSON}) "
-                "or a multirun dir"
-            )
+        empty += [] if found else [root]
         paths.extend(p for p in found if p not in paths)
+    if not paths:
+        raise UserError(
+            f"no gpt2exp runs under {', '.join(map(str, empty))}; pass a run dir (with {CONFIG_OF_RECORD} and "
+            f"{RUN_JSON}) or a multirun dir"
+        )
+    for root in empty:
+        print(f"note: skipping {root}: no gpt2exp run in it (no {CONFIG_OF_RECORD} and {RUN_JSON})", file=sys.stderr)
     # several runs: below their common parent (sweep jobs are `0`, `1`...); one run: below the dir passed, or its parent
     base = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
     if len(dirs) == 1 and len(paths) == 1 and paths[0] != dirs[0].resolve():

@@ -7,20 +7,32 @@ launcher (launch.py) computes it for a single run before Hydra starts; the job r
 job, whose dir only Hydra knows, computes its own with `plan_job` at its start.
 
 Only the keys in RESUMABLE_KEYS may differ from the record on resume; any other change is refused.
+A run that already completed `trainer.max_steps` is not resumed (`RunComplete`: nothing changes), and
+a run that never saved a checkpoint is restarted from step 0 with its config of record.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.errors import UserError
 from gpt2exp.overrides import key_of, parse
-from gpt2exp.rundir import CHECKPOINTS, check_unlocked, is_run_dir, read_config_of_record
+from gpt2exp.rundir import (
+    CHECKPOINTS,
+    RunStatus,
+    check_unlocked,
+    is_run_dir,
+    read_config_of_record,
+    read_run_json,
+)
+
+if TYPE_CHECKING:
+    from gpt2exp.rundir import Footprint, RunLock
 
 # Keys a resume command may change: none of them alters the math of steps already planned.
 # (trainer.num_threads and device change floating-point bits, not meaning: allowed, documented.)
@@ -49,19 +61,34 @@ def allowed_keys_text() -> str:
     return ", ".join(RESUMABLE_KEYS[1:])
 
 
+class RunComplete(Exception):
+    """The run to resume already completed the steps asked for: nothing to do, nothing changed (exit 0)."""
+
+    def __init__(self, run_dir: Path, step: int):
+        super().__init__(f"run {run_dir} is complete at step {step}; raise trainer.max_steps to continue")
+        self.run_dir, self.step = run_dir, step
+
+
 @dataclass(frozen=True)
 class ResumeTarget:
     run_dir: Path
     checkpoint: Path | None  # a specific checkpoint dir, or None for the run's newest good one
+    restart: bool = False  # the run never saved a checkpoint: it starts again at step 0 from its config of record
 
 
 @dataclass(frozen=True)
 class RunPlan:
-    """What one run does. `resume_from` None is a fresh start; `run_dir` None is Hydra's new dir."""
+    """What one run does. `resume_from` None is a fresh start; `run_dir` None is Hydra's new dir.
+
+    For a run dir named on the command line the launcher locks it before Hydra writes there (`lock`,
+    held) and notes what the launch adds to it (`footprint`), so a job refused later takes that back.
+    """
 
     run_dir: Path | None
     resume_from: ResumeTarget | None
     config: DictConfig | None  # the config to train with; None: the one Hydra composes (fresh start)
+    lock: RunLock | None = field(default=None, compare=False)
+    footprint: Footprint | None = field(default=None, compare=False)
 
     @property
     def is_resume(self) -> bool:
@@ -74,7 +101,8 @@ class RunPlan:
 def resume_target(resume: str, fixed_run_dir: Path | None) -> ResumeTarget | None:
     """Where `resume=<value>` points; None means `auto` found nothing to resume (start fresh).
 
-    Raises UserError for a path that does not exist, is not a run dir, or holds no checkpoint.
+    Raises UserError for a path that does not exist or is not a run dir; a run dir without a
+    checkpoint is a target to restart from step 0.
     """
     from gpt2exp.checkpoint import list_checkpoints
     from gpt2exp.targets import resolve_target
@@ -96,9 +124,26 @@ def resume_target(resume: str, fixed_run_dir: Path | None) -> ResumeTarget | Non
         ) from None
     if target.run_dir is None:
         raise UserError(f"{resume} is a checkpoint outside a run dir; resume needs the run dir around it")
-    if target.checkpoint is None and not list_checkpoints(target.run_dir / CHECKPOINTS):
-        raise UserError(f"run dir {resume} has no checkpoints to resume from; start a new run instead")
-    return ResumeTarget(target.run_dir, target.checkpoint)
+    restart = target.checkpoint is None and not list_checkpoints(target.run_dir / CHECKPOINTS)
+    return ResumeTarget(target.run_dir, target.checkpoint, restart)
+
+
+def completed_step(run_dir: Path) -> int | None:
+    """The step a run marked `completed` ended at (run.json, else its newest checkpoint); None otherwise."""
+    from gpt2exp.checkpoint import newest_step
+
+    info = read_run_json(run_dir)
+    if info.get("status") != RunStatus.completed:
+        return None
+    step = info.get("step")
+    return step if isinstance(step, int) else newest_step(run_dir / CHECKPOINTS)
+
+
+def refuse_complete(run_dir: Path, max_steps: int) -> None:
+    """Resuming a run that already reached `max_steps` would only repeat its end (samples, W&B, report)."""
+    step = completed_step(run_dir)
+    if step is not None and step >= max_steps:
+        raise RunComplete(run_dir, step)
 
 
 def refuse_existing_run(run_dir: Path) -> None:
@@ -150,18 +195,25 @@ def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str]
             f"allowed on resume: {allowed_keys_text()}"
         )
     cfg = config_for_resume(record, current, job_overrides)
-    check_loadable(target.run_dir / CHECKPOINTS, target.checkpoint, cfg.model)
+    refuse_complete(target.run_dir, cfg.trainer.max_steps)
+    if not target.restart:
+        check_loadable(target.run_dir / CHECKPOINTS, target.checkpoint, cfg.model)
     return RunPlan(target.run_dir, target, cfg)
 
 
 def plan_job(cfg: DictConfig, run_dir: Path, job_overrides: list[str]) -> RunPlan:
-    """The plan of a sweep job (`-m ... resume=auto`), whose dir is known only once Hydra made it."""
+    """The plan of a sweep job (`-m ... resume=auto`), whose dir is known only once Hydra made it.
+
+    Raises RunComplete for a job that already completed its steps.
+    """
     target = resume_target("auto", run_dir) if cfg.resume == "auto" else None
     if target is None:
         if cfg.resume != "auto":
             refuse_existing_run(run_dir)
         return RunPlan(run_dir, None, None)
-    return RunPlan(run_dir, target, config_for_resume(read_config_of_record(run_dir), cfg, job_overrides))
+    resumed = config_for_resume(read_config_of_record(run_dir), cfg, job_overrides)
+    refuse_complete(run_dir, resumed.trainer.max_steps)
+    return RunPlan(run_dir, target, resumed)
 
 
 # -- configs -------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@
 <run dir>/config.yaml    the resolved config of record, written once at the first launch
 <run dir>/run.json       run id, W&B id, status, git sha, versions, parent, resumes
 <run dir>/.lock          an OS file lock held while a process trains here
+
+A launch refused after Hydra made or entered the run dir takes back what it added (`Footprint`).
 """
 
 from __future__ import annotations
@@ -10,9 +12,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import time
 import uuid
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,9 +120,13 @@ def update_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:
     return info
 
 
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
 def start_run_json(run_dir: Path, parent: str | None = None) -> dict[str, Any]:
     """A fresh run's record: new ids, status running."""
-    run_id = uuid.uuid4().hex[:12]
+    run_id = new_run_id()
     return update_run_json(
         run_dir,
         run_id=run_id,
@@ -143,6 +151,8 @@ class RunLock:
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:
+        if self._fd is not None:  # already held: taken by the launcher, entered again by the job
+            return self
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -154,6 +164,10 @@ class RunLock:
         os.pwrite(fd, str(os.getpid()).encode(), 0)
         self._fd = fd
         return self
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
 
     def release(self) -> None:
         if self._fd is not None:
@@ -208,3 +222,82 @@ def run_status(run_dir: Path) -> RunStatus | None:
 
 def is_run_dir(path: Path) -> bool:
     return (path / CONFIG_OF_RECORD).is_file() and (path / RUN_JSON).is_file()
+
+
+# -- what a launch adds to a run dir -------------------------------------------------------------
+
+HYDRA_FILES = frozenset({".hydra", "train.log"})  # what Hydra writes into a run dir before the job starts
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """What one launch adds to a run dir, so that a launch refused in its job (exit 2) leaves no trace.
+
+    `before` holds the run dir's entries from before the launch (None: the launch made the dir, and
+    `top`, the outermost dir it made, is removed too when nothing else is in it); `also` names what
+    the launch adds inside those entries (`.hydra/resume-<stamp>`). Only taken back by the process
+    that holds the run's lock: what another process made is never touched.
+    """
+
+    run_dir: Path
+    before: frozenset[str] | None
+    top: Path
+    also: tuple[str, ...] = ()
+
+    @classmethod
+    def before_launch(cls, run_dir: Path, also: tuple[str, ...] = ()) -> Footprint:
+        """Noted by the launcher, before Hydra writes anything."""
+        run_dir = run_dir.resolve()
+        if run_dir.is_dir():
+            return cls(run_dir, frozenset(os.listdir(run_dir)), run_dir, also)
+        top = run_dir
+        while not top.parent.exists():
+            top = top.parent
+        return cls(run_dir, None, top, also)
+
+    @classmethod
+    def at_job_start(cls, run_dir: Path, stop: Path, also: tuple[str, ...] = ()) -> Footprint:
+        """Noted by a job whose dir Hydra chose: a dir holding only Hydra's files was made by this launch,
+        and so were the parents (below `stop`) that hold nothing else."""
+        run_dir, stop = run_dir.resolve(), stop.resolve()
+        if not run_dir.is_dir():
+            return cls.before_launch(run_dir, also)
+        names = frozenset(os.listdir(run_dir))
+        if not names <= HYDRA_FILES:
+            return cls(run_dir, names, run_dir, also)
+        top = run_dir
+        while top.parent != stop and stop in top.parent.parents and os.listdir(top.parent) == [top.name]:
+            top = top.parent
+        return cls(run_dir, None, top, also)
+
+    def erase(self) -> None:
+        """Remove what the launch added; call it while holding the run's lock."""
+
+        def remove(path: Path) -> None:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                path.unlink(missing_ok=True)
+
+        if self.before is None:
+            remove(self.run_dir)
+            self.prune()
+            return
+        for name in sorted(set(os.listdir(self.run_dir)) - self.before):
+            remove(self.run_dir / name)
+        for relative in self.also:
+            remove(self.run_dir / relative)
+
+    def prune(self) -> None:
+        """Remove the dirs the launch made, up to `top`, as far as they are empty (safe without the lock)."""
+        if self.before is not None:
+            return
+        path = self.run_dir
+        while path != self.top.parent:
+            try:
+                path.rmdir()  # only while empty: never another process's files
+            except FileNotFoundError:
+                pass
+            except OSError:
+                break
+            path = path.parent

@@ -10,6 +10,12 @@ The command line is checked and the run planned before Hydra writes anything (la
 resume.py); `train(cfg)` then trains in the run dir with the Trainer (trainer.py). Exit codes are
 listed in errors.py: 0 completed, 2 bad input, 3 diverged, 74 a checkpoint could not be saved,
 75 preempted.
+
+A signal (Ctrl-C, SIGTERM, SIGUSR1/2) never ends in a traceback: in the launcher, before anything is
+written, it exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM); once the job runs it
+exits 75: a run with its record (config.yaml, run.json) is saved if it trained since its last
+checkpoint and marked `preempted`; a fresh run stopped before that takes back its run dir. Bad input
+found in the job (exit 2) also takes back what this launch added to the run dir.
 """
 
 from __future__ import annotations
@@ -24,8 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.config import CONF_DIR, register_schemas, validate
 from gpt2exp.errors import Diverged, RunStopped, UserError, fail
-from gpt2exp.preemption import EXIT_PREEMPTED
-from gpt2exp.resume import RunPlan
+from gpt2exp.preemption import EXIT_PREEMPTED, Interrupted, PreemptionFlag
+from gpt2exp.resume import RunComplete, RunPlan
 
 log = logging.getLogger("gpt2exp")
 
@@ -54,49 +60,85 @@ def run_log_file(run_dir: Path):
         handler.close()
 
 
-def hydra_context() -> tuple[Path | None, list[str], DictConfig | None]:
-    """The Hydra run dir, this job's command-line overrides and, in a sweep, Hydra's config."""
+def hydra_context() -> tuple[Path | None, list[str], DictConfig | None, str | None]:
+    """The Hydra run dir, this job's command-line overrides, in a sweep Hydra's config, and the
+    subdir of the run dir Hydra wrote its files to."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     if not HydraConfig.initialized():
-        return None, [], None
+        return None, [], None, None
     hydra_cfg = HydraConfig.get()
     in_sweep = hydra_cfg.mode == RunMode.MULTIRUN
-    return Path(hydra_cfg.runtime.output_dir), list(hydra_cfg.overrides.task), hydra_cfg if in_sweep else None
+    output_dir, subdir = Path(hydra_cfg.runtime.output_dir), hydra_cfg.output_subdir
+    return output_dir, list(hydra_cfg.overrides.task), hydra_cfg if in_sweep else None, subdir
 
 
 def train(cfg: DictConfig, run_dir: str | Path | None = None, plan: RunPlan | None = None) -> float:
     """Train (or resume) in `run_dir` under `plan`; returns the final validation loss.
 
     The launcher plans a single run before Hydra starts; without a plan (a sweep job, or a call
-    from Python) the job plans itself from `cfg.resume` and its dir.
+    from Python) the job plans itself from `cfg.resume` and its dir. A signal from the first line
+    on ends the job as `Preempted`: a run that has its record says so in run.json; a fresh one
+    stopped before it was recorded, like bad input (UserError), takes back what this launch added.
     """
-    import torch
+    with PreemptionFlag() as preemption:  # until the config is final a signal waits; then it stops the start-up
+        import torch
 
-    from gpt2exp.resume import fix_values_of_record, plan_job
-    from gpt2exp.rundir import RunLock
-    from gpt2exp.state import process_state_restored
-    from gpt2exp.sweep import name_sweep_job
-    from gpt2exp.trainer import Trainer
+        from gpt2exp.resume import fix_values_of_record, plan_job
+        from gpt2exp.rundir import Footprint, RunLock, is_run_dir
+        from gpt2exp.state import process_state_restored
+        from gpt2exp.sweep import name_sweep_job
+        from gpt2exp.trainer import Preempted
 
-    hydra_dir, overrides, sweep = hydra_context()
-    run_dir = Path((plan and plan.run_dir) or run_dir or hydra_dir or ".").resolve()
-    planned_before = plan is not None
-    if plan is None:
-        plan = plan_job(cfg, run_dir, overrides)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if plan.config is not None:
-        cfg = plan.config
-    else:
-        cfg = fix_values_of_record(cfg, torch.get_num_threads())
-        if sweep is not None:
-            searched = list(OmegaConf.select(sweep, "sweeper.params", default=None) or {})
-            cfg = name_sweep_job(cfg, Path(sweep.sweep.dir), overrides, sweep.runtime.cwd, searched)
-    if not planned_before:
-        validate(cfg)  # the launcher validated what it planned
-    with process_state_restored(), RunLock(run_dir), run_log_file(run_dir):
-        return Trainer(cfg, run_dir).run(plan.resume_from)
+        hydra_dir, overrides, sweep, hydra_subdir = hydra_context()
+        run_dir = Path((plan and plan.run_dir) or run_dir or hydra_dir or ".").resolve()
+        planned_before = plan is not None
+        if plan is None:
+            plan = plan_job(cfg, run_dir, overrides)
+        also = (hydra_subdir,) if hydra_subdir and hydra_subdir.startswith(".hydra/resume-") else ()
+        footprint = plan.footprint or Footprint.at_job_start(run_dir, Path.cwd(), also)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        if plan.config is not None:
+            cfg = plan.config
+        else:
+            cfg = fix_values_of_record(cfg, torch.get_num_threads())
+            if sweep is not None:
+                searched = list(OmegaConf.select(sweep, "sweeper.params", default=None) or {})
+                cfg = name_sweep_job(cfg, Path(sweep.sweep.dir), overrides, sweep.runtime.cwd, searched)
+        with process_state_restored(), plan.lock or RunLock(run_dir):
+            try:
+                if not planned_before:
+                    validate(cfg)  # the launcher validated what it planned
+                with run_log_file(run_dir):
+                    return start_and_run(cfg, run_dir, plan, preemption)
+            except UserError:
+                footprint.erase()  # exit 2 leaves nothing behind; the lock is ours, so is what is erased
+                raise
+            except Preempted:
+                if not is_run_dir(run_dir):
+                    footprint.erase()  # stopped before its record was written: the launch leaves no trace
+                raise
+
+
+def start_and_run(cfg: DictConfig, run_dir: Path, plan: RunPlan, preemption: PreemptionFlag) -> float:
+    """Build the Trainer, which a signal stops at once (nothing is trained yet), then run it."""
+    from gpt2exp.rundir import RunStatus, timestamp, update_run_json
+    from gpt2exp.trainer import Preempted, Trainer
+
+    try:
+        with preemption.interrupting():
+            trainer = Trainer(cfg, run_dir)
+    except Interrupted:
+        if plan.resume_from is None:
+            outcome = "nothing was trained or written"
+        else:
+            update_run_json(run_dir, status=RunStatus.preempted, ended_at=timestamp())
+            outcome = f"nothing to save; continue with resume={run_dir}"
+        name = preemption.signal_name
+        log.warning("%s received while the run started: %s (exit %d)", name, outcome, EXIT_PREEMPTED)
+        raise Preempted(preemption) from None
+    return trainer.run(plan.resume_from)
 
 
 def run_job(cfg: DictConfig, plan: RunPlan | None = None) -> float:
@@ -110,8 +152,10 @@ def run_job(cfg: DictConfig, plan: RunPlan | None = None) -> float:
     try:
         val_loss = train(cfg, plan=plan)
     except UserError as exc:
-        log.error("%s", exc)
-        fail(str(exc))
+        fail(str(exc))  # one line; nothing is logged to the run dir, which keeps no trace of this launch
+    except RunComplete as done:  # a job of `-m ... resume=auto` that completed before: left as it is
+        print(done, flush=True)
+        return recorded_val_loss(done.run_dir) if in_sweep else float("nan")
     except Diverged as exc:
         log.error("%s", exc)
         if in_sweep:
@@ -129,7 +173,21 @@ def run_job(cfg: DictConfig, plan: RunPlan | None = None) -> float:
     return val_loss
 
 
+def recorded_val_loss(run_dir: Path) -> float:
+    """The last val/loss a run logged (+inf if none), what a sweeper scores a completed job by."""
+    from gpt2exp.tracking import read_metrics
+
+    values = [row["val/loss"] for row in read_metrics(run_dir) if isinstance(row.get("val/loss"), int | float)]
+    return float(values[-1]) if values and math.isfinite(values[-1]) else float("inf")
+
+
 def main() -> None:
+    """The launcher: check and plan (launch.py), then Hydra runs the job(s).
+
+    Before a job runs, a signal stops the process at once with one line and exit 128 + its number
+    (nothing of a run is written yet); a single run's job takes a signal that comes once Hydra
+    started, and inside a job its own flag does (recorded, saved if needed, exit 75).
+    """
     import hydra
 
     from gpt2exp.completion import module_install_script
@@ -140,12 +198,32 @@ def main() -> None:
         print(completion, end="")
         return
     register_schemas()
-    sys.argv, plan = prepare_argv(sys.argv, CONF_DIR)
+    plan: RunPlan | None = None
+    prepared = started = False
 
     def task(cfg: DictConfig) -> float:
+        nonlocal started
+        started = True
         return run_job(cfg, plan)
 
-    hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(task)()
+    with PreemptionFlag() as interrupts:
+        try:
+            with interrupts.interrupting():
+                sys.argv, plan = prepare_argv(sys.argv, CONF_DIR)
+                prepared = True
+            # a single run: a signal from here on waits for its job, which records it (preempted, exit 75)
+            with interrupts.interrupting() if plan is None else contextlib.nullcontext():
+                hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="config")(task)()
+        except Interrupted:
+            name, code = interrupts.signal_name, 128 + (interrupts.signum or 0)
+            if not prepared:
+                fail(f"interrupted by {name} before the run started; nothing was written", code)
+            if "--multirun" in sys.argv or "-m" in sys.argv:
+                fail(f"interrupted by {name}: the sweep stopped; resume it with resume=<sweep dir>", code)
+            fail(f"interrupted by {name}", code)
+        finally:
+            if plan is not None and plan.footprint is not None and not started:
+                plan.footprint.erase()  # Hydra stopped before the job: take back the dir the launcher claimed
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ from gpt2exp.resume import ResumeTarget, config_digest
 from gpt2exp.rundir import (
     RunStatus,
     code_version,
+    new_run_id,
     read_run_json,
     start_run_json,
     timestamp,
@@ -201,30 +202,40 @@ class Trainer:
     def run(self, resume_from: ResumeTarget | None) -> float:
         """Train (or continue) to trainer.max_steps; returns the final validation loss.
 
-        run.json says how it ended whatever fails, W&B start and the first evaluation included.
+        run.json says how it ended whatever fails, W&B start and the first evaluation included. The
+        preemption flag is installed throughout: a signal at any moment ends the run at the next
+        boundary between phases (saved if it trained since its last checkpoint, `preempted`, exit 75).
         """
-        rewind_to = self.resume(resume_from.checkpoint) if resume_from else self.start_fresh()
-        status, exit_code = RunStatus.failed, 1
-        try:
-            config = OmegaConf.to_container(self.cfg, resolve=True)
-            self.tracker.start_wandb(self.counters.wandb_id, config, rewind_to)
-            val_loss = self.train()
-            status, exit_code = RunStatus.completed, 0
-            return val_loss
-        except Preempted:
-            status, exit_code = RunStatus.preempted, EXIT_PREEMPTED
-            raise
-        except Diverged:
-            status = RunStatus.diverged  # final: a rerun would diverge again, bit for bit
-            raise
-        except RunStopped as exc:
-            exit_code = exc.exit_code
-            raise
-        finally:
-            self.bar.close()
-            self.tracker.finish(exit_code)
-            self.checkpoints.close()
-            update_run_json(self.run_dir, status=status, ended_at=timestamp())
+        with self.preemption:
+            if resume_from is None:
+                rewind_to = self.start_fresh()
+            elif resume_from.restart:
+                rewind_to = self.restart()
+            else:
+                rewind_to = self.resume(resume_from.checkpoint)
+            status, exit_code = RunStatus.failed, 1
+            try:
+                self.stop_if_asked()
+                config = OmegaConf.to_container(self.cfg, resolve=True)
+                self.tracker.start_wandb(self.counters.wandb_id, config, rewind_to)
+                self.stop_if_asked()
+                val_loss = self.train()
+                status, exit_code = RunStatus.completed, 0
+                return val_loss
+            except Preempted:
+                status, exit_code = RunStatus.preempted, EXIT_PREEMPTED
+                raise
+            except Diverged:
+                status = RunStatus.diverged  # final: a rerun would diverge again, bit for bit
+                raise
+            except RunStopped as exc:
+                exit_code = exc.exit_code
+                raise
+            finally:
+                self.bar.close()
+                self.tracker.finish(exit_code)
+                self.checkpoints.close()
+                update_run_json(self.run_dir, status=status, ended_at=timestamp(), step=self.counters.step)
 
     def start_fresh(self) -> None:
         """Write the config of record, run.json and the tokenizer; no W&B step to rewind to."""
@@ -235,6 +246,23 @@ class Trainer:
         shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
         truncate_metrics(self.run_dir, -1)  # a fresh start in a dir whose earlier attempt never checkpointed
         self.counters.wandb_id = info["wandb_id"]
+
+    def restart(self) -> None:
+        """A run that never saved a checkpoint starts again at step 0 from its config of record, in its
+        dir: the attempt's metrics rows are dropped, run.json records the restart, W&B starts a new run."""
+        from gpt2exp.tracking import truncate_metrics
+
+        info = read_run_json(self.run_dir)
+        dropped = truncate_metrics(self.run_dir, -1)
+        restarts = info.get("restarts", []) + [{"at": timestamp(), "wandb_id": info.get("wandb_id")}]
+        info = update_run_json(self.run_dir, status=RunStatus.running, wandb_id=new_run_id(), restarts=restarts)
+        shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
+        self.counters.wandb_id = info["wandb_id"]
+        log.info(
+            "run %s has no checkpoint: restarting it from step 0 with its config of record%s",
+            self.run_dir,
+            f"; dropped the {dropped} metrics rows of the attempt before" if dropped else "",
+        )
 
     def resume(self, checkpoint: Path | None) -> int:
         """Load `checkpoint` (None: the newest good one) into every stateful object; returns its step."""
@@ -260,18 +288,18 @@ class Trainer:
 
     def train(self) -> float:
         """The loop: one line per phase."""
-        with self.preemption:
-            if self.counters.step == 0:
-                self.evaluate_if_due()  # the starting point of the validation curve
-                self.log_if_due(None)
-            while self.counters.step < self.cfg.trainer.max_steps:
-                loss = self.step()
-                self.stop_if_diverged(loss)
-                self.evaluate_if_due()
-                self.log_if_due(loss)
-                self.sample_if_due()
-                self.save_if_due()
-                self.stop_if_asked()
+        if self.counters.step == 0:
+            self.evaluate_if_due()  # the starting point of the validation curve
+            self.log_if_due(None)
+            self.stop_if_asked()
+        while self.counters.step < self.cfg.trainer.max_steps:
+            loss = self.step()
+            self.stop_if_diverged(loss)
+            self.evaluate_if_due()
+            self.log_if_due(loss)
+            self.sample_if_due()
+            self.save_if_due()
+            self.stop_if_asked()
         return self.finish()
 
     # -- one optimizer step ------------------------------------------------------------------------
@@ -386,15 +414,19 @@ class Trainer:
             raise Diverged(f"training diverged at step {self.counters.step} (loss {loss}); lower optimizer.lr")
 
     def stop_if_asked(self) -> None:
-        """After a preemption signal: the step is saved (save_if_due forced it), so stop here."""
-        if self.preemption.requested:
-            log.warning(
-                "%s received: saved step %d, stopping (exit %d)",
-                self.preemption.signal_name,
-                self.counters.step,
-                EXIT_PREEMPTED,
-            )
-            raise Preempted(self.preemption)
+        """After a preemption signal: save the steps trained since the last checkpoint, then stop.
+
+        Checked at each step boundary (where save_if_due already saved) and after each phase outside
+        the loop: start or resume, W&B start, the first evaluation, the final samples.
+        """
+        if not self.preemption.requested:
+            return
+        step = self.counters.step
+        if step > 0:
+            self.save_if_due()  # forced by the signal; a step already saved is not written again
+        done = f"saved step {step}" if step else "nothing trained yet, nothing to save"
+        log.warning("%s received: %s, stopping (exit %d)", self.preemption.signal_name, done, EXIT_PREEMPTED)
+        raise Preempted(self.preemption)
 
     # -- the end -----------------------------------------------------------------------------------
 
@@ -402,6 +434,7 @@ class Trainer:
         val_loss = self.counters.last_eval.get("val/loss", float("nan"))
         if self.cfg.trainer.num_samples:
             texts = self.samples(self.cfg.trainer.num_samples)
+            self.stop_if_asked()  # a signal while sampling: no samples.txt, the resume writes it
             body = "".join(f"=== sample {i + 1} ===\n{text}\n\n" for i, text in enumerate(texts))
             (self.run_dir / "samples.txt").write_text(body, encoding="utf-8")
             self.bar.close()

@@ -243,13 +243,16 @@ def test_resume_of_a_dir_that_is_not_a_run_dir(tmp_path, finished):
     )
 
 
-def test_resume_of_a_run_dir_without_checkpoints(tmp_path, finished):
+def test_resume_of_a_run_dir_without_checkpoints_restarts_it_from_its_config(tmp_path, finished):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.yaml").write_bytes((finished / "config.yaml").read_bytes())
     (empty / "run.json").write_text("{}")
-    error = resume_fails(tmp_path, finished, f"resume={empty}")
-    assert error == f"error: run dir {empty} has no checkpoints to resume from; start a new run instead"
+    result = run_cli("gpt2exp.train", f"resume={empty}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"run {empty} has no checkpoint: restarting it from step 0 with its config of record" in result.stdout
+    assert [r["step"] for r in rows(empty)] == list(range(0, 9))
+    assert_same_weights(final_weights(empty, 8), final_weights(finished, 8))
 
 
 def test_a_forbidden_override_names_the_keys_and_the_allowed_ones(tmp_path, finished):
