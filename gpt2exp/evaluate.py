@@ -240,6 +240,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     threads = args.num_threads or (record.trainer.num_threads if in_run else None)
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
+    if device.type == "cuda":  # TF32 for the matmuls autocast leaves in fp32, as the trainer evaluates
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     model, tokenizer = load(checkpoint, str(device))
     block_size = record.model.block_size if in_run else model.config.n_positions
     batch_size = args.batch_size or record.trainer.batch_size
