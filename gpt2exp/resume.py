@@ -186,7 +186,7 @@ def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str]
     record = read_config_of_record(target.run_dir)
     current = compose(job_overrides)
     without = compose([o.input_line for o in parse(job_overrides) if key_of(o) == "resume"])
-    changed = forbidden_changes(record, current, without)
+    changed = forbidden_changes(record, current, without, first_launch(target.run_dir))
     if changed:
         recorded = leaves(record)
         details = ", ".join(f"{k} (recorded {recorded.get(k)!r})" for k in changed)
@@ -231,11 +231,36 @@ def leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: cfg}
 
 
-def forbidden_changes(record: DictConfig, with_overrides: DictConfig, without_overrides: DictConfig) -> list[str]:
-    """Keys the command line's overrides touch, outside the whitelist, whose value differs from the record."""
+def forbidden_changes(
+    record: DictConfig, with_overrides: DictConfig, without_overrides: DictConfig, first: dict[str, Any] | None = None
+) -> list[str]:
+    """Keys the command line's overrides touch, outside the whitelist, whose value differs from the record.
+
+    A key the Trainer rewrites to what ran (config.RECORDED_AS_RUN) may also equal `first`, the
+    first launch's composed values: the original command, requeued, asks for what it asked then.
+    """
+    from gpt2exp.config import RECORDED_AS_RUN
+
     record_leaves, new, old = leaves(record), leaves(with_overrides), leaves(without_overrides)
+    first = first or {}
     touched = {k for k in new.keys() | old.keys() if new.get(k) != old.get(k)}
-    return sorted(key for key in touched if not is_resumable_key(key) and new.get(key) != record_leaves.get(key))
+    return sorted(
+        key
+        for key in touched
+        if not is_resumable_key(key)
+        and new.get(key) != record_leaves.get(key)
+        and not (key in RECORDED_AS_RUN and key in first and new.get(key) == first[key])
+    )
+
+
+def first_launch(run_dir: Path) -> dict[str, Any]:
+    """{dotted key: value} of the config Hydra composed at the run's first launch (.hydra/config.yaml), or {}."""
+    import yaml
+
+    try:
+        return leaves(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return {}
 
 
 def config_for_resume(record: DictConfig, current: DictConfig, job_overrides: list[str]) -> DictConfig:
