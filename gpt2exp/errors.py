@@ -5,9 +5,10 @@
     3   diverged (`Diverged`): the loss became NaN or infinite; the run dir says so
     74  a checkpoint could not be saved (`SaveFailed`): disk full, permission denied; earlier ones intact
     75  preempted: saved at a step boundary after a signal; requeue the same command with resume=auto
+    128 + signal (130 Ctrl-C, 143 SIGTERM): a signal in the launcher, before the run started; nothing written
     1   anything unexpected (a traceback)
 
-None of these reaches the terminal as a traceback.
+None of these but the last reaches the terminal as a traceback.
 """
 
 from __future__ import annotations
