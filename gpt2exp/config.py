@@ -178,6 +178,8 @@ class TrainerConfig:
     num_samples: int = MISSING
     sample_tokens: int = MISSING
     progress: bool = MISSING
+    early_stop_patience: int = MISSING
+    early_stop_min_delta: float = MISSING
 
 
 @dataclass
@@ -232,7 +234,11 @@ RECORDED_AS_RUN = ("trainer.precision", "trainer.compile", "model.n_layer", "mod
 
 # Keys added after a config of record could have been written, with the value that reproduces what
 # such a run did (its config.yaml lacks them).
-ADDED_KEYS: dict[str, Any] = {"checkpoint.async_save": False}
+ADDED_KEYS: dict[str, Any] = {
+    "checkpoint.async_save": False,
+    "trainer.early_stop_patience": 0,  # early stopping off
+    "trainer.early_stop_min_delta": 0.0,
+}
 
 
 def is_missing(cfg: DictConfig, key: str) -> bool:
@@ -356,6 +362,7 @@ RANGES: dict[str, Range] = {
     **{f"trainer.{k}": AT_LEAST_0 for k in ("max_steps", "eval_every", "sample_every", "num_samples", "grad_clip")},
     **{f"trainer.{k}": AT_LEAST_1 for k in ("batch_size", "grad_accum_steps", "log_every", "eval_batches")},
     "trainer.sample_tokens": AT_LEAST_1,
+    **{f"trainer.{k}": AT_LEAST_0 for k in ("early_stop_patience", "early_stop_min_delta")},
     "trainer.num_threads": Range(low=1, special=((None, "torch's default"),)),
     **{f"model.{k}": AT_LEAST_1 for k in ("n_layer", "n_head", "n_embd", "block_size")},
     "model.dropout": FRACTION,

@@ -1,6 +1,6 @@
 """The exceptions a user is meant to read, and the exit code each one ends the process with.
 
-    0   completed
+    0   completed, or stopped early (val/loss stopped improving: trainer.early_stop_patience)
     2   bad input (`UserError`): one `error: ...` line, nothing on disk changed
     3   diverged (`Diverged`): the loss became NaN or infinite; the run dir says so
     74  a checkpoint could not be saved (`SaveFailed`): disk full, permission denied; earlier ones intact

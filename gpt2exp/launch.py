@@ -274,12 +274,14 @@ def _resume_sweep(program: str, flags: list[str], overrides: list, conf_dir: str
         check_available(compose(conf_dir, extra))
     plan = plan_sweep(sweep_dir)
     jobs, todo = plan.jobs, plan.to_run
-    completed, diverged = (sum(job.status == s for job in jobs) for s in (RunStatus.completed, RunStatus.diverged))
-    counts = [f"{len(jobs)} jobs", f"{completed} completed", *([f"{diverged} diverged"] if diverged else [])]
+    statuses = [job.status for job in jobs]
+    done = [RunStatus.completed, *(s for s in (RunStatus.early_stopped, RunStatus.diverged) if s in statuses)]
+    counts = [f"{len(jobs)} jobs", *(f"{statuses.count(s)} {s}" for s in done)]
     print(f"sweep {sweep_dir}: {', '.join(counts)}, {len(todo)} to run", flush=True)
     print("\n".join(plan.summary_lines()), flush=True)
     if not todo:
-        print(f"nothing to resume: every job is completed{' or diverged' if diverged else ''}", flush=True)
+        ends = ", ".join(done[:-1]) + " or " + done[-1] if len(done) > 1 else done[0]
+        print(f"nothing to resume: every job is {ends}", flush=True)
         raise SystemExit(0)
     hand_over(plan)
     return [

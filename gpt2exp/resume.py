@@ -7,8 +7,9 @@ launcher (launch.py) computes it for a single run before Hydra starts; the job r
 job, whose dir only Hydra knows, computes its own with `plan_job` at its start.
 
 Only the keys in RESUMABLE_KEYS may differ from the record on resume; any other change is refused.
-A run that already completed `trainer.max_steps` is not resumed (`RunComplete`: nothing changes), and
-a run that never saved a checkpoint is restarted from step 0 with its config of record.
+A run that already completed `trainer.max_steps`, or stopped early, is not resumed (`RunComplete`:
+nothing changes), and a run that never saved a checkpoint is restarted from step 0 with its config of
+record.
 """
 
 from __future__ import annotations
@@ -62,10 +63,15 @@ def allowed_keys_text() -> str:
 
 
 class RunComplete(Exception):
-    """The run to resume already completed the steps asked for: nothing to do, nothing changed (exit 0)."""
+    """The run to resume already completed the steps asked for, or stopped early: nothing to do, nothing
+    changed (exit 0)."""
 
-    def __init__(self, run_dir: Path, step: int):
-        super().__init__(f"run {run_dir} is complete at step {step}; raise trainer.max_steps to continue")
+    def __init__(self, run_dir: Path, step: int, stopped_early: bool = False):
+        if stopped_early:
+            message = f"run {run_dir} stopped early at step {step}: val/loss stopped improving; it is complete"
+        else:
+            message = f"run {run_dir} is complete at step {step}; raise trainer.max_steps to continue"
+        super().__init__(message)
         self.run_dir, self.step = run_dir, step
 
 
@@ -129,19 +135,23 @@ def resume_target(resume: str, fixed_run_dir: Path | None) -> ResumeTarget | Non
 
 
 def completed_step(run_dir: Path) -> int | None:
-    """The step a run marked `completed` ended at (run.json, else its newest checkpoint); None otherwise."""
+    """The step a run marked `completed` or `early_stopped` ended at (run.json, else its newest
+    checkpoint); None otherwise."""
     from gpt2exp.checkpoint import newest_step
 
     info = read_run_json(run_dir)
-    if info.get("status") != RunStatus.completed:
+    if info.get("status") not in (RunStatus.completed, RunStatus.early_stopped):
         return None
     step = info.get("step")
     return step if isinstance(step, int) else newest_step(run_dir / CHECKPOINTS)
 
 
 def refuse_complete(run_dir: Path, max_steps: int) -> None:
-    """Resuming a run that already reached `max_steps` would only repeat its end (samples, W&B, report)."""
+    """Resuming a run that already reached `max_steps`, or stopped early (whatever `max_steps` now
+    says: its early-stopping state says stop), would only repeat its end (samples, W&B, report)."""
     step = completed_step(run_dir)
+    if step is not None and read_run_json(run_dir).get("status") == RunStatus.early_stopped:
+        raise RunComplete(run_dir, step, stopped_early=True)
     if step is not None and step >= max_steps:
         raise RunComplete(run_dir, step)
 
@@ -278,11 +288,21 @@ def config_for_resume(record: DictConfig, current: DictConfig, job_overrides: li
 
 
 def config_digest(cfg: DictConfig) -> str:
-    """sha256 of the values of record that a resume may not change (whitelisted keys left out)."""
+    """sha256 of the values of record that a resume may not change (whitelisted keys left out).
+
+    A key added later (config.ADDED_KEYS) is left out while it holds the value a record without it is
+    read with, so a checkpoint saved before the key existed still matches its run's config.
+    """
     import hashlib
     import json
 
-    fixed = {k: v for k, v in sorted(leaves(cfg).items()) if not is_resumable_key(k)}
+    from gpt2exp.config import ADDED_KEYS
+
+    fixed = {
+        k: v
+        for k, v in sorted(leaves(cfg).items())
+        if not is_resumable_key(k) and not (k in ADDED_KEYS and v == ADDED_KEYS[k])
+    }
     return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -36,6 +36,7 @@ class RunStatus(StrEnum):
 
     running = "running"
     completed = "completed"
+    early_stopped = "early_stopped"  # val/loss stopped improving (trainer.early_stop_patience): done, like completed
     failed = "failed"
     preempted = "preempted"
     diverged = "diverged"

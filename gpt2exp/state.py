@@ -10,6 +10,7 @@ torch) happen inside functions: checkpoint.py imports this module, and the CLIs 
 from __future__ import annotations
 
 import contextlib
+import math
 import random
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -60,7 +61,9 @@ def group_by_kind(objects: Mapping[str, Any]) -> dict[StateKind, dict[str, State
 
 @dataclass
 class TrainerCounters:
-    """Progress of the run: optimizer steps done, tokens seen, the newest evaluation, the W&B run."""
+    """Progress of the run: optimizer steps done, tokens seen, the newest evaluation, the W&B run, and
+    early stopping's count (the best val/loss so far and the evaluations in a row that did not improve
+    on it). A checkpoint from before the early-stopping fields loads with their defaults."""
 
     state_kind: ClassVar[StateKind] = "json"
     # saved by checkpoints written before every saved field had to be restored; read and dropped
@@ -70,6 +73,17 @@ class TrainerCounters:
     tokens_seen: int = 0
     last_eval: dict[str, float] = field(default_factory=dict)  # newest val metrics and their step
     wandb_id: str | None = None
+    best_val_loss: float | None = None  # the lowest finite val/loss evaluated so far
+    evals_without_improvement: int = 0  # evaluations in a row not below best_val_loss by min_delta
+
+    def record_eval(self, val_loss: float, min_delta: float) -> None:
+        """Count an evaluation for early stopping: an improvement is a finite val/loss below the best
+        so far by more than `min_delta` (the first finite one always is); anything else adds one."""
+        best = self.best_val_loss
+        if math.isfinite(val_loss) and (best is None or val_loss < best - min_delta):
+            self.best_val_loss, self.evals_without_improvement = val_loss, 0
+        else:
+            self.evals_without_improvement += 1
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,9 +6,9 @@ launched with in `.hydra/overrides.yaml` next to its config of record and run.js
 basic (grid) sweeper the full job list is re-derived from multirun.yaml with Hydra's own parser, so
 jobs that never started are known; for other sweepers (Optuna) the jobs are those that started.
 
-`resume=<sweep dir>` plans every job from that record: completed (and diverged) jobs are skipped, preempted,
-failed or interrupted ones resume from their newest good checkpoint in their own dirs (or start
-again when they never saved one), and jobs that never started are started. The plan is carried out
+`resume=<sweep dir>` plans every job from that record: completed, early-stopped and diverged jobs
+are skipped, preempted, failed or interrupted ones resume from their newest good checkpoint in their
+own dirs (or start again when they never saved one), and jobs that never started are started. The plan is carried out
 by the `gpt2exp_resume` sweeper (hydra_plugins/gpt2exp_sweep_resume), through the sweep's launcher.
 """
 
@@ -138,7 +138,8 @@ class SweepJob:
 
     @property
     def action(self) -> str:
-        if self.status in (RunStatus.completed, RunStatus.diverged):  # a diverged job would diverge again, bit for bit
+        # done: an early-stopped job is complete, and a diverged one would diverge again, bit for bit
+        if self.status in (RunStatus.completed, RunStatus.early_stopped, RunStatus.diverged):
             return "skip"
         if self.checkpoint_step is not None:
             return f"resume from step {self.checkpoint_step}"

@@ -8,8 +8,8 @@
 
 The command line is checked and the run planned before Hydra writes anything (launch.py,
 resume.py); `train(cfg)` then trains in the run dir with the Trainer (trainer.py). Exit codes are
-listed in errors.py: 0 completed, 2 bad input, 3 diverged, 74 a checkpoint could not be saved,
-75 preempted.
+listed in errors.py: 0 completed (or stopped early), 2 bad input, 3 diverged, 74 a checkpoint could
+not be saved, 75 preempted.
 
 A signal (Ctrl-C, SIGTERM, SIGUSR1/2) never ends in a traceback: in the launcher, before anything is
 written, it exits 128 + the signal's number (130 for SIGINT, 143 for SIGTERM); once the job runs it

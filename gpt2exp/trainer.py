@@ -6,7 +6,9 @@
 
 The loop (`train`) is its own table of contents: one optimizer step, then each periodic phase
 (evaluate, log, sample, save) and each stop condition (divergence, a preemption signal), each a
-short method that decides for itself whether it is due. The end of `max_steps` ends the loop.
+short method that decides for itself whether it is due. The end of `max_steps` ends the loop, and
+so does early stopping (`stop_if_not_improving`: val/loss no better for trainer.early_stop_patience
+evaluations in a row).
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ def config_as_run(cfg: DictConfig, device_type: str, model_config: Any) -> DictC
 
     fp16 autocast runs on accelerators only and torch.compile on CUDA only: elsewhere the run trains
     in fp32 / uncompiled and the config of record says so. A pretrained model (model.init) has its own
-    shape, which replaces the preset's. A warm-up longer than the run is said too (the LR never peaks).
+    shape, which replaces the preset's. A warm-up longer than the run is said too (the LR never peaks),
+    and so is early stopping without periodic evaluations (it cannot trigger).
     On resume the record already holds these values, so nothing changes. The keys it may change are
     config.RECORDED_AS_RUN (a requeued original command is checked against them).
     """
@@ -116,6 +119,12 @@ def config_as_run(cfg: DictConfig, device_type: str, model_config: Any) -> DictC
             "reaches optimizer.lr; lower scheduler.warmup_steps to train at the full LR",
             warmup,
             t.max_steps,
+        )
+    if t.early_stop_patience and not t.eval_every:
+        log.warning(
+            "trainer.early_stop_patience=%d counts evaluations, but trainer.eval_every=0 evaluates only at the "
+            "end: early stopping cannot stop this run; set trainer.eval_every",
+            t.early_stop_patience,
         )
     return cfg
 
@@ -201,7 +210,7 @@ class Trainer:
     # -- the run: start, loop, end -----------------------------------------------------------------
 
     def run(self, resume_from: ResumeTarget | None) -> float:
-        """Train (or continue) to trainer.max_steps; returns the final validation loss.
+        """Train (or continue) to trainer.max_steps, or until early stopping; returns the final validation loss.
 
         run.json says how it ended whatever fails, W&B start and the first evaluation included. The
         preemption flag is installed throughout: a signal at any moment ends the run at the next
@@ -221,7 +230,7 @@ class Trainer:
                 self.tracker.start_wandb(self.counters.wandb_id, config, rewind_to)
                 self.stop_if_asked()
                 val_loss = self.train()
-                status, exit_code = RunStatus.completed, 0
+                status, exit_code = RunStatus.early_stopped if self.early_stop_due() else RunStatus.completed, 0
                 return val_loss
             except Preempted:
                 status, exit_code = RunStatus.preempted, EXIT_PREEMPTED
@@ -288,12 +297,12 @@ class Trainer:
         return loaded.step
 
     def train(self) -> float:
-        """The loop: one line per phase."""
+        """The loop: one line per phase. A run resumed where it should stop early trains no further step."""
         if self.counters.step == 0:
             self.evaluate_if_due()  # the starting point of the validation curve
             self.log_if_due(None)
             self.stop_if_asked()
-        while self.counters.step < self.cfg.trainer.max_steps:
+        while self.counters.step < self.cfg.trainer.max_steps and not self.early_stop_due():
             loss = self.step()
             self.stop_if_diverged(loss)
             self.evaluate_if_due()
@@ -301,6 +310,7 @@ class Trainer:
             self.sample_if_due()
             self.save_if_due()
             self.stop_if_asked()
+            self.stop_if_not_improving()
         return self.finish()
 
     # -- one optimizer step ------------------------------------------------------------------------
@@ -347,6 +357,7 @@ class Trainer:
         if not ((t.eval_every and c.step % t.eval_every == 0) or c.step == t.max_steps):
             return
         c.last_eval = {"val/loss": self.evaluate(), "step": c.step}
+        c.record_eval(c.last_eval["val/loss"], t.early_stop_min_delta)
 
     def evaluate(self) -> float:
         import torch
@@ -395,17 +406,19 @@ class Trainer:
         )
 
     def save_if_due(self) -> None:
-        """A checkpoint when checkpoint.every_steps/every_minutes says so, at the end, and on a signal.
+        """A checkpoint when checkpoint.every_steps/every_minutes says so, at the end (max_steps or an
+        early stop), and on a signal.
 
         A background save that failed since the last step is reported here (checkpoint.on_save_error);
         the last save and a signal's save are waited for: the run ends only once they are committed.
         """
         c = self.counters
         self.checkpoints.poll()
-        final = c.step == self.cfg.trainer.max_steps and self.cfg.checkpoint.save_final
+        end = c.step == self.cfg.trainer.max_steps or self.early_stop_due()
+        final = end and self.cfg.checkpoint.save_final
         metrics = {k: v for k, v in c.last_eval.items() if k != "step"} if c.last_eval.get("step") == c.step else {}
         self.checkpoints.save(c.step, self.stateful, metrics, force=final or self.preemption.requested)
-        if c.step == self.cfg.trainer.max_steps or self.preemption.requested:
+        if end or self.preemption.requested:
             self.checkpoints.flush()
 
     # -- stop conditions ---------------------------------------------------------------------------
@@ -429,6 +442,29 @@ class Trainer:
         log.warning("%s received: %s, stopping (exit %d)", self.preemption.signal_name, done, EXIT_PREEMPTED)
         raise Preempted(self.preemption)
 
+    def stop_if_not_improving(self) -> None:
+        """Early stopping: say so once the last trainer.early_stop_patience evaluations did not improve on
+        the best val/loss; the loop then ends at this step, which save_if_due already saved (and waited
+        for) as the end of the run. run() records `early_stopped`, exit 0; the final samples still follow."""
+        if not self.early_stop_due():
+            return
+        t, c = self.cfg.trainer, self.counters
+        log.info(
+            "stopping early at step %d: val/loss did not improve on its best %.4f by more than "
+            "trainer.early_stop_min_delta=%g in %d evaluations (trainer.early_stop_patience=%d)",
+            c.step,
+            c.best_val_loss if c.best_val_loss is not None else float("nan"),
+            t.early_stop_min_delta,
+            c.evals_without_improvement,
+            t.early_stop_patience,
+        )
+
+    def early_stop_due(self) -> bool:
+        """Whether the run ends here, before trainer.max_steps, because val/loss stopped improving."""
+        t, c = self.cfg.trainer, self.counters
+        patience = t.early_stop_patience
+        return bool(patience) and c.evals_without_improvement >= patience and c.step < t.max_steps
+
     # -- the end -----------------------------------------------------------------------------------
 
     def finish(self) -> float:
@@ -440,5 +476,6 @@ class Trainer:
             (self.run_dir / "samples.txt").write_text(body, encoding="utf-8")
             self.bar.close()
             print(body, end="", flush=True)
-        log.info("finished at step %d: val/loss %.4f; run dir %s", self.counters.step, val_loss, self.run_dir)
+        early = " (stopped early)" if self.early_stop_due() else ""
+        log.info("finished at step %d%s: val/loss %.4f; run dir %s", self.counters.step, early, val_loss, self.run_dir)
         return val_loss

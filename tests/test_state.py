@@ -71,6 +71,7 @@ def trained_stateful(seed: int = 0, steps: int = 130) -> dict:
     stateful["optimizer"].obj.step()
     counters.last_eval = {"val/loss": 2.5, "step": counters.step}
     counters.wandb_id = "run-abc"
+    counters.best_val_loss, counters.evals_without_improvement = 2.25, 2  # early stopping's count
     return stateful
 
 
@@ -120,14 +121,30 @@ def test_counters_round_trip():
     src = trained_stateful()["trainer"]
     dst = TrainerCounters()
     dst.load_state_dict(as_json(src.state_dict()))
-    expected = {"step": 130, "tokens_seen": 2080, "last_eval": {"val/loss": 2.5, "step": 130}, "wandb_id": "run-abc"}
+    expected = {
+        "step": 130,
+        "tokens_seen": 2080,
+        "last_eval": {"val/loss": 2.5, "step": 130},
+        "wandb_id": "run-abc",
+        "best_val_loss": 2.25,
+        "evals_without_improvement": 2,
+    }
     assert dst.state_dict() == src.state_dict() == expected
 
 
 def test_counters_drop_the_legacy_fields_and_refuse_unknown_ones():
+    """A checkpoint from before early stopping (no best_val_loss, evals_without_improvement) loads with
+    their defaults: no best yet, no evaluation without improvement."""
     counters = TrainerCounters()
     counters.load_state_dict({"step": 3, "best_metric": 1.5, "last_logged_step": 3})
-    assert counters.state_dict() == {"step": 3, "tokens_seen": 0, "last_eval": {}, "wandb_id": None}
+    assert counters.state_dict() == {
+        "step": 3,
+        "tokens_seen": 0,
+        "last_eval": {},
+        "wandb_id": None,
+        "best_val_loss": None,
+        "evals_without_improvement": 0,
+    }
     with pytest.raises(ValueError, match=r"trainer counters have no field \['epochs'\]"):
         counters.load_state_dict({"step": 9, "epochs": 2})
     assert counters.step == 3  # refused whole
