@@ -9,6 +9,9 @@
     checkpoints/latest                names the newest committed checkpoint
     checkpoints/corrupt/              checkpoints that failed verification, kept for inspection
 
+`checkpoints/` is `<run dir>/checkpoints`, or `<checkpoint.dir>/<run id>/` on another disk: wherever
+the run's run.json records (rundir.checkpoints_root); every guarantee below holds there alike.
+
 A save writes into a hidden temporary sibling, fsyncs every file, writes the manifest, renames the
 directory into place, fsyncs the parent, replaces `latest` atomically, and only then rotates old
 checkpoints away. A directory without a valid manifest is not a checkpoint.
@@ -40,7 +43,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from gpt2exp.errors import SaveFailed, UserError
-from gpt2exp.rundir import timestamp
+from gpt2exp.rundir import checkpoints_root, timestamp
 from gpt2exp.snapshot import Copy, HostSnapshot, freeze
 from gpt2exp.state import Stateful, StateKind, group_by_kind
 
@@ -522,16 +525,27 @@ class CheckpointManager:
         if files is not None and tokenizer_dir is not None:
             raise ValueError("tokenizer_dir belongs to the files writer when one is given")
         self.cfg = cfg
-        self.root = Path(run_dir) / "checkpoints"
+        self.run_dir = Path(run_dir)
+        self._root: Path | None = None  # found on first use (`root`)
         self.identity = dict(identity or {})
         self.files = files if files is not None else HFCheckpointFiles(tokenizer_dir)
-        self.root.mkdir(parents=True, exist_ok=True)
         self._last_save_time = time.monotonic()
-        self._clean_leftovers()
+        self._clean_leftovers(checkpoints_root(self.run_dir))  # a resumed run's, before anything is loaded
         # background saves: a frozen copy of the state is written by one thread, one save at a time
         self._snapshot = HostSnapshot() if cfg.async_save else None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save") if cfg.async_save else None
         self._in_flight: PendingSave | None = None
+
+    @property
+    def root(self) -> Path:
+        """The run's checkpoints dir, where its run.json records it (rundir.checkpoints_root:
+        `<run dir>/checkpoints` or `<checkpoint.dir>/<run id>`). Found on first use, once a fresh run
+        has written its run.json; made if missing."""
+        if self._root is None:
+            root = checkpoints_root(self.run_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            self._root = root
+        return self._root
 
     # -- public API
 
@@ -690,8 +704,11 @@ class CheckpointManager:
         else:
             (self.root / LATEST).unlink(missing_ok=True)
 
-    def _clean_leftovers(self) -> None:
-        for path in self.root.iterdir():
+    @staticmethod
+    def _clean_leftovers(root: Path) -> None:
+        if not root.is_dir():
+            return
+        for path in root.iterdir():
             if path.name.startswith(TMP_PREFIX):
                 log.info("removing %s, left by an interrupted save", path.name)
                 if path.is_dir():

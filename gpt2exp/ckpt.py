@@ -8,7 +8,8 @@
 `list` prints one row per checkpoint (of the run, or just the one named): step, time, size, val
 loss, whether it verifies, and why rotation keeps it (last/best/milestone). `verify` checks sizes
 and sha256 against each manifest and exits 1 if any checkpoint is corrupt (2 for bad input). PATH
-is a run dir or a checkpoint dir (`list` needs the run the checkpoint belongs to).
+is a run dir or a checkpoint dir (`list` needs the run the checkpoint belongs to); a run's checkpoints
+are found where its run.json records them (`<run dir>/checkpoints`, or under checkpoint.dir).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from gpt2exp.checkpoint import (
     verify_checkpoint,
 )
 from gpt2exp.errors import UserError, fail
-from gpt2exp.rundir import CHECKPOINTS, read_config_of_record, timestamp
+from gpt2exp.rundir import existing_checkpoints_root, read_config_of_record, timestamp
 from gpt2exp.targets import Target, resolve_target
 
 EXIT_CORRUPT = 1
@@ -38,7 +39,7 @@ def _checkpoints_of(target: Target) -> list[Path]:
     if target.checkpoint is not None:
         return [target.checkpoint]
     assert target.run_dir is not None
-    return list_checkpoints(target.run_dir / CHECKPOINTS)
+    return list_checkpoints(existing_checkpoints_root(target.run_dir))
 
 
 def _saved_at(path: Path) -> str:
@@ -70,7 +71,7 @@ def list_run(path: str | Path) -> int:
             "(`verify` checks a loose checkpoint)"
         )
     cfg = read_config_of_record(target.run_dir).checkpoint
-    root = target.run_dir / CHECKPOINTS
+    root = existing_checkpoints_root(target.run_dir)
     reasons = kept_reasons(root, cfg)
     rows = [("step", "saved", "size", cfg.best_metric, "status", "kept because")]
     for ckpt in _checkpoints_of(target):

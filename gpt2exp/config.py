@@ -149,6 +149,7 @@ class CheckpointConfig:
     verify: VerifyMode = MISSING
     on_save_error: OnSaveError = MISSING
     async_save: bool = MISSING
+    dir: str | None = None  # every option: None keeps the checkpoints in the run dir
 
 
 @dataclass
@@ -236,6 +237,7 @@ RECORDED_AS_RUN = ("trainer.precision", "trainer.compile", "model.n_layer", "mod
 # such a run did (its config.yaml lacks them).
 ADDED_KEYS: dict[str, Any] = {
     "checkpoint.async_save": False,
+    "checkpoint.dir": None,  # checkpoints in <run dir>/checkpoints
     "trainer.early_stop_patience": 0,  # early stopping off
     "trainer.early_stop_min_delta": 0.0,
 }

@@ -142,16 +142,17 @@ def build_parser() -> cli.ArgumentParser:
 def find_checkpoint(path: str | Path) -> Path:
     """The checkpoint dir `path` names, or a run dir's newest checkpoint that verifies (UserError if none)."""
     from gpt2exp.checkpoint import find_verified, list_checkpoints
-    from gpt2exp.rundir import CHECKPOINTS
+    from gpt2exp.rundir import existing_checkpoints_root
     from gpt2exp.targets import resolve_target
 
     target = resolve_target(path)
     if target.checkpoint is not None:
         return find_verified(target.checkpoint.parent, target=target.checkpoint)
     assert target.run_dir is not None
-    if not list_checkpoints(target.run_dir / CHECKPOINTS):
+    root = existing_checkpoints_root(target.run_dir)  # <run dir>/checkpoints, or where checkpoint.dir put them
+    if not list_checkpoints(root):
         raise UserError(f"run dir {path} has no checkpoints yet; nothing to sample from")
-    return find_verified(target.run_dir / CHECKPOINTS)
+    return find_verified(root)
 
 
 def load(checkpoint: Path, device: str) -> tuple[Any, Any]:

@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt2exp.errors import UserError, fail
 from gpt2exp.overrides import INFO_FLAGS, MULTIRUN_FLAGS, is_hydra, key_of, last_value, parse, split_argv
 from gpt2exp.resume import RunComplete, RunPlan, allowed_keys_text, is_resumable_key, plan_run
-from gpt2exp.rundir import Footprint, RunLock, RunStatus, timestamp
+from gpt2exp.rundir import Footprint, RunLock, RunStatus, check_checkpoints_dir, timestamp
 from gpt2exp.sweep import holds_job_dirs, is_sweep_dir
 
 # Hydra plugins the configs name: (group, option) -> (module, pip package).
@@ -64,7 +64,8 @@ def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
 
 
 def check_available(cfg: DictConfig) -> None:
-    """What a job would otherwise find missing only after Hydra wrote its run dir: data files, the device."""
+    """What a job would otherwise find missing only after Hydra wrote its run dir: data files, the device,
+    a checkpoint.dir it cannot write in."""
     if cfg.data.source == "text_files":
         found = False
         for pattern in cfg.data.files:
@@ -78,6 +79,7 @@ def check_available(cfg: DictConfig) -> None:
         raise UserError("device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
     if cfg.device == "mps" and sys.platform != "darwin":
         raise UserError("device=mps but MPS is not available; use device=auto or device=cpu")
+    check_checkpoints_dir(cfg.checkpoint.dir)
 
 
 def cuda_may_be_available() -> bool:

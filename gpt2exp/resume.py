@@ -24,9 +24,10 @@ from omegaconf import DictConfig, OmegaConf
 from gpt2exp.errors import UserError
 from gpt2exp.overrides import key_of, parse
 from gpt2exp.rundir import (
-    CHECKPOINTS,
     RunStatus,
     check_unlocked,
+    checkpoints_root,
+    existing_checkpoints_root,
     is_run_dir,
     read_config_of_record,
     read_run_json,
@@ -54,12 +55,20 @@ RESUMABLE_KEYS = (
 )
 
 
+# Keys of a resumable section that stay as recorded: the checkpoints stay where run.json says they
+# are (checkpoint.dir is read once, at the first launch), so a resume never moves or orphans them.
+FIXED_ON_RESUME = ("checkpoint.dir",)
+
+
 def is_resumable_key(key: str) -> bool:
+    if key in FIXED_ON_RESUME:
+        return False
     return any(key == allowed or key.startswith(allowed + ".") for allowed in RESUMABLE_KEYS)
 
 
 def allowed_keys_text() -> str:
-    return ", ".join(RESUMABLE_KEYS[1:])
+    fixed = {key.split(".")[0]: key for key in FIXED_ON_RESUME}
+    return ", ".join(f"{key} (not {fixed[key]})" if key in fixed else key for key in RESUMABLE_KEYS[1:])
 
 
 class RunComplete(Exception):
@@ -107,8 +116,9 @@ class RunPlan:
 def resume_target(resume: str, fixed_run_dir: Path | None) -> ResumeTarget | None:
     """Where `resume=<value>` points; None means `auto` found nothing to resume (start fresh).
 
-    Raises UserError for a path that does not exist or is not a run dir; a run dir without a
-    checkpoint is a target to restart from step 0.
+    Raises UserError for a path that does not exist or is not a run dir, and for a run whose
+    checkpoints dir outside the run dir (checkpoint.dir) is gone; a run dir without a checkpoint is a
+    target to restart from step 0.
     """
     from gpt2exp.checkpoint import list_checkpoints
     from gpt2exp.targets import resolve_target
@@ -116,7 +126,7 @@ def resume_target(resume: str, fixed_run_dir: Path | None) -> ResumeTarget | Non
     if resume == "auto":
         if fixed_run_dir is None:
             raise UserError("resume=auto needs a fixed run dir: add hydra.run.dir=<dir> to the command")
-        if is_run_dir(fixed_run_dir) and list_checkpoints(fixed_run_dir / CHECKPOINTS):
+        if is_run_dir(fixed_run_dir) and list_checkpoints(existing_checkpoints_root(fixed_run_dir.resolve())):
             return ResumeTarget(fixed_run_dir.resolve(), None)
         return None
     try:
@@ -130,7 +140,7 @@ def resume_target(resume: str, fixed_run_dir: Path | None) -> ResumeTarget | Non
         ) from None
     if target.run_dir is None:
         raise UserError(f"{resume} is a checkpoint outside a run dir; resume needs the run dir around it")
-    restart = target.checkpoint is None and not list_checkpoints(target.run_dir / CHECKPOINTS)
+    restart = target.checkpoint is None and not list_checkpoints(existing_checkpoints_root(target.run_dir))
     return ResumeTarget(target.run_dir, target.checkpoint, restart)
 
 
@@ -143,7 +153,7 @@ def completed_step(run_dir: Path) -> int | None:
     if info.get("status") not in (RunStatus.completed, RunStatus.early_stopped):
         return None
     step = info.get("step")
-    return step if isinstance(step, int) else newest_step(run_dir / CHECKPOINTS)
+    return step if isinstance(step, int) else newest_step(checkpoints_root(run_dir))
 
 
 def refuse_complete(run_dir: Path, max_steps: int) -> None:
@@ -165,16 +175,29 @@ def refuse_existing_run(run_dir: Path) -> None:
         )
 
 
-def refuse_older_checkpoint(checkpoint: Path) -> None:
+def refuse_older_checkpoint(checkpoint: Path, run_dir: Path) -> None:
     from gpt2exp.checkpoint import newest_step, step_dir_name, step_of
 
     newest = newest_step(checkpoint.parent)
     if newest is not None and newest > step_of(checkpoint):
+        inside = run_dir in checkpoint.parents  # a copy of the run dir copies them (not with checkpoint.dir)
         raise UserError(
             f"{checkpoint.name} is older than this run's newest checkpoint {step_dir_name(newest)}; resuming it "
-            f"would overwrite newer state. Resume the run dir ({checkpoint.parent.parent}) instead, "
-            f"or copy the run dir and resume the copy"
+            f"would overwrite newer state. Resume the run dir ({run_dir}) instead"
+            + (", or copy the run dir and resume the copy" if inside else "")
         )
+
+
+def refuse_moved_checkpoints(run_dir: Path, record: DictConfig, current: DictConfig, without: DictConfig) -> None:
+    """A resume that names another checkpoint.dir than the record's is refused, naming where the
+    checkpoints are: they are never moved, so none is orphaned (FIXED_ON_RESUME)."""
+    asked = current.checkpoint.dir
+    if asked == without.checkpoint.dir or asked == record.checkpoint.dir:  # not on the command line, or as recorded
+        return
+    raise UserError(
+        f"resume cannot change checkpoint.dir (recorded {record.checkpoint.dir!r}): the checkpoints of {run_dir} "
+        f"are in {checkpoints_root(run_dir)} and stay there; resume without checkpoint.dir"
+    )
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -192,10 +215,11 @@ def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str]
         return RunPlan(fixed.resolve() if fixed else None, None, None)
     check_unlocked(target.run_dir)
     if target.checkpoint is not None:
-        refuse_older_checkpoint(target.checkpoint)
+        refuse_older_checkpoint(target.checkpoint, target.run_dir)
     record = read_config_of_record(target.run_dir)
     current = compose(job_overrides)
     without = compose([o.input_line for o in parse(job_overrides) if key_of(o) == "resume"])
+    refuse_moved_checkpoints(target.run_dir, record, current, without)
     changed = forbidden_changes(record, current, without, first_launch(target.run_dir))
     if changed:
         recorded = leaves(record)
@@ -207,7 +231,7 @@ def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str]
     cfg = config_for_resume(record, current, job_overrides)
     refuse_complete(target.run_dir, cfg.trainer.max_steps)
     if not target.restart:
-        check_loadable(target.run_dir / CHECKPOINTS, target.checkpoint, cfg.model)
+        check_loadable(checkpoints_root(target.run_dir), target.checkpoint, cfg.model)
     return RunPlan(target.run_dir, target, cfg)
 
 
@@ -280,6 +304,8 @@ def config_for_resume(record: DictConfig, current: DictConfig, job_overrides: li
         key = key_of(override)
         if key != "resume" and is_resumable_key(key):
             OmegaConf.update(cfg, key, OmegaConf.select(current, key), merge=False)
+    for key in FIXED_ON_RESUME:  # `checkpoint=<option>` replaced the whole section
+        OmegaConf.update(cfg, key, OmegaConf.select(record, key), merge=False)
     for key in ("logger.group", "logger.name"):  # a sweep job keeps its W&B group and name under a new logger
         if OmegaConf.select(cfg, key) is None:
             OmegaConf.update(cfg, key, OmegaConf.select(record, key), merge=False)

@@ -3,6 +3,8 @@
 <run dir>/config.yaml    the resolved config of record, written once at the first launch
 <run dir>/run.json       run id, W&B id, status, git sha, versions, parent, resumes
 <run dir>/.lock          an OS file lock held while a process trains here
+<run dir>/checkpoints/   the checkpoints, unless checkpoint.dir puts them in <checkpoint.dir>/<run id>/;
+                         run.json records where (`checkpoints_root` reads it; every reader goes through it)
 
 A launch refused after Hydra made or entered the run dir takes back what it added (`Footprint`).
 """
@@ -28,7 +30,8 @@ if TYPE_CHECKING:  # omegaconf is imported where used: checkpoint.py and the sma
 
 CONFIG_OF_RECORD = "config.yaml"
 RUN_JSON = "run.json"
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints"  # the checkpoints' dir inside the run dir, and run.json's key for where they are
+CHECKPOINTS_OWNER = "run_dir"  # in a checkpoints dir outside its run dir: a text file naming that run dir
 
 
 class RunStatus(StrEnum):
@@ -126,7 +129,8 @@ def new_run_id() -> str:
 
 
 def start_run_json(run_dir: Path, parent: str | None = None) -> dict[str, Any]:
-    """A fresh run's record: new ids, status running."""
+    """A fresh run's record: new ids, status running, and where its checkpoints go (`place_checkpoints`,
+    from the config of record, which is written first)."""
     run_id = new_run_id()
     return update_run_json(
         run_dir,
@@ -138,7 +142,93 @@ def start_run_json(run_dir: Path, parent: str | None = None) -> dict[str, Any]:
         versions=package_versions(),
         parent=parent,
         resumes=[],
+        checkpoints=place_checkpoints(run_dir, run_id),
     )
+
+
+# -- where the checkpoints are -------------------------------------------------------------------
+
+
+def checkpoints_location(setting: str | None, run_id: str) -> Path | None:
+    """Where `checkpoint.dir=setting` puts the checkpoints of run `run_id`: `<setting>/<run id>` as an
+    absolute path (`~` expanded, a relative path taken from the current dir); None for the run dir's own."""
+    if setting is None:
+        return None
+    return Path(os.path.abspath(os.path.expanduser(setting))) / run_id
+
+
+def check_checkpoints_dir(setting: str | None) -> None:
+    """Before anything is written: `checkpoint.dir` must be a dir this process can make and write in."""
+    if setting is None:
+        return
+    path = Path(os.path.abspath(os.path.expanduser(setting)))
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UserError(f"checkpoint.dir={setting}: {existing} is not a directory; name a directory for checkpoints")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"checkpoint.dir={setting}: {existing} is not writable; name a directory you can write in")
+
+
+def place_checkpoints(run_dir: Path, run_id: str) -> str:
+    """Make the checkpoints dir of a run starting now; returns it as run.json records it.
+
+    `checkpoints` (relative: inside the run dir, which may be copied or moved), or with `checkpoint.dir`
+    set in the config of record the absolute `<checkpoint.dir>/<run id>`, which also gets a
+    CHECKPOINTS_OWNER file naming its run dir (so a checkpoint dir there still names its run).
+    """
+    setting = read_config_of_record(run_dir).checkpoint.dir if (run_dir / CONFIG_OF_RECORD).is_file() else None
+    location = checkpoints_location(setting, run_id)
+    if location is None:
+        (run_dir / CHECKPOINTS).mkdir(exist_ok=True)
+        return CHECKPOINTS
+    try:
+        location.mkdir(parents=True, exist_ok=True)
+        write_atomic(location / CHECKPOINTS_OWNER, f"{run_dir.resolve()}\n")
+    except OSError as exc:  # the launcher checked the dir; a disk can still refuse (a UserError takes the run back)
+        raise UserError(f"checkpoint.dir={setting}: cannot make {location} ({exc.strerror or exc})") from None
+    return str(location)
+
+
+def checkpoints_root(run_dir: Path) -> Path:
+    """Where the run in `run_dir` keeps its checkpoints: the location its run.json records (absolute
+    for checkpoint.dir, else relative to the run dir), or `<run dir>/checkpoints` for a run recorded
+    before checkpoint.dir existed (and a dir that holds no run yet). Every reader finds them here."""
+    recorded = read_run_json(run_dir).get(CHECKPOINTS)
+    return run_dir / (recorded if isinstance(recorded, str) and recorded else CHECKPOINTS)
+
+
+def existing_checkpoints_root(run_dir: Path) -> Path:
+    """`checkpoints_root`, refused (UserError) when it lies outside the run dir and is gone.
+
+    A wiped or unmounted scratch disk must not read as a run that never saved a checkpoint: that
+    would restart it from step 0 (or start it fresh under resume=auto) over its own record.
+    """
+    root = checkpoints_root(run_dir)
+    if not root.is_dir() and run_dir not in root.parents:
+        raise UserError(
+            f"the checkpoints of run {run_dir} are recorded (run.json) at {root}, which does not exist; "
+            "mount or restore that disk and try again, or start a new run"
+        )
+    return root
+
+
+def run_of_checkpoints(root: Path) -> Path | None:
+    """The run dir whose checkpoints are in the dir `root`: the run dir around it (`<run dir>/checkpoints`),
+    or the one its CHECKPOINTS_OWNER file names (checkpoint.dir), as long as that run's record points
+    back at `root`; None for a folder of checkpoints that belongs to no run."""
+    root = root.resolve()
+    candidates = [root.parent]
+    try:
+        candidates.append(Path((root / CHECKPOINTS_OWNER).read_text(encoding="utf-8").strip()))
+    except OSError:
+        pass
+    for run_dir in candidates:
+        try:
+            if is_run_dir(run_dir) and checkpoints_root(run_dir).resolve() == root:
+                return run_dir
+        except (OSError, ValueError):  # an unreadable run.json claims nothing
+            continue
+    return None
 
 
 # -- the lock ------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 from gpt2exp.errors import UserError
 from gpt2exp.overrides import is_hydra, key_of, parse
 from gpt2exp.resume import is_resumable_key
-from gpt2exp.rundir import CHECKPOINTS, RunStatus, check_unlocked, run_status
+from gpt2exp.rundir import RunStatus, check_unlocked, checkpoints_root, existing_checkpoints_root, run_status
 
 SWEEP_RECORD = "multirun.yaml"
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
@@ -243,7 +243,9 @@ def job_status(run_dir: Path | None) -> tuple[RunStatus | str, int | None]:
         return NOT_STARTED, None
     check_unlocked(run_dir)  # a job still training there: refuse the whole resume
     status = run_status(run_dir) or RunStatus.interrupted  # no run.json: killed while it set up
-    return status, newest_step(run_dir / CHECKPOINTS)
+    to_resume = status in (RunStatus.failed, RunStatus.preempted, RunStatus.interrupted)
+    # a job to resume whose checkpoint.dir is gone refuses the whole resume, rather than start it again
+    return status, newest_step(existing_checkpoints_root(run_dir) if to_resume else checkpoints_root(run_dir))
 
 
 def plan_sweep(sweep_dir: Path) -> SweepPlan:

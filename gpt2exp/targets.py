@@ -2,6 +2,7 @@
 
     resolve_target("outputs/2026-11-27/10-00-00")                             # Target(run_dir=..., checkpoint=None)
     resolve_target("outputs/2026-11-27/10-00-00/checkpoints/step_00000300")   # Target(run_dir=..., checkpoint=...)
+    resolve_target("/scratch/ckpts/4f3a9c2b7d10/step_00000300")               # checkpoint.dir: Target(run_dir=..., ...)
     resolve_target("~/saved/step_00000300")                                   # Target(run_dir=None, checkpoint=...)
 
 Shared by generate, ckpt and resume; it only looks at the file system (no verification, no loading)
@@ -27,11 +28,13 @@ def resolve_target(path: str | Path) -> Target:
     """The run dir and/or checkpoint dir `path` names, as absolute paths (`~` expanded).
 
     A run dir has config.yaml and run.json (`rundir.is_run_dir`); a checkpoint dir is a committed
-    `step_*` dir with a manifest (`checkpoint.is_checkpoint_dir`), and belongs to the run two levels
-    up when that is a run dir. Raises UserError for a missing path or one that is neither.
+    `step_*` dir with a manifest (`checkpoint.is_checkpoint_dir`), and belongs to the run whose
+    checkpoints dir holds it (`rundir.run_of_checkpoints`: the run two levels up, or with
+    checkpoint.dir the run its checkpoints dir names). Raises UserError for a missing path or one
+    that is neither.
     """
     from gpt2exp.checkpoint import is_checkpoint_dir
-    from gpt2exp.rundir import CONFIG_OF_RECORD, RUN_JSON, is_run_dir
+    from gpt2exp.rundir import CONFIG_OF_RECORD, RUN_JSON, is_run_dir, run_of_checkpoints
 
     given = Path(os.path.expanduser(path))
     if not given.exists():
@@ -40,8 +43,7 @@ def resolve_target(path: str | Path) -> Target:
     if is_run_dir(resolved):
         return Target(run_dir=resolved, checkpoint=None)
     if is_checkpoint_dir(resolved):
-        run_dir = resolved.parent.parent
-        return Target(run_dir=run_dir if is_run_dir(run_dir) else None, checkpoint=resolved)
+        return Target(run_dir=run_of_checkpoints(resolved.parent), checkpoint=resolved)
     raise UserError(
         f"{path} is neither a gpt2exp run dir ({CONFIG_OF_RECORD} and {RUN_JSON}) "
         "nor a checkpoint dir (checkpoints/step_*)"
