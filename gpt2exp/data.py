@@ -266,14 +266,20 @@ def tokenizer_with_context_length(tokenizer_dir: Path, n_positions: int) -> Path
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
         config["model_max_length"] = n_positions
         config_file.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
-        try:
-            staging.rename(out)
-        except OSError:  # another process made the same copy first
-            if not (out / "tokenizer_config.json").exists():
-                raise
+        publish(staging, out, "tokenizer_config.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def publish(staging: Path, final: Path, marker: str) -> None:
+    """Rename a finished `staging` dir to `final`; another process that got there first (its `marker`
+    file is in place) is no error: its copy of the same content stays."""
+    try:
+        staging.rename(final)
+    except OSError:
+        if not (final / marker).exists():
+            raise
 
 
 def prepare_data(cfg: Any) -> TokenData:
@@ -309,11 +315,7 @@ def _build_cache(cfg: Any, corpus: Corpus, cache: Path) -> None:
         val.tofile(staging / "val.bin")
         meta = {"dtype": train.dtype.name, "train_tokens": len(train), "val_tokens": len(val)}
         (staging / "meta.json").write_text(json.dumps(meta))
-        try:
-            staging.rename(cache)
-        except OSError:  # another process finished the same cache first
-            if not (cache / "meta.json").exists():
-                raise
+        publish(staging, cache, "meta.json")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 
