@@ -49,6 +49,26 @@ def test_a_missing_data_file(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (
+            ["data.files=[my/story.txt]"],
+            "error: data.files applies only to data=text_files, not to data=shakespeare; did you mean data=text_files?",
+        ),
+        (
+            ["data.dataset=wikitext"],
+            "error: data.dataset applies only to data=hf_dataset, not to data=shakespeare; "
+            "did you mean data=hf_dataset?",
+        ),
+    ],
+)
+def test_a_data_key_of_another_source_is_refused_not_silently_trained_on_shakespeare(tmp_path, args, error):
+    assert refused(tmp_path, *SHORT, *args) == error
+    assert not (tmp_path / "outputs").exists()
+
+
+@pytest.mark.slow
 def test_a_data_glob_that_matches_only_dirs(tmp_path):
     (tmp_path / "texts").mkdir()
     error = refused(tmp_path, *SHORT, "data=text_files", "data.files=[texts]")
