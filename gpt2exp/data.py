@@ -200,7 +200,7 @@ def load_tokenizer(path_or_name: str):
 # -- 3. tokenize once, cache as flat arrays ------------------------------------------------------
 
 
-def _tokenize(tokenizer, docs: list[str]) -> np.ndarray:
+def tokenize(tokenizer, docs: list[str]) -> np.ndarray:
     """Token ids of `docs`, each followed by the end-of-text token, as one flat array."""
     import datasets
 
@@ -310,7 +310,7 @@ def _build_cache(cfg: Any, corpus: Corpus, cache: Path) -> None:
             tokenizer = load_tokenizer(cfg.tokenizer.name)
             tokenizer.save_pretrained(staging / "tokenizer")
         log.info("tokenizing the corpus into %s", cache)
-        train, val = _tokenize(tokenizer, corpus.train), _tokenize(tokenizer, corpus.val)
+        train, val = tokenize(tokenizer, corpus.train), tokenize(tokenizer, corpus.val)
         train.tofile(staging / "train.bin")
         val.tofile(staging / "val.bin")
         meta = {"dtype": train.dtype.name, "train_tokens": len(train), "val_tokens": len(val)}

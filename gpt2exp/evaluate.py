@@ -80,9 +80,9 @@ def data_config(record: Any, overrides: list[str]) -> Any:
 def val_tokens(data_cfg: Any, tokenizer) -> np.ndarray:
     """The validation text of `data_cfg` encoded with `tokenizer`, each document followed by its
     end-of-text token: the layout of the trainer's token cache (data.prepare_data), built in memory."""
-    from gpt2exp.data import _tokenize, load_corpus
+    from gpt2exp.data import load_corpus, tokenize
 
-    return _tokenize(tokenizer, load_corpus(data_cfg).val)
+    return tokenize(tokenizer, load_corpus(data_cfg).val)
 
 
 def token_bytes(tokenizer) -> np.ndarray | None:
@@ -231,6 +231,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     from gpt2exp.data import val_batches
     from gpt2exp.generate import find_checkpoint, load
     from gpt2exp.targets import resolve_target
+    from gpt2exp.trainer import use_tf32
 
     target = resolve_target(args.path)
     record, in_run = run_config(target)
@@ -240,8 +241,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     threads = args.num_threads or (record.trainer.num_threads if in_run else None)
     if threads and device.type == "cpu":
         torch.set_num_threads(threads)
-    if device.type == "cuda":  # TF32 for the matmuls autocast leaves in fp32, as the trainer evaluates
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    use_tf32(device)  # as the trainer evaluates
     model, tokenizer = load(checkpoint, str(device))
     block_size = record.model.block_size if in_run else model.config.n_positions
     batch_size = args.batch_size or record.trainer.batch_size

@@ -73,6 +73,14 @@ def pick_device(name: str):
     return torch.device(name)
 
 
+def use_tf32(device) -> None:
+    """On CUDA, TF32 tensor cores for the matmuls autocast leaves in fp32 (training and evaluation alike)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
 def autocast_context(device, precision: str):
     import torch
 
@@ -170,8 +178,7 @@ class Trainer:
         torch.set_num_threads(t.num_threads)
         seed_everything(cfg.seed)
         self.device = pick_device(cfg.device)
-        if self.device.type == "cuda":  # TF32 tensor cores for the matmuls autocast leaves in fp32
-            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        use_tf32(self.device)
         self.data = prepare_data(cfg.data)
         self.model = build_model(cfg.model, self.data.vocab_size, self.data.tokenizer.eos_token_id).to(self.device)
         log.info("model: %.2fM parameters, vocab %d", count_parameters(self.model) / 1e6, self.data.vocab_size)
