@@ -42,6 +42,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+from gpt2exp import distributed
+from gpt2exp.distributed import World
 from gpt2exp.errors import SaveFailed, UserError
 from gpt2exp.rundir import checkpoints_root, timestamp
 from gpt2exp.snapshot import Copy, HostSnapshot, freeze
@@ -62,7 +64,7 @@ MODEL_KEY = "model"  # the stateful entry that is the HF model itself, saved in 
 # identity the trainer records in every trainer_state.json (CheckpointManager's `identity`)
 IDENTITY_KEYS = ("config_sha256", "code_version")
 # the keys of trainer_state.json that describe the checkpoint and restore no object
-METADATA_KEYS = ("step", "metrics", "saved_at", *IDENTITY_KEYS)
+METADATA_KEYS = ("step", "metrics", "saved_at", *IDENTITY_KEYS)  # a sharded checkpoint adds world_size
 
 
 class CheckpointError(UserError):
@@ -389,6 +391,10 @@ class HFCheckpointFiles:
         """Read and check every file first, then restore: a refused file leaves every object untouched."""
         from safetensors.torch import load_file
 
+        from gpt2exp.checkpoint_sharded import is_sharded, read_checkpoint
+
+        if is_sharded(path):  # written by several processes: resharded into this one
+            return read_checkpoint(path, stateful, rank=0)
         model, groups = split_stateful(stateful)
         weights = load_file(path / MODEL_FILE)
         tensor_state = load_tensor_state(path / OPTIMIZER_FILE)
@@ -516,9 +522,15 @@ class CheckpointManager:
         tokenizer_dir: Path | None = None,
         identity: dict[str, Any] | None = None,
         files: CheckpointFiles | None = None,
+        world: World | None = None,
     ):
         """`identity` (IDENTITY_KEYS) is recorded in every trainer_state.json; `files` writes and reads
-        the files of a checkpoint (default: HFCheckpointFiles(tokenizer_dir))."""
+        the files of a checkpoint (default: HFCheckpointFiles(tokenizer_dir)).
+
+        In a `world` of several processes every rank calls every method alike: each writes its own
+        files, rank 0 alone commits, rotates and moves corrupt checkpoints aside, and every decision
+        (whether a save is due, which checkpoint loads, whether a save failed) is rank 0's or agreed.
+        """
         unknown = set(identity or {}) - set(IDENTITY_KEYS)
         if unknown:
             raise ValueError(f"identity keys {sorted(unknown)} are not among {IDENTITY_KEYS}")
@@ -529,11 +541,17 @@ class CheckpointManager:
         self._root: Path | None = None  # found on first use (`root`)
         self.identity = dict(identity or {})
         self.files = files if files is not None else HFCheckpointFiles(tokenizer_dir)
+        self.world = world or World()
         self._last_save_time = time.monotonic()
-        self._clean_leftovers(checkpoints_root(self.run_dir))  # a resumed run's, before anything is loaded
+        if self.world.main:
+            self._clean_leftovers(checkpoints_root(self.run_dir))  # a resumed run's, before anything is loaded
+        self._tmp_suffix = str(distributed.broadcast(os.getpid()))  # one temporary dir for all ranks
         # background saves: a frozen copy of the state is written by one thread, one save at a time
-        self._snapshot = HostSnapshot() if cfg.async_save else None
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save") if cfg.async_save else None
+        background = cfg.async_save and isinstance(self.files, HFCheckpointFiles)
+        if cfg.async_save and not background:
+            log.info("checkpoint.async_save applies to one process: a DDP or FSDP run saves synchronously")
+        self._snapshot = HostSnapshot() if background else None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save") if background else None
         self._in_flight: PendingSave | None = None
 
     @property
@@ -561,7 +579,7 @@ class CheckpointManager:
         for a background save by the next `poll`, `flush` or `save`) or a warning logged
         (on_save_error=warn: the handle's wait() gives None).
         """
-        if not force and not self._should_save(step):
+        if not distributed.broadcast(force or self._should_save(step)):  # rank 0's clock decides for all
             return None
         final = self.root / step_dir_name(step)
         if is_checkpoint_dir(final):
@@ -616,7 +634,7 @@ class CheckpointManager:
 
     def load(self, stateful: Mapping[str, Any], target: Path | None = None) -> Loaded:
         """Load `target` (or the newest checkpoint that verifies) into `stateful`."""
-        path = self.find_good(target)
+        path = distributed.rank0_decides(lambda: self.find_good(target))  # every rank falls back alike
         state = self.files.read(path, stateful)
         log.info("loaded checkpoint %s", path)
         return Loaded(path, int(state["step"]), state)
@@ -640,7 +658,7 @@ class CheckpointManager:
         return find_verified(self.root, self.cfg.verify, target, on_corrupt=self._quarantine)
 
     def _quarantine(self, path: Path) -> None:
-        """Move a corrupt checkpoint out of the step_* namespace: kept for inspection, never loaded."""
+        """Move a corrupt checkpoint out of the step_* namespace: kept for inspection, never loaded (rank 0)."""
         corrupt = self.root / CORRUPT
         corrupt.mkdir(exist_ok=True)
         log.warning("moving %s to %s/ for inspection; it will not be loaded again", path.name, CORRUPT)
@@ -661,32 +679,55 @@ class CheckpointManager:
         return bool(self.cfg.every_minutes) and minutes >= self.cfg.every_minutes
 
     def _commit(self, step: int, stateful: Mapping[str, Any], metrics: dict[str, float], final: Path) -> bool:
-        """Write, add the manifest, rename into place, point `latest` at it; whether `latest` was updated."""
-        tmp = self.root / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        try:
-            tmp.mkdir()
-            extra_json = {**self.identity, "metrics": metrics, "saved_at": time.time()}
-            files = self.files.write(tmp, step, stateful, extra_json)
-            _check_reported(tmp, files)
-            manifest = {"version": MANIFEST_VERSION, "step": step, "metrics": metrics, "files": files}
-            manifest_text = json.dumps(manifest, indent=1).encode()
-            with open(tmp / MANIFEST, "wb") as f:
-                f.write(manifest_text)
-                f.flush()
-                os.fsync(f.fileno())
-            _fsync_dir(tmp)
-            os.rename(tmp, final)
-        except BaseException:
+        """Write, add the manifest, rename into place, point `latest` at it; whether `latest` was updated.
+
+        Several ranks write into one temporary dir; rank 0 writes the manifest of every rank's files once
+        all reported, then commits. A rank's failure fails the save on every rank, and the dir goes.
+        """
+        tmp = self.root / f"{TMP_PREFIX}{final.name}-{self._tmp_suffix}"
+        main = self.world.main
+        if main:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        _fsync_dir(self.root)
         try:
-            self._write_latest(final.name)
-        except OSError as exc:  # the checkpoint is committed; `latest` is only a pointer for people
-            log.warning("checkpoint %s is saved but %s was not updated: %s", final.name, LATEST, exc)
-            return False
-        return True
+            if main:
+                tmp.mkdir()
+            distributed.barrier()
+            extra_json = {**self.identity, "metrics": metrics, "saved_at": time.time()}
+            failure: BaseException | None = None
+            try:
+                files = self.files.write(tmp, step, stateful, extra_json)
+            except (OSError, RuntimeError) as exc:
+                failure, files = exc, {}
+            reports = distributed.gather_to_all((files, _failure_report(failure)))
+            if failure is not None:
+                raise failure
+            failed = next((report for _, report in reports if report is not None), None)
+            if failed is not None:
+                raise _failure_from_report(failed)
+            if main:
+                files = {name: entry for rank_files, _ in reports for name, entry in rank_files.items()}
+                _check_reported(tmp, files)
+                manifest = {"version": MANIFEST_VERSION, "step": step, "metrics": metrics, "files": files}
+                manifest_text = json.dumps(manifest, indent=1).encode()
+                with open(tmp / MANIFEST, "wb") as f:
+                    f.write(manifest_text)
+                    f.flush()
+                    os.fsync(f.fileno())
+                _fsync_dir(tmp)
+                os.rename(tmp, final)
+        except BaseException:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        latest_updated = False
+        if main:
+            _fsync_dir(self.root)
+            try:
+                self._write_latest(final.name)
+                latest_updated = True
+            except OSError as exc:  # the checkpoint is committed; `latest` is only a pointer for people
+                log.warning("checkpoint %s is saved but %s was not updated: %s", final.name, LATEST, exc)
+        return distributed.broadcast(latest_updated)  # every rank returns once rank 0 committed
 
     def _write_latest(self, name: str) -> None:
         tmp = self.root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
@@ -722,6 +763,8 @@ class CheckpointManager:
         return kept_reasons(self.root, self.cfg)
 
     def _rotate(self) -> None:
+        if not self.world.main:
+            return
         for name, reasons in self.kept().items():
             if not reasons:
                 log.info("rotating away checkpoint %s", name)
@@ -755,7 +798,13 @@ def check_loadable(root: Path, target: Path | None, model_cfg: Any) -> Path:
                 f"checkpoint {path} does not match the model its config describes ({'; '.join(differ)}); "
                 "resume with the run's own config"
             )
-    optimizer_file = path / OPTIMIZER_FILE
+    from gpt2exp.checkpoint_sharded import OPTIMIZER_DIR, OTHER_TENSORS, is_sharded, read_dcp_metadata
+
+    if is_sharded(path):  # written by several processes: DCP's pickled metadata through a strict unpickler
+        read_dcp_metadata(path / OPTIMIZER_DIR / ".metadata")
+        if not (path / OTHER_TENSORS).is_file():
+            return path
+    optimizer_file = path / (OTHER_TENSORS if is_sharded(path) else OPTIMIZER_FILE)
     try:  # mmap (zip files only): just the pickle is read, by the weights_only unpickler, not the tensors
         mmap = zipfile.is_zipfile(optimizer_file)
         torch.load(optimizer_file, map_location="cpu", weights_only=True, mmap=mmap)
@@ -765,6 +814,18 @@ def check_loadable(root: Path, target: Path | None, model_cfg: Any) -> Path:
             f"unpickle it ({str(exc).splitlines()[0][:160]})"
         ) from None
     return path
+
+
+def _failure_report(exc: BaseException | None) -> tuple[int | None, str] | None:
+    """What another rank needs to fail a save the same way: the errno and the message."""
+    if exc is None:
+        return None
+    return (exc.errno if isinstance(exc, OSError) else None, str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+
+def _failure_from_report(report: tuple[int | None, str]) -> Exception:
+    code, message = report
+    return OSError(code, os.strerror(code)) if code is not None else RuntimeError(f"another rank failed: {message}")
 
 
 def read_manifest(path: Path) -> dict[str, Any]:

@@ -81,6 +81,18 @@ class MetricMode(StrEnum):
     max = "max"
 
 
+class Strategy(StrEnum):
+    auto = "auto"  # one process, or DDP when torchrun starts several
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class Backend(StrEnum):
+    auto = "auto"
+    gloo = "gloo"
+    nccl = "nccl"
+
+
 # Every value comes from the YAML files under conf/ (the one source of defaults, each key with its
 # comment there); the dataclasses give types. `MISSING` marks a key that every option of its group
 # sets; a key that only some options use defaults to its "unset" value (None or []), and
@@ -184,6 +196,13 @@ class TrainerConfig:
 
 
 @dataclass
+class DistributedConfig:
+    strategy: Strategy = MISSING
+    backend: Backend = MISSING
+    timeout_s: int = MISSING
+
+
+@dataclass
 class Config:
     seed: int = MISSING
     device: Device = MISSING
@@ -195,6 +214,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 # Keys that only some options of a group use: key -> (the key naming the option, its group, the options).
@@ -240,6 +260,9 @@ ADDED_KEYS: dict[str, Any] = {
     "checkpoint.dir": None,  # checkpoints in <run dir>/checkpoints
     "trainer.early_stop_patience": 0,  # early stopping off
     "trainer.early_stop_min_delta": 0.0,
+    "distributed.strategy": "auto",  # one process
+    "distributed.backend": "auto",
+    "distributed.timeout_s": 1800,
 }
 
 
@@ -364,6 +387,7 @@ RANGES: dict[str, Range] = {
     **{f"trainer.{k}": AT_LEAST_0 for k in ("max_steps", "eval_every", "sample_every", "num_samples", "grad_clip")},
     **{f"trainer.{k}": AT_LEAST_1 for k in ("batch_size", "grad_accum_steps", "log_every", "eval_batches")},
     "trainer.sample_tokens": AT_LEAST_1,
+    "distributed.timeout_s": AT_LEAST_1,
     **{f"trainer.{k}": AT_LEAST_0 for k in ("early_stop_patience", "early_stop_min_delta")},
     "trainer.num_threads": Range(low=1, special=((None, "torch's default"),)),
     **{f"model.{k}": AT_LEAST_1 for k in ("n_layer", "n_head", "n_embd", "block_size")},

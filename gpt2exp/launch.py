@@ -25,6 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2exp.distributed import check_world, world_from_env
 from gpt2exp.errors import UserError, fail
 from gpt2exp.overrides import INFO_FLAGS, MULTIRUN_FLAGS, is_hydra, key_of, last_value, parse, split_argv
 from gpt2exp.resume import RunComplete, RunPlan, allowed_keys_text, is_resumable_key, plan_run
@@ -80,6 +81,7 @@ def check_available(cfg: DictConfig) -> None:
     if cfg.device == "mps" and sys.platform != "darwin":
         raise UserError("device=mps but MPS is not available; use device=auto or device=cpu")
     check_checkpoints_dir(cfg.checkpoint.dir)
+    check_world(cfg.distributed, cfg.trainer, str(cfg.device), cuda_may_be_available(), world_from_env())
 
 
 def cuda_may_be_available() -> bool:
@@ -138,6 +140,59 @@ def prepare_argv(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | N
     except RunComplete as done:
         print(done, flush=True)
         raise SystemExit(0) from None
+
+
+def prepare_argv_on_ranks(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]:
+    """`prepare_argv` for a run of several processes (torchrun): rank 0 checks and plans once, and every
+    rank gets its argv and plan. All ranks share one run dir, fixed by rank 0 (Hydra's `${now:}` is
+    each process's own clock). Rank 0 alone holds the run lock and writes Hydra's files and train.log.
+    """
+    from gpt2exp.distributed import active, rank0_decides, world_from_env
+
+    if not active():
+        return prepare_argv(argv, conf_dir)
+    mine: dict[str, RunPlan | None] = {}
+
+    def decide() -> tuple[list[str], RunPlan | None]:
+        shared = _with_shared_run_dir(argv, conf_dir)
+        new_argv, plan = prepare_argv(shared, conf_dir)
+        mine["plan"] = plan
+        return new_argv, replace(plan, lock=None, footprint=None) if plan is not None else None
+
+    new_argv, plan = rank0_decides(decide)
+    if world_from_env().main:
+        return new_argv, mine["plan"]
+    quiet = [a for a in new_argv[1:] if not a.startswith("hydra.output_subdir=")]
+    return [new_argv[0], *quiet, "hydra.output_subdir=null", "hydra/job_logging=stdout"], plan
+
+
+def _with_shared_run_dir(argv: list[str], conf_dir: str) -> list[str]:
+    """The argv with the run dir every rank will use (rank 0's `hydra.run.dir`, resolved now)."""
+    flags, override_args = split_argv(argv[1:])
+    if any(a in MULTIRUN_FLAGS for a in flags):
+        raise UserError(
+            "a sweep (-m) does not run under torchrun: launch one training run per torchrun, or sweep with "
+            "-m hydra/launcher=slurm hydra.launcher.tasks_per_node=N, which starts each job on N processes"
+        )
+    if any(a in INFO_FLAGS for a in flags):
+        return argv
+    overrides = parse(override_args)
+    resume = last_value(overrides, "resume")
+    if last_value(overrides, "hydra.run.dir") is not None or resume not in (None, "auto"):
+        return argv  # named on the command line, or the resumed run's own dir
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    from gpt2exp.config import register_schemas
+
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
+            cfg = hydra_compose(config_name="config", overrides=override_args, return_hydra_config=True)
+            run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
+    except Exception:  # the same command fails again, with its one line, in prepare_argv
+        return argv
+    return [*argv, f"hydra.run.dir={run_dir}"]
 
 
 def check_plugins(overrides: list) -> None:
@@ -201,8 +256,8 @@ def claim_run_dir(plan: RunPlan, hydra_subdir: str | None = None) -> RunPlan:
     The last step of the launcher: every check has passed. A dir Hydra names itself (a timestamp) is
     locked by the job. A dir in use by another process is refused (UserError) with nothing written.
     """
-    if plan.run_dir is None:
-        return plan
+    if plan.run_dir is None or not world_from_env().main:
+        return plan  # Hydra's own new dir, locked by the job; or a rank other than 0, which never locks
     footprint = Footprint.before_launch(plan.run_dir, (hydra_subdir,) if hydra_subdir else ())
     lock = RunLock(plan.run_dir)
     try:

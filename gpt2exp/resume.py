@@ -52,6 +52,7 @@ RESUMABLE_KEYS = (
     "data.cache_dir",
     "checkpoint",
     "logger",
+    "distributed",  # the same run continues on another number of processes or strategy (resharded)
 )
 
 

@@ -128,9 +128,10 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def start_run_json(run_dir: Path, parent: str | None = None) -> dict[str, Any]:
-    """A fresh run's record: new ids, status running, and where its checkpoints go (`place_checkpoints`,
-    from the config of record, which is written first)."""
+def start_run_json(run_dir: Path, parent: str | None = None, world: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A fresh run's record: new ids, status running, where its checkpoints go (`place_checkpoints`,
+    from the config of record, which is written first), and the processes it trains on (`world`:
+    world_size and strategy; each resume records its own in `resumes`)."""
     run_id = new_run_id()
     return update_run_json(
         run_dir,
@@ -143,6 +144,7 @@ def start_run_json(run_dir: Path, parent: str | None = None) -> dict[str, Any]:
         parent=parent,
         resumes=[],
         checkpoints=place_checkpoints(run_dir, run_id),
+        **({"world": world} if world is not None else {}),
     )
 
 

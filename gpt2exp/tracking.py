@@ -63,6 +63,19 @@ TENSORBOARD_BACKENDS = ("tensorboard", "wandb_tensorboard")
 TENSORBOARD_DIR = "tensorboard"  # under the run dir: `tensorboard --logdir <run dir or sweep dir>`
 
 
+class SilentTracker:
+    """The tracker of a rank other than 0 under torchrun: rank 0 alone logs, to metrics.jsonl and W&B."""
+
+    def start_wandb(self, run_id: str, config: dict[str, Any], resume_step: int | None) -> None:
+        pass
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        pass
+
+    def finish(self, exit_code: int = 0) -> None:
+        pass
+
+
 class Tracker:
     """Appends each logged step to metrics.jsonl and mirrors it to W&B and/or TensorBoard (`cfg` is the
     logger section)."""

@@ -29,7 +29,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.config import CONF_DIR, register_schemas, validate
-from gpt2exp.errors import Diverged, RunStopped, UserError, fail
+from gpt2exp.distributed import SilentUserError
+from gpt2exp.errors import EXIT_USAGE, Diverged, RunStopped, UserError, fail
 from gpt2exp.preemption import EXIT_PREEMPTED, Interrupted, PreemptionFlag
 from gpt2exp.resume import RunComplete, RunPlan
 
@@ -85,20 +86,24 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, plan: RunPlan | No
     with PreemptionFlag() as preemption:  # until the config is final a signal waits; then it stops the start-up
         import torch
 
+        from gpt2exp.distributed import init_process_group, rank0_decides, world_from_env
         from gpt2exp.resume import fix_values_of_record, plan_job
         from gpt2exp.rundir import Footprint, RunLock, is_run_dir
         from gpt2exp.state import process_state_restored
         from gpt2exp.sweep import name_sweep_job
         from gpt2exp.trainer import Preempted
 
+        world = world_from_env()
+        init_process_group(world)  # a SLURM step of several tasks: each task is one rank
         hydra_dir, overrides, sweep, hydra_subdir = hydra_context()
         run_dir = Path((plan and plan.run_dir) or run_dir or hydra_dir or ".").resolve()
         planned_before = plan is not None
-        if plan is None:
-            plan = plan_job(cfg, run_dir, overrides)
+        if plan is None:  # rank 0 plans (it may move a corrupt checkpoint aside); the others follow
+            plan = rank0_decides(lambda: plan_job(cfg, run_dir, overrides))
         also = (hydra_subdir,) if hydra_subdir and hydra_subdir.startswith(".hydra/resume-") else ()
         footprint = plan.footprint or Footprint.at_job_start(run_dir, Path.cwd(), also)
-        run_dir.mkdir(parents=True, exist_ok=True)
+        if world.main:
+            run_dir.mkdir(parents=True, exist_ok=True)
         if plan.config is not None:
             cfg = plan.config
         else:
@@ -106,19 +111,37 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, plan: RunPlan | No
             if sweep is not None:
                 searched = list(OmegaConf.select(sweep, "sweeper.params", default=None) or {})
                 cfg = name_sweep_job(cfg, Path(sweep.sweep.dir), overrides, sweep.runtime.cwd, searched)
-        with process_state_restored(), plan.lock or RunLock(run_dir):
+        # rank 0 alone locks the run dir and takes back what a refused launch added to it
+        lock = plan.lock or RunLock(run_dir) if world.main else contextlib.nullcontext()
+        with process_state_restored(), lock:
             try:
                 if not planned_before:
                     validate(cfg)  # the launcher validated what it planned
-                with run_log_file(run_dir):
+                check_same_config(cfg)
+                with run_log_file(run_dir) if world.main else contextlib.nullcontext():
                     return start_and_run(cfg, run_dir, plan, preemption)
             except UserError:
-                footprint.erase()  # exit 2 leaves nothing behind; the lock is ours, so is what is erased
+                if world.main:
+                    footprint.erase()  # exit 2 leaves nothing behind; the lock is ours, so is what is erased
                 raise
             except Preempted:
-                if not is_run_dir(run_dir):
+                if world.main and not is_run_dir(run_dir):
                     footprint.erase()  # stopped before its record was written: the launch leaves no trace
                 raise
+
+
+def check_same_config(cfg: DictConfig) -> None:
+    """Every rank composed and validated its config; they must be one config (a mismatch is refused)."""
+    from gpt2exp.distributed import gather_to_all
+    from gpt2exp.resume import config_digest
+
+    digests = gather_to_all(config_digest(cfg))
+    differ = [rank for rank, digest in enumerate(digests) if digest != digests[0]]
+    if differ:
+        raise UserError(
+            f"rank {differ[0]} composed another config than rank 0 (config sha256 {digests[differ[0]][:12]} vs "
+            f"{digests[0][:12]}); start every rank with the same command, code and config files"
+        )
 
 
 def start_and_run(cfg: DictConfig, run_dir: Path, plan: RunPlan, preemption: PreemptionFlag) -> float:
@@ -151,6 +174,8 @@ def run_job(cfg: DictConfig, plan: RunPlan | None = None) -> float:
     in_sweep = hydra_context()[2] is not None
     try:
         val_loss = train(cfg, plan=plan)
+    except SilentUserError:
+        raise SystemExit(EXIT_USAGE) from None  # rank 0 printed the line
     except UserError as exc:
         fail(str(exc))  # one line; nothing is logged to the run dir, which keeps no trace of this launch
     except RunComplete as done:  # a job of `-m ... resume=auto` that completed before: left as it is
@@ -191,7 +216,8 @@ def main() -> None:
     import hydra
 
     from gpt2exp.completion import module_install_script
-    from gpt2exp.launch import prepare_argv
+    from gpt2exp.distributed import init_process_group, world_from_env
+    from gpt2exp.launch import prepare_argv_on_ranks
 
     completion = module_install_script(sys.argv, sys.orig_argv)
     if completion is not None:  # `python -m gpt2exp.train -sc install=bash`: Hydra's own script misses `-m`
@@ -209,7 +235,8 @@ def main() -> None:
     with PreemptionFlag() as interrupts:
         try:
             with interrupts.interrupting():
-                sys.argv, plan = prepare_argv(sys.argv, CONF_DIR)
+                init_process_group(world_from_env())  # under torchrun: rank 0 plans for all ranks
+                sys.argv, plan = prepare_argv_on_ranks(sys.argv, CONF_DIR)
                 prepared = True
             # a single run: a signal from here on waits for its job, which records it (preempted, exit 75)
             with interrupts.interrupting() if plan is None else contextlib.nullcontext():

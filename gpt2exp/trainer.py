@@ -23,6 +23,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2exp.distributed import gradient_sync, sum_over_ranks
 from gpt2exp.errors import Diverged, RunStopped, UserError
 from gpt2exp.mfu import flops_per_token, mfu, peak_flops
 from gpt2exp.preemption import EXIT_PREEMPTED, PreemptionFlag
@@ -57,12 +58,13 @@ def next_token_loss(model, inputs, targets):
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def pick_device(name: str):
+def pick_device(name: str, local_rank: int = 0):
+    """The device `name` asks for; a CUDA one is this process's GPU on its node (torchrun's LOCAL_RANK)."""
     import torch
 
     if name == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda")
+            return torch.device("cuda", local_rank % torch.cuda.device_count())
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
@@ -70,6 +72,8 @@ def pick_device(name: str):
         raise UserError("device=cuda but no CUDA GPU is available; use device=auto or device=cpu")
     if name == "mps" and not torch.backends.mps.is_available():
         raise UserError("device=mps but MPS is not available; use device=auto or device=cpu")
+    if name == "cuda":
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
     return torch.device(name)
 
 
@@ -167,17 +171,21 @@ class Trainer:
         from tqdm import tqdm
 
         from gpt2exp.checkpoint import CheckpointManager
+        from gpt2exp.checkpoint_sharded import ShardedCheckpointFiles
         from gpt2exp.data import BatchSampler, prepare_data, val_batches
+        from gpt2exp.distributed import strategy_of, world_from_env, wrap_model
         from gpt2exp.model import build_model, count_parameters
         from gpt2exp.optim import LRSchedule, build_optimizer
         from gpt2exp.state import RngState, TensorState, TrainerCounters, seed_everything
-        from gpt2exp.tracking import Tracker
+        from gpt2exp.tracking import SilentTracker, Tracker
 
         self.cfg, self.run_dir = cfg, Path(run_dir)
         t = cfg.trainer
         torch.set_num_threads(t.num_threads)
         seed_everything(cfg.seed)
-        self.device = pick_device(cfg.device)
+        self.world = world_from_env()
+        self.strategy = strategy_of(cfg.distributed, self.world)  # single, ddp or fsdp
+        self.device = pick_device(cfg.device, self.world.local_rank)
         use_tf32(self.device)
         self.data = prepare_data(cfg.data)
         self.model = build_model(cfg.model, self.data.vocab_size, self.data.tokenizer.eos_token_id).to(self.device)
@@ -185,6 +193,9 @@ class Trainer:
         self.data.state_context_length(self.model.config.n_positions)  # the tokenizer files say the model's
         cfg = self.cfg = config_as_run(cfg, self.device.type, self.model.config)  # what is recorded is what runs
         t = cfg.trainer
+        if self.world.rank:  # every rank built the same weights; from here each draws its own dropout
+            torch.manual_seed(cfg.seed + self.world.rank)
+        self.wrapped = wrap_model(self.model, self.strategy, self.device)  # DDP's wrapper; FSDP2 shards in place
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device.type)
         self.schedule = LRSchedule(self.optimizer, cfg.optimizer.lr, cfg.scheduler)
         use_scaler = t.precision == "fp16" and self.device.type == "cuda"
@@ -202,16 +213,22 @@ class Trainer:
             "rng": RngState(),
         }
         identity = {"config_sha256": config_digest(cfg), "code_version": code_version()}
-        self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.data.tokenizer_dir, identity)
-        self.tracker = Tracker(cfg.logger, self.run_dir)
-        self.forward = torch.compile(self.model) if t.compile else self.model
+        if self.strategy == "single":
+            self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, self.data.tokenizer_dir, identity)
+        else:
+            files = ShardedCheckpointFiles(self.data.tokenizer_dir, self.world.rank)
+            self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, None, identity, files, self.world)
+        self.tracker = Tracker(cfg.logger, self.run_dir) if self.world.main else SilentTracker()
+        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
         self.autocast = autocast_context(self.device, t.precision)
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
         self.flops_per_token = flops_per_token(self.model, cfg.model.block_size)
         self.peak_flops = peak_flops(self.device)  # None on a CPU or an unknown GPU: no mfu is logged
         self.clock = StepClock()
         self.preemption = PreemptionFlag()
-        self.bar = tqdm(total=t.max_steps, disable=not t.progress, dynamic_ncols=True, leave=False, delay=0.5)
+        self.rows_per_rank = t.batch_size * t.grad_accum_steps // self.world.size  # launch.check_world: divides
+        show = t.progress and self.world.main
+        self.bar = tqdm(total=t.max_steps, disable=not show, dynamic_ncols=True, leave=False, delay=0.5)
         self.lr = 0.0  # the LR of the newest step
 
     # -- the run: start, loop, end -----------------------------------------------------------------
@@ -252,28 +269,39 @@ class Trainer:
                 self.bar.close()
                 self.tracker.finish(exit_code)
                 self.checkpoints.close()
-                update_run_json(self.run_dir, status=status, ended_at=timestamp(), step=self.counters.step)
+                if self.world.main:
+                    update_run_json(self.run_dir, status=status, ended_at=timestamp(), step=self.counters.step)
 
     def start_fresh(self) -> None:
         """Write the config of record, run.json and the tokenizer; no W&B step to rewind to."""
+        from gpt2exp.distributed import rank0_decides
         from gpt2exp.tracking import truncate_metrics
 
-        write_config_of_record(self.run_dir, self.cfg)
-        info = start_run_json(self.run_dir, parent=None)
-        shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
-        truncate_metrics(self.run_dir, -1)  # a fresh start in a dir whose earlier attempt never checkpointed
-        self.counters.wandb_id = info["wandb_id"]
+        def record() -> dict[str, Any]:
+            write_config_of_record(self.run_dir, self.cfg)
+            info = start_run_json(self.run_dir, parent=None, world=self.world_record())
+            shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
+            truncate_metrics(self.run_dir, -1)  # a fresh start in a dir whose earlier attempt never checkpointed
+            return info
+
+        self.counters.wandb_id = rank0_decides(record)["wandb_id"]
 
     def restart(self) -> None:
         """A run that never saved a checkpoint starts again at step 0 from its config of record, in its
         dir: the attempt's metrics rows are dropped, run.json records the restart, W&B starts a new run."""
+        from gpt2exp.distributed import rank0_decides
         from gpt2exp.tracking import truncate_metrics
 
-        info = read_run_json(self.run_dir)
-        dropped = truncate_metrics(self.run_dir, -1)
-        restarts = info.get("restarts", []) + [{"at": timestamp(), "wandb_id": info.get("wandb_id")}]
-        info = update_run_json(self.run_dir, status=RunStatus.running, wandb_id=new_run_id(), restarts=restarts)
-        shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
+        def record() -> tuple[dict[str, Any], int]:
+            info = read_run_json(self.run_dir)
+            dropped = truncate_metrics(self.run_dir, -1)
+            restart = {"at": timestamp(), "wandb_id": info.get("wandb_id"), **self.world_record()}
+            restarts = info.get("restarts", []) + [restart]
+            info = update_run_json(self.run_dir, status=RunStatus.running, wandb_id=new_run_id(), restarts=restarts)
+            shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
+            return info, dropped
+
+        info, dropped = rank0_decides(record)
         self.counters.wandb_id = info["wandb_id"]
         log.info(
             "run %s has no checkpoint: restarting it from step 0 with its config of record%s",
@@ -283,15 +311,21 @@ class Trainer:
 
     def resume(self, checkpoint: Path | None) -> int:
         """Load `checkpoint` (None: the newest good one) into every stateful object; returns its step."""
+        from gpt2exp.distributed import rank0_decides
         from gpt2exp.tracking import truncate_metrics
 
         loaded = self.checkpoints.load(self.stateful, checkpoint)
         if loaded.trainer_state.get("config_sha256") != config_digest(self.cfg):
             log.warning("%s was saved under another config than this run's config.yaml", loaded.path.name)
-        info = read_run_json(self.run_dir)
-        dropped = truncate_metrics(self.run_dir, loaded.step)
-        resumes = info.get("resumes", []) + [{"step": loaded.step, "at": timestamp()}]
-        update_run_json(self.run_dir, status=RunStatus.running, resumes=resumes)
+
+        def record() -> tuple[dict[str, Any], int]:
+            info = read_run_json(self.run_dir)
+            dropped = truncate_metrics(self.run_dir, loaded.step)
+            resume = {"step": loaded.step, "at": timestamp(), **self.world_record()}
+            update_run_json(self.run_dir, status=RunStatus.running, resumes=info.get("resumes", []) + [resume])
+            return info, dropped
+
+        info, dropped = rank0_decides(record)
         log.info(
             "resumed from step %d of run %s (W&B id %s)%s",
             loaded.step,
@@ -302,6 +336,10 @@ class Trainer:
         self.bar.set_description(f"resumed at {loaded.step}")
         self.bar.update(loaded.step)
         return loaded.step
+
+    def world_record(self) -> dict[str, Any]:
+        """How many processes this launch trains on, and how (run.json: the first launch and each resume)."""
+        return {"world_size": self.world.size, "strategy": self.strategy}
 
     def train(self) -> float:
         """The loop: one line per phase. A run resumed where it should stop early trains no further step."""
@@ -331,11 +369,14 @@ class Trainer:
             self.lr = self.schedule.apply(c.step)
             self.model.train()
             total = torch.zeros((), device=self.device)
-            for _ in range(t.grad_accum_steps):
-                x, y = (self.to_device(a) for a in self.sampler.next_batch())
-                with self.autocast:
-                    loss = next_token_loss(self.forward, x, y) / t.grad_accum_steps
-                self.scaler.scale(loss).backward()
+            micro_batches = self.my_micro_batches()
+            for i, (x, y, weight) in enumerate(micro_batches):
+                x, y = self.to_device(x), self.to_device(y)
+                with gradient_sync(self.wrapped, self.model, self.strategy, i == len(micro_batches) - 1):
+                    with self.autocast:
+                        loss = next_token_loss(self.forward, x, y)
+                        loss = loss / weight if isinstance(weight, int) else loss * weight
+                    self.scaler.scale(loss).backward()
                 total += loss.detach()
             if t.grad_clip:
                 self.scaler.unscale_(self.optimizer)
@@ -345,10 +386,36 @@ class Trainer:
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
             loss_value = total.item()  # one device sync per step, not per micro-batch
+            if self.world.size > 1:  # the mean over the ranks: each trained on as many sequences
+                loss_value = sum_over_ranks([loss_value])[0] / self.world.size
         c.step += 1
         c.tokens_seen += self.tokens_per_step
         self.bar.update(1)
         return loss_value
+
+    def my_micro_batches(self) -> list[tuple[Any, Any, int | float]]:
+        """This rank's share of the step's global batch, as micro-batches of at most trainer.batch_size
+        sequences, each with what its mean loss is divided by (an int: the count of equal micro-batches)
+        or multiplied with (its share of the rank's sequences).
+
+        Every rank draws the whole global batch (trainer.grad_accum_steps draws of trainer.batch_size
+        windows) and keeps its consecutive slice of rows: step k trains on the same sequences on any
+        number of processes, and one process trains exactly as before, micro-batch by micro-batch.
+        """
+        import numpy as np
+
+        t = self.cfg.trainer
+        draws = [self.sampler.next_batch() for _ in range(t.grad_accum_steps)]
+        if self.world.size == 1:
+            return [(x, y, t.grad_accum_steps) for x, y in draws]
+        rows = slice(self.world.rank * self.rows_per_rank, (self.world.rank + 1) * self.rows_per_rank)
+        x = np.concatenate([d[0] for d in draws])[rows]
+        y = np.concatenate([d[1] for d in draws])[rows]
+        count = -(-self.rows_per_rank // t.batch_size)
+        pieces = list(zip(np.array_split(x, count), np.array_split(y, count), strict=True))
+        if len({len(px) for px, _ in pieces}) == 1:
+            return [(px, py, count) for px, py in pieces]
+        return [(px, py, len(px) / self.rows_per_rank) for px, py in pieces]
 
     def to_device(self, array):
         """A host batch on the device: through pinned memory and a non-blocking copy on CUDA."""
@@ -372,10 +439,24 @@ class Trainer:
         self.model.eval()
         losses = []
         with torch.no_grad(), self.autocast:
-            for x, y in self.val:
+            for x, y in self.my_val_batches():
                 x, y = torch.from_numpy(x).to(self.device), torch.from_numpy(y).to(self.device)
                 losses.append(next_token_loss(self.model, x, y).item())
-        return float(sum(losses) / len(losses))
+        if self.world.size == 1:
+            return float(sum(losses) / len(losses))
+        # the mean over every rank's batches; a rank's padding batch (FSDP needs as many forwards on
+        # every rank) is not counted
+        own = losses[: len(self.val[self.world.rank :: self.world.size])]
+        total, count = sum_over_ranks([sum(own), float(len(own))])
+        return float(total / count)
+
+    def my_val_batches(self) -> list[tuple[Any, Any]]:
+        """The validation batches this rank evaluates: every world-size-th, padded to as many on every rank."""
+        if self.world.size == 1:
+            return self.val
+        mine = self.val[self.world.rank :: self.world.size]
+        per_rank = -(-len(self.val) // self.world.size)
+        return mine + [self.val[0]] * (per_rank - len(mine))
 
     def log_if_due(self, loss: float | None) -> None:
         """This step's row: train metrics every log_every steps and at the end, val/loss when evaluated now."""
@@ -397,8 +478,9 @@ class Trainer:
     def sample_if_due(self) -> None:
         every = self.cfg.trainer.sample_every
         if every and self.counters.step % every == 0:
-            for text in self.samples(1):
-                self.bar.write(f"--- sample at step {self.counters.step} ---\n{text}")
+            for text in self.samples(1):  # every rank generates (FSDP needs them all); rank 0 shows it
+                if self.world.main:
+                    self.bar.write(f"--- sample at step {self.counters.step} ---\n{text}")
 
     def samples(self, count: int) -> list[str]:
         from gpt2exp.generate import sample_texts
@@ -424,8 +506,9 @@ class Trainer:
         end = c.step == self.cfg.trainer.max_steps or self.early_stop_due()
         final = end and self.cfg.checkpoint.save_final
         metrics = {k: v for k, v in c.last_eval.items() if k != "step"} if c.last_eval.get("step") == c.step else {}
-        self.checkpoints.save(c.step, self.stateful, metrics, force=final or self.preemption.requested)
-        if end or self.preemption.requested:
+        asked = self.stop_requested()
+        self.checkpoints.save(c.step, self.stateful, metrics, force=final or asked)
+        if end or asked:
             self.checkpoints.flush()
 
     # -- stop conditions ---------------------------------------------------------------------------
@@ -440,7 +523,7 @@ class Trainer:
         Checked at each step boundary (where save_if_due already saved) and after each phase outside
         the loop: start or resume, W&B start, the first evaluation, the final samples.
         """
-        if not self.preemption.requested:
+        if not self.stop_requested():
             return
         step = self.counters.step
         if step > 0:
@@ -448,6 +531,13 @@ class Trainer:
         done = f"saved step {step}" if step else "nothing trained yet, nothing to save"
         log.warning("%s received: %s, stopping (exit %d)", self.preemption.signal_name, done, EXIT_PREEMPTED)
         raise Preempted(self.preemption)
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asks the run to stop; with several ranks, whether it reached any of them
+        (torchrun forwards a signal to every rank, SLURM may signal one): all stop at the same step."""
+        from gpt2exp.distributed import any_rank
+
+        return any_rank(self.preemption.requested)
 
     def stop_if_not_improving(self) -> None:
         """Early stopping: say so once the last trainer.early_stop_patience evaluations did not improve on
@@ -480,9 +570,10 @@ class Trainer:
             texts = self.samples(self.cfg.trainer.num_samples)
             self.stop_if_asked()  # a signal while sampling: no samples.txt, the resume writes it
             body = "".join(f"=== sample {i + 1} ===\n{text}\n\n" for i, text in enumerate(texts))
-            (self.run_dir / "samples.txt").write_text(body, encoding="utf-8")
-            self.bar.close()
-            print(body, end="", flush=True)
+            if self.world.main:
+                (self.run_dir / "samples.txt").write_text(body, encoding="utf-8")
+                self.bar.close()
+                print(body, end="", flush=True)
         early = " (stopped early)" if self.early_stop_due() else ""
         log.info("finished at step %d%s: val/loss %.4f; run dir %s", self.counters.step, early, val_loss, self.run_dir)
         return val_loss

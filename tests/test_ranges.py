@@ -44,7 +44,7 @@ def numeric_keys(cls: type = Config, prefix: str = "") -> list[str]:
 def yaml_comments() -> dict[str, list[tuple[str, str]]]:
     """{dotted key: [(file, comment)]} for every key set in conf/config.yaml and the group option files."""
     conf = Path(CONF_DIR)
-    groups = ("model", "optimizer", "scheduler", "data", "checkpoint", "logger")
+    groups = ("model", "optimizer", "scheduler", "data", "checkpoint", "logger", "distributed")
     files = [conf / "config.yaml", *(p for group in groups for p in sorted((conf / group).glob("*.yaml")))]
     found: dict[str, list[tuple[str, str]]] = {}
     for path in files:
