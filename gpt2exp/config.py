@@ -203,6 +203,15 @@ class DistributedConfig:
 
 
 @dataclass
+class TrialConfig:
+    """Set by the Optuna sweeper (hydra/sweeper=gpt2exp_optuna) for each trial of a study; unset outside one."""
+
+    number: int | None = None
+    study: str | None = None
+    storage: str | None = None
+
+
+@dataclass
 class Config:
     seed: int = MISSING
     device: Device = MISSING
@@ -214,6 +223,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trial: TrialConfig = field(default_factory=TrialConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
 
@@ -263,6 +273,9 @@ ADDED_KEYS: dict[str, Any] = {
     "distributed.strategy": "auto",  # one process
     "distributed.backend": "auto",
     "distributed.timeout_s": 1800,
+    "trial.number": None,  # not a trial of an Optuna study
+    "trial.study": None,
+    "trial.storage": None,
 }
 
 
@@ -407,6 +420,7 @@ RANGES: dict[str, Range] = {
     "checkpoint.keep_last": Range(low=1, special=((-1, "keep all"),)),
     "checkpoint.keep_best": AT_LEAST_0,
     "checkpoint.keep_every": AT_LEAST_0,
+    "trial.number": Range(low=0, special=((None, "not a trial"),)),
 }
 
 

@@ -38,8 +38,8 @@ PLUGINS = {
     ("hydra/launcher", "submitit_local"): ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
     ("hydra/launcher", "submitit_slurm"): ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
     ("hydra/launcher", "slurm"): ("hydra_plugins.hydra_submitit_launcher", "hydra-submitit-launcher"),
-    ("hydra/sweeper", "optuna"): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
-    ("hparams_search", "*"): ("hydra_plugins.hydra_optuna_sweeper", "hydra-optuna-sweeper"),
+    ("hydra/sweeper", "gpt2exp_optuna"): ("optuna", "optuna"),  # the sweeper itself ships in hydra_plugins
+    ("hparams_search", "*"): ("optuna", "optuna"),
 }
 
 
@@ -226,7 +226,7 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
             return _resume_sweep(argv[0], flags, overrides, conf_dir), None
         if holds_job_dirs(resume_dir):
             raise UserError(
-                f"{resume} holds sweep jobs but no multirun.yaml (an Optuna study keeps none), so its job list "
+                f"{resume} holds sweep jobs but no multirun.yaml, so its job list "
                 "is unknown; resume each unfinished job with resume=<job dir>"
             )
     if multirun:
@@ -306,11 +306,26 @@ def check_sweep_values(conf_dir: str, overrides: list) -> None:
                 check_available(compose(conf_dir, list(job)))
 
 
+def study_record(sweep_dir: Path):
+    """The SweepRecord of a sweep dir whose sweeper was the Optuna one, else None."""
+    from gpt2exp.study import OPTUNA_SWEEPER
+    from gpt2exp.sweep import read_sweep_record
+
+    record = read_sweep_record(sweep_dir)
+    return record if record.sweeper == OPTUNA_SWEEPER else None
+
+
 def _resume_sweep(program: str, flags: list[str], overrides: list, conf_dir: str) -> list[str]:
     """Print the plan for every job of the sweep, then run the unfinished ones as a multirun."""
     from gpt2exp.sweep import RESUME_SWEEPER, hand_over, plan_sweep, recorded_hydra_overrides
 
     sweep_dir = Path(os.path.normpath(os.path.expanduser(last_value(overrides, "resume"))))
+    if study_record(sweep_dir) is not None:  # an Optuna study: its database knows the trials (study.py)
+        from gpt2exp.study import announce_resume, resume_argv
+
+        argv = resume_argv(program, flags, overrides, study_record(sweep_dir))
+        announce_resume(study_record(sweep_dir), overrides)
+        return argv
     extra = [o.input_line for o in overrides if not is_hydra(o) and key_of(o) != "resume"]
     fixed = [o.input_line for o in overrides if not is_hydra(o) and not is_resumable_key(key_of(o))]
     if fixed:

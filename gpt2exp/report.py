@@ -12,6 +12,10 @@ overrides that differ between them (from each run's .hydra/overrides.yaml), else
 else by their dir name; resume points are dotted vertical lines. A dir passed that holds no run
 (e.g. one left by a launch that stopped before its run began) is skipped with a note on stderr, as
 long as another one holds runs. Exit code 2 for bad input.
+
+For an Optuna study's sweep dir (hydra/sweeper=gpt2exp_optuna) it also writes
+optimization_history.png and param_importances.png (Optuna's matplotlib plots) and a line on the
+study; the status column says `pruned` for the trials its pruner stopped.
 """
 
 from __future__ import annotations
@@ -395,7 +399,68 @@ def sweep_overrides(dirs: Sequence[Path]) -> list[str]:
         return []
 
 
-def render_report(dirs: Sequence[Path], runs: Sequence[Run], table: str) -> str:
+# -- an Optuna study -----------------------------------------------------------------------------
+
+STUDY_PLOTS = ("optimization_history.png", "param_importances.png")
+
+
+def study_of(dirs: Sequence[Path]) -> Any:
+    """The Optuna study kept in the one sweep dir passed, or None (not a study, or no database yet)."""
+    from gpt2exp.study import DB_NAME, OPTUNA_SWEEPER, load_study_plan
+    from gpt2exp.sweep import is_sweep_dir, read_sweep_record
+
+    if len(dirs) != 1 or not is_sweep_dir(dirs[0]):
+        return None
+    try:
+        record = read_sweep_record(dirs[0])
+        if record.sweeper != OPTUNA_SWEEPER or not (dirs[0] / DB_NAME).exists():
+            return None
+        return load_study_plan(record)[0]
+    except UserError as exc:
+        print(f"note: no study plots: {exc}", file=sys.stderr)
+        return None
+
+
+def write_study_plots(study: Any, out: Path) -> list[str]:
+    """Optimisation history and parameter importance; returns report.md's lines for them."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import optuna
+    from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+
+    trials = study.get_trials(deepcopy=False)
+    states = [t.state.name.lower() for t in trials]
+    complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
+    counts = ", ".join(f"{states.count(s)} {s}" for s in dict.fromkeys(states))
+    lines = [f"Study `{study.study_name}`: {len(trials)} trials ({counts})."]
+    if complete:
+        best = study.best_trial
+        params = ", ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in best.params.items())
+        lines[0] += f" Best: trial {best.number}, value {best.value:.4f} ({params})."
+    lines.append("")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib plots experimental
+        ax = plot_optimization_history(study)
+        ax.figure.savefig(out / STUDY_PLOTS[0], dpi=110, bbox_inches="tight")
+        plt.close(ax.figure)
+        lines += ["## Optimisation history", "", f"![Optimisation history]({STUDY_PLOTS[0]})", ""]
+        lines += ["## Parameter importance", ""]
+        if len(complete) >= 2 and len(complete[0].params) >= 1:
+            ax = plot_param_importances(study)
+            ax.figure.savefig(out / STUDY_PLOTS[1], dpi=110, bbox_inches="tight")
+            plt.close(ax.figure)
+            lines += [f"![Parameter importance]({STUDY_PLOTS[1]})", ""]
+        else:
+            (out / STUDY_PLOTS[1]).unlink(missing_ok=True)
+            lines += [f"Needs at least 2 completed trials; the study has {len(complete)}.", ""]
+    return lines
+
+
+def render_report(dirs: Sequence[Path], runs: Sequence[Run], table: str, study_lines: Sequence[str] = ()) -> str:
     what = ", ".join(str(d) for d in dirs)
     lines = [
         f"# gpt2exp report: {what}",
@@ -416,7 +481,7 @@ def render_report(dirs: Sequence[Path], runs: Sequence[Run], table: str) -> str:
     ]
     for name, caption in zip(PLOTS, ("Loss vs step", "Loss vs tokens", "Learning rate", "Throughput"), strict=True):
         lines += [f"## {caption}", "", f"![{caption}]({name})", ""]
-    return "\n".join(lines)
+    return "\n".join([*lines, *study_lines])
 
 
 def output_dir(dirs: Sequence[Path], out: Path | None) -> Path:
@@ -434,11 +499,14 @@ def report(dirs: Sequence[Path], out: Path | None = None) -> Path:
     try:
         target.mkdir(parents=True, exist_ok=True)
         write_plots(runs, target)
-        (target / REPORT).write_text(render_report(dirs, runs, table) + "\n", encoding="utf-8")
+        study = study_of(dirs)
+        study_lines = write_study_plots(study, target) if study is not None else []
+        (target / REPORT).write_text(render_report(dirs, runs, table, study_lines) + "\n", encoding="utf-8")
     except OSError as exc:
         raise UserError(f"cannot write the report to {target}: {exc.strerror or exc}") from None
     print(table)
-    print(f"\nwrote {target / REPORT} and {len(PLOTS)} plots")
+    plots = len(PLOTS) + sum(f"]({name})" in "\n".join(study_lines) for name in STUDY_PLOTS)
+    print(f"\nwrote {target / REPORT} and {plots} plots")
     return target / REPORT
 
 

@@ -43,6 +43,7 @@ class RunStatus(StrEnum):
     failed = "failed"
     preempted = "preempted"
     diverged = "diverged"
+    pruned = "pruned"  # an Optuna trial its study's pruner stopped (saved; exit 0); done, the study goes on
     interrupted = "interrupted"
 
 

@@ -138,8 +138,9 @@ class SweepJob:
 
     @property
     def action(self) -> str:
-        # done: an early-stopped job is complete, and a diverged one would diverge again, bit for bit
-        if self.status in (RunStatus.completed, RunStatus.early_stopped, RunStatus.diverged):
+        # done: an early-stopped job is complete, a diverged one would diverge again, bit for bit, and a
+        # pruned trial was stopped by its study's pruner
+        if self.status in (RunStatus.completed, RunStatus.early_stopped, RunStatus.diverged, RunStatus.pruned):
             return "skip"
         if self.checkpoint_step is not None:
             return f"resume from step {self.checkpoint_step}"

@@ -27,6 +27,7 @@ from gpt2exp.distributed import gradient_sync, sum_over_ranks
 from gpt2exp.errors import Diverged, RunStopped, UserError
 from gpt2exp.mfu import flops_per_token, mfu, peak_flops
 from gpt2exp.preemption import EXIT_PREEMPTED, PreemptionFlag
+from gpt2exp.pruning import TrialLink, TrialPruned
 from gpt2exp.resume import ResumeTarget, config_digest
 from gpt2exp.rundir import (
     RunStatus,
@@ -226,6 +227,7 @@ class Trainer:
         self.peak_flops = peak_flops(self.device)  # None on a CPU or an unknown GPU: no mfu is logged
         self.clock = StepClock()
         self.preemption = PreemptionFlag()
+        self.trial = TrialLink.from_config(cfg.trial, self.run_dir, t.max_steps)  # an Optuna trial's study (pruning)
         self.rows_per_rank = t.batch_size * t.grad_accum_steps // self.world.size  # launch.check_world: divides
         show = t.progress and self.world.main
         self.bar = tqdm(total=t.max_steps, disable=not show, dynamic_ncols=True, leave=False, delay=0.5)
@@ -259,6 +261,9 @@ class Trainer:
             except Preempted:
                 status, exit_code = RunStatus.preempted, EXIT_PREEMPTED
                 raise
+            except TrialPruned as pruned:  # saved; the study goes on with its next trial
+                status, exit_code = RunStatus.pruned, 0
+                return pruned.value
             except Diverged:
                 status = RunStatus.diverged  # final: a rerun would diverge again, bit for bit
                 raise
@@ -355,6 +360,7 @@ class Trainer:
             self.sample_if_due()
             self.save_if_due()
             self.stop_if_asked()
+            self.stop_if_pruned()
             self.stop_if_not_improving()
         return self.finish()
 
@@ -538,6 +544,17 @@ class Trainer:
         from gpt2exp.distributed import any_rank
 
         return any_rank(self.preemption.requested)
+
+    def stop_if_pruned(self) -> None:
+        """In an Optuna study: report this step's val/loss; when the study's pruner stops the trial, save it
+        (a step already saved is not written again) and end the run as `pruned` (gpt2exp/pruning.py)."""
+        c = self.counters
+        if c.last_eval.get("step") != c.step or not self.trial.should_prune(c.step, c.last_eval["val/loss"]):
+            return
+        self.checkpoints.flush()  # a background save of this very step must be committed before save() looks
+        self.checkpoints.save(c.step, self.stateful, {"val/loss": c.last_eval["val/loss"]}, force=True)
+        self.checkpoints.flush()
+        raise self.trial.pruned(c.step, c.last_eval["val/loss"])
 
     def stop_if_not_improving(self) -> None:
         """Early stopping: say so once the last trainer.early_stop_patience evaluations did not improve on

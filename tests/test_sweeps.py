@@ -272,7 +272,7 @@ def test_a_sweep_resume_on_a_dir_that_is_not_a_sweep_is_one_line(tmp_path):
     [
         ("hydra/launcher=joblib", "hydra-joblib-launcher", "hydra_plugins.hydra_joblib_launcher"),
         ("hydra/launcher=submitit_slurm", "hydra-submitit-launcher", "hydra_plugins.hydra_submitit_launcher"),
-        ("+hparams_search=lr_wd", "hydra-optuna-sweeper", "hydra_plugins.hydra_optuna_sweeper"),
+        ("+hparams_search=lr_wd", "optuna", "optuna"),
     ],
 )
 def test_a_launcher_plugin_that_is_not_installed_names_its_pip_package(tmp_path, override, package, module):
@@ -318,11 +318,12 @@ def test_a_sweep_resume_refuses_while_a_job_still_trains(tmp_path):
     )
 
 
-def test_resuming_a_study_without_multirun_yaml_says_how_to_resume_its_jobs(tmp_path):
-    sweep_dir = tmp_path / "study"
-    sweep(tmp_path, sweep_dir, *SHORT, "+hparams_search=lr_wd", "hydra.sweeper.n_trials=1")
+def test_resuming_job_dirs_without_multirun_yaml_says_how_to_resume_its_jobs(tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    (sweep_dir / "0" / ".hydra").mkdir(parents=True)
+    (sweep_dir / "0" / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=0.001\n")
     assert usage_error(f"resume={sweep_dir}", cwd=tmp_path) == (
-        f"error: {sweep_dir} holds sweep jobs but no multirun.yaml (an Optuna study keeps none), so its job list "
+        f"error: {sweep_dir} holds sweep jobs but no multirun.yaml, so its job list "
         "is unknown; resume each unfinished job with resume=<job dir>"
     )
 
