@@ -3,6 +3,7 @@
     0   completed, or stopped early (val/loss stopped improving: trainer.early_stop_patience)
     2   bad input (`UserError`): one `error: ...` line, nothing on disk changed
     3   diverged (`Diverged`): the loss became NaN or infinite; the run dir says so
+    69  a sweep's SLURM job ended without a result (scancel, node failure): each named; resume=<sweep dir>
     74  a checkpoint could not be saved (`SaveFailed`): disk full, permission denied; earlier ones intact
     75  preempted: saved at a step boundary after a signal; requeue the same command with resume=auto
     128 + signal (130 Ctrl-C, 143 SIGTERM): a signal in the launcher, before the run started; nothing written
@@ -17,6 +18,7 @@ import sys
 
 EXIT_USAGE = 2
 EXIT_DIVERGED = 3
+EXIT_JOBS_LOST = 69  # sysexits' EX_UNAVAILABLE: a SLURM job of a sweep ended without its result (gpt2exp.slurm)
 EXIT_SAVE_FAILED = 74  # sysexits' EX_IOERR
 EXIT_PREEMPTED = 75  # sysexits' EX_TEMPFAIL: "temporary failure, retry"
 

@@ -1,0 +1,146 @@
+"""Waiting for a sweep's SLURM jobs: each ends with a result, or the sweep says which did not.
+
+submitit learns that a job ended from `sacct`, which needs SLURM's accounting (slurmdbd). Without
+it, a job that ends without writing its result (`scancel`, a node failure, an out-of-memory kill)
+leaves submitit waiting for ever. Here a job's state comes from `squeue --states=all`, which the
+controller answers with or without accounting (it keeps an ended job for MinJobAge, 300 s by
+default); a job it no longer knows is asked of `sacct`, and one neither knows has ended too. A
+requeued job (time limit, preemption) is PENDING or REQUEUED meanwhile, and is waited for.
+
+When every job has ended, the jobs without a result are each named in one line, and the sweep
+exits EXIT_JOBS_LOST: `resume=<sweep dir>` then runs what is left.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from gpt2exp.errors import EXIT_JOBS_LOST
+
+log = logging.getLogger(__name__)
+
+__all__ = ["ENDED", "GONE", "JobStates", "wait_for_results"]
+
+# SLURM job states after which no result will come (PREEMPTED is left out: with PreemptMode=REQUEUE
+# the job comes back; with CANCEL it ends, and is gone from squeue after MinJobAge).
+ENDED = frozenset(
+    {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY", "REVOKED"}
+)
+GONE = "GONE"  # known to neither squeue nor sacct: the controller forgot the ended job
+RESULT_GRACE_S = 15.0  # an ended job's result file may show up late on a shared filesystem (submitit waits 15 s too)
+
+
+def _run(command: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+class JobStates:
+    """The states of SLURM jobs by id (`123` or an array task `123_4`), asked of squeue, then sacct."""
+
+    def __init__(self, run: Callable[[list[str]], subprocess.CompletedProcess] = _run) -> None:
+        self._run = run
+        self._accounting: bool | None = None  # unknown until sacct is first needed
+
+    def query(self, job_ids: Sequence[str]) -> dict[str, str] | None:
+        """{job id: state}; GONE for a job SLURM no longer knows; None when the controller did not answer."""
+        mains = sorted({job_id.split("_")[0] for job_id in job_ids})
+        listed = self._squeue(mains)
+        if listed is None:
+            return None
+        missing = [job_id for job_id in job_ids if job_id not in listed]
+        if missing:
+            listed.update(self._sacct(missing))
+        return {job_id: listed.get(job_id, GONE) for job_id in job_ids}
+
+    def _squeue(self, mains: list[str]) -> dict[str, str] | None:
+        command = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", f"--jobs={','.join(mains)}"]
+        try:
+            done = self._run(command)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            log.warning("squeue failed (%s); still waiting", exc)
+            return None
+        if done.returncode != 0:
+            if "Invalid job id" in done.stderr:  # asked for jobs it no longer knows, and only those
+                return {}
+            log.warning("squeue failed (%s); still waiting", done.stderr.strip() or f"exit {done.returncode}")
+            return None
+        return dict(line.split("|", 1) for line in done.stdout.split() if "|" in line)
+
+    def _sacct(self, job_ids: list[str]) -> dict[str, str]:
+        if self._accounting is False:
+            return {}
+        command = ["sacct", "--noheader", "--parsable2", "--format=JobID,State", "--allocations"]
+        command += [f"--jobs={','.join(job_ids)}"]
+        try:
+            done = self._run(command)
+        except (OSError, subprocess.TimeoutExpired):
+            return {}
+        if done.returncode != 0:
+            self._accounting = "accounting storage is disabled" not in done.stderr
+            return {}
+        self._accounting = True
+        # sacct says "CANCELLED by 0": the first word is the state
+        rows = (line.split("|", 1) for line in done.stdout.splitlines() if "|" in line)
+        return {job_id: state.split()[0] for job_id, state in rows if state.strip()}
+
+
+def _result_files(job: Any) -> list[Path]:
+    """The result file of each task of a submitit job (one task, or one per rank)."""
+    tasks = [job.task(i) for i in range(job.num_tasks)] if job.num_tasks > 1 else [job]
+    return [task.paths.result_pickle for task in tasks]
+
+
+def _has_result(job: Any) -> bool:
+    return all(path.exists() for path in _result_files(job))
+
+
+def wait_for_results(
+    jobs: Sequence[Any], names: Sequence[str], sweep_dir: Path, states: JobStates | None = None
+) -> list:
+    """Hydra's JobReturn of every submitit job, once all have a result; if some ended without one,
+    one line for each, then an `error:` line and exit EXIT_JOBS_LOST (no traceback).
+
+    `names` say which sweep job each is, for those lines. The controller is asked every
+    2 s at first, then less often (a tenth of the time waited so far, at most every 30 s).
+    """
+    states = states or JobStates()
+    started = time.monotonic()
+    ended_at: dict[str, float] = {}
+    last_state: dict[str, str] = {}
+    next_query = started
+    while True:
+        waiting = [job for job in jobs if not _has_result(job)]
+        now = time.monotonic()
+        if not waiting or all(now - ended_at.get(job.job_id, now) >= RESULT_GRACE_S for job in waiting):
+            break
+        if now >= next_query:
+            answer = states.query([job.job_id for job in waiting])
+            for job_id, state in (answer or {}).items():
+                last_state[job_id] = state
+                if state in ENDED or state == GONE:
+                    ended_at.setdefault(job_id, now)
+                else:
+                    ended_at.pop(job_id, None)  # requeued after all
+            next_query = now + min(30.0, max(2.0, (now - started) / 10))
+        time.sleep(0.5)
+    lost = [(job, name) for job, name in zip(jobs, names, strict=True) if not _has_result(job)]
+    if not lost:
+        return [job.results()[0] for job in jobs]
+    for job, name in lost:
+        state = last_state.get(job.job_id, GONE)
+        how = "no longer known to SLURM" if state == GONE else state
+        line = f"SLURM job {job.job_id} ({name}) ended without a result ({how}); its log: {job.paths.stderr}"
+        print(line, file=sys.stderr)
+    print(
+        f"error: {len(lost)} of {len(jobs)} SLURM jobs of the sweep ended without a result; "
+        f"run what is left with resume={sweep_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(EXIT_JOBS_LOST)

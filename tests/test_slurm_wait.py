@@ -1,0 +1,128 @@
+"""gpt2exp.slurm without a cluster: job states from squeue and sacct answers, and how the sweep's wait ends.
+(tests/test_slurm.py runs the same code against a real cluster.)"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from gpt2exp import slurm
+from gpt2exp.slurm import GONE, JobStates, wait_for_results
+
+
+class Answers:
+    """A stand-in for running squeue and sacct: each command's (exit code, stdout, stderr) by its name."""
+
+    def __init__(self, **answers: tuple[int, str, str]) -> None:
+        self.answers = answers
+        self.commands: list[list[str]] = []
+
+    def __call__(self, command: list[str]) -> subprocess.CompletedProcess:
+        self.commands.append(command)
+        code, out, err = self.answers[command[0]]
+        return subprocess.CompletedProcess(command, code, out, err)
+
+
+NO_ACCOUNTING = (1, "", "Slurm accounting storage is disabled\n")
+
+
+def test_squeue_states_of_plain_jobs_and_array_tasks():
+    answers = Answers(squeue=(0, "7_0|RUNNING\n7_1|CANCELLED\n9|REQUEUED\n", ""), sacct=NO_ACCOUNTING)
+    states = JobStates(answers).query(["7_0", "7_1", "9"])
+    assert states == {"7_0": "RUNNING", "7_1": "CANCELLED", "9": "REQUEUED"}
+    assert answers.commands == [
+        ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", "--jobs=7,9"]
+    ]  # one call for all, sacct not asked
+
+
+def test_a_job_squeue_no_longer_knows_is_asked_of_sacct():
+    answers = Answers(squeue=(0, "7_0|RUNNING\n", ""), sacct=(0, "7_1|CANCELLED by 0\n", ""))
+    assert JobStates(answers).query(["7_0", "7_1"]) == {"7_0": "RUNNING", "7_1": "CANCELLED"}
+    assert answers.commands[1][-1] == "--jobs=7_1"
+
+
+def test_a_job_neither_knows_is_gone_and_without_accounting_sacct_is_asked_once():
+    answers = Answers(squeue=(1, "", "slurm_load_jobs error: Invalid job id specified\n"), sacct=NO_ACCOUNTING)
+    states = JobStates(answers)
+    assert states.query(["12"]) == {"12": GONE}
+    assert states.query(["12"]) == {"12": GONE}
+    assert [c[0] for c in answers.commands] == ["squeue", "sacct", "squeue"]
+
+
+def test_a_controller_that_does_not_answer_says_nothing():
+    answers = Answers(squeue=(1, "", "slurm_load_jobs error: Unable to contact slurm controller (connect failure)\n"))
+    assert JobStates(answers).query(["12"]) is None
+
+
+class FakeJob:
+    """What wait_for_results uses of a submitit job: its id, task count, result and log paths."""
+
+    def __init__(self, folder: Path, job_id: str, has_result: bool) -> None:
+        self.job_id, self.num_tasks = job_id, 1
+        self.paths = type("Paths", (), {"result_pickle": folder / f"{job_id}_result.pkl", "stderr": folder / "err"})
+        if has_result:
+            self.paths.result_pickle.write_text("")
+
+    def results(self) -> list[str]:
+        return [f"return of {self.job_id}"]
+
+
+class States:
+    def __init__(self, *answers: dict[str, str] | None) -> None:
+        self.answers = list(answers)
+
+    def query(self, job_ids):
+        return self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+
+
+@pytest.fixture
+def no_waiting(monkeypatch):
+    clock = [0.0]
+    monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(slurm.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+
+
+def test_jobs_that_all_wrote_their_result_return_them(tmp_path, no_waiting):
+    jobs = [FakeJob(tmp_path, "5_0", True), FakeJob(tmp_path, "5_1", True)]
+    assert wait_for_results(jobs, ["#0", "#1"], tmp_path, States({})) == ["return of 5_0", "return of 5_1"]
+
+
+def test_a_cancelled_job_ends_the_wait_after_the_grace_with_one_line_each_and_exit_69(tmp_path, no_waiting, capsys):
+    """A requeued job (PENDING again) is waited for; only jobs that stay ended without a result are lost."""
+    jobs = [FakeJob(tmp_path, "5_0", True), FakeJob(tmp_path, "5_1", False), FakeJob(tmp_path, "6", False)]
+    states = States(
+        {"5_1": "RUNNING", "6": "REQUEUED"}, {"5_1": "CANCELLED", "6": "PENDING"}, {"5_1": "CANCELLED", "6": GONE}
+    )
+    with pytest.raises(SystemExit) as stopped:
+        wait_for_results(jobs, ["sweep job #0", "sweep job #1", "sweep job #2"], tmp_path / "sweep", states)
+    assert stopped.value.code == 69
+    sweep_dir, log = tmp_path / "sweep", tmp_path / "err"
+    assert capsys.readouterr().err.splitlines() == [
+        f"SLURM job 5_1 (sweep job #1) ended without a result (CANCELLED); its log: {log}",
+        f"SLURM job 6 (sweep job #2) ended without a result (no longer known to SLURM); its log: {log}",
+        f"error: 2 of 3 SLURM jobs of the sweep ended without a result; run what is left with resume={sweep_dir}",
+    ]
+
+
+def test_a_result_that_shows_up_within_the_grace_is_taken(tmp_path, monkeypatch):
+    job = FakeJob(tmp_path, "8", False)
+    clock = [0.0]
+
+    def sleep(seconds: float) -> None:
+        clock[0] += seconds
+        if clock[0] > 10:  # COMPLETED seen at 0 s, the file lands 10 s later (a slow shared filesystem)
+            job.paths.result_pickle.write_text("")
+
+    monkeypatch.setattr(slurm.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(slurm.time, "sleep", sleep)
+    assert wait_for_results([job], ["#0"], tmp_path, States({"8": "COMPLETED"})) == ["return of 8"]
+
+
+def test_an_unanswered_query_keeps_waiting(tmp_path, no_waiting):
+    job = FakeJob(tmp_path, "8", False)
+    states = States(*[None] * 50, {"8": "FAILED"})
+    with pytest.raises(SystemExit):
+        wait_for_results([job], ["#0"], tmp_path, states)
+    assert states.answers == [{"8": "FAILED"}]  # all 50 silent answers were waited through
