@@ -35,7 +35,10 @@ class TrialPruned(Exception):
 
 
 class TrialLink:
-    """One trial's line to its study; inactive (reports nothing, never prunes) outside a study."""
+    """One trial's line to its study; inactive (reports nothing, never prunes) outside a study.
+
+    Under torchrun only rank 0 opens the study and reports; every rank gets its decision, so all
+    stop at the same step (distributed.rank0_decides)."""
 
     def __init__(self, trial: Any = None, number: int | None = None, last_step: int = 0):
         self.trial, self.number, self.last_step = trial, number, last_step
@@ -43,8 +46,12 @@ class TrialLink:
     @classmethod
     def from_config(cls, trial_cfg: Any, run_dir: Path, last_step: int) -> TrialLink:
         """The link of the trial `trial_cfg` names (the config of record's `trial` section)."""
+        from gpt2exp.distributed import world_from_env
+
         if trial_cfg is None or trial_cfg.number is None:
             return cls()
+        if not world_from_env().main:
+            return cls(None, trial_cfg.number, last_step)  # follows rank 0's decisions
         import optuna
 
         from gpt2exp.study import open_storage, study_storage_url
@@ -59,7 +66,7 @@ class TrialLink:
             log.warning(
                 "trial %d of study %s is no longer running: nothing is reported", trial_cfg.number, study.study_name
             )
-            return cls()
+            return cls(None, trial_cfg.number, last_step)
         return cls(optuna.trial.Trial(study, trial_id), trial_cfg.number, last_step)
 
     @property
@@ -68,6 +75,13 @@ class TrialLink:
 
     def should_prune(self, step: int, val_loss: float) -> bool:
         """Report `val_loss` at `step` (once per step) and say whether the pruner stops the trial here."""
+        if self.number is None:
+            return False  # not a trial: nothing to agree on
+        from gpt2exp.distributed import rank0_decides
+
+        return rank0_decides(lambda: self._report_and_ask(step, val_loss))
+
+    def _report_and_ask(self, step: int, val_loss: float) -> bool:
         if self.trial is None:
             return False
         if step not in self.trial.storage.get_trial(self.trial._trial_id).intermediate_values:

@@ -406,7 +406,7 @@ STUDY_PLOTS = ("optimization_history.png", "param_importances.png")
 
 def study_of(dirs: Sequence[Path]) -> Any:
     """The Optuna study kept in the one sweep dir passed, or None (not a study, or no database yet)."""
-    from gpt2exp.study import DB_NAME, OPTUNA_SWEEPER, load_study_plan
+    from gpt2exp.study import DB_NAME, OPTUNA_SWEEPER, load_recorded_study
     from gpt2exp.sweep import is_sweep_dir, read_sweep_record
 
     if len(dirs) != 1 or not is_sweep_dir(dirs[0]):
@@ -415,7 +415,7 @@ def study_of(dirs: Sequence[Path]) -> Any:
         record = read_sweep_record(dirs[0])
         if record.sweeper != OPTUNA_SWEEPER or not (dirs[0] / DB_NAME).exists():
             return None
-        return load_study_plan(record)[0]
+        return load_recorded_study(record)
     except UserError as exc:
         print(f"note: no study plots: {exc}", file=sys.stderr)
         return None

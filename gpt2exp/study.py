@@ -415,18 +415,25 @@ def fixed_arguments(task_overrides: list[str]) -> list[str]:
     return [o.input_line for o in parse(task_overrides) if not o.is_sweep_override() and key_of(o) != "resume"]
 
 
-def load_study_plan(record: Any, n_trials: int | None = None) -> tuple[Any, StudyPlan]:
-    """(study, plan) of the study `record` (a SweepRecord of its sweep dir) keeps, from its database."""
+def load_recorded_study(record: Any) -> Any:
+    """The study that `record` (the SweepRecord of its sweep dir) names, loaded from its database."""
     import optuna
 
     sweeper = recorded_sweeper(record.dir)
-    name, storage_setting = str(sweeper.get("study_name")), sweeper.get("storage")
-    url = storage_url(storage_setting, record.dir)
+    name = str(sweeper.get("study_name"))
+    url = storage_url(sweeper.get("storage"), record.dir)
     check_storage(url, name, resume=True, sweep_dir=record.dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name=name, storage=open_storage(url))
+    return optuna.load_study(study_name=name, storage=open_storage(url))
+
+
+def load_study_plan(record: Any, n_trials: int | None = None) -> tuple[Any, StudyPlan]:
+    """(study, plan to resume it) of the study `record` keeps; a trial still training refuses (UserError)."""
+    sweeper = recorded_sweeper(record.dir)
+    study = load_recorded_study(record)
     total = n_trials if n_trials is not None else int(sweeper.get("n_trials") or 0)
-    return study, plan_study(record.dir, study, total, fixed_arguments(record.task_overrides), storage_setting)
+    fixed = fixed_arguments(record.task_overrides)
+    return study, plan_study(record.dir, study, total, fixed, sweeper.get("storage"))
 
 
 def announce_resume(record: Any, overrides: list) -> None:
