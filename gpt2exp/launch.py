@@ -196,7 +196,8 @@ def _with_shared_run_dir(argv: list[str], conf_dir: str) -> list[str]:
 
 
 def check_plugins(overrides: list) -> None:
-    """A launcher or sweeper that is not installed: say which pip package provides it."""
+    """A launcher or sweeper that is not installed: say which pip package provides it. The SLURM launcher
+    where SLURM cannot be reached (gpt2exp.slurm.check_reachable)."""
     from importlib.util import find_spec
 
     for override in overrides:
@@ -208,6 +209,10 @@ def check_plugins(overrides: list) -> None:
                 f"{group}={option} needs the Hydra plugin {plugin[1]}, which is not installed: "
                 f"pip install {plugin[1]}  (or pip install -e '.[sweeps]' for all of them)"
             )
+        if group == "hydra/launcher" and option in ("slurm", "submitit_slurm"):
+            from gpt2exp.slurm import check_reachable
+
+            check_reachable(option)  # no sbatch, or no controller: one line now, not a traceback after the sweep dir
 
 
 def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]:

@@ -9,11 +9,16 @@ requeued job (time limit, preemption) is PENDING or REQUEUED meanwhile, and is w
 
 When every job has ended, the jobs without a result are each named in one line, and the sweep
 exits EXIT_JOBS_LOST: `resume=<sweep dir>` then runs what is left.
+
+Before anything is written, `check_reachable` refuses the slurm launcher where SLURM cannot be
+reached (no sbatch, no slurm.conf, the controller down): one line, exit 2.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import subprocess
 import sys
 import time
@@ -21,11 +26,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt2exp.errors import EXIT_JOBS_LOST
+from gpt2exp.errors import EXIT_JOBS_LOST, UserError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["ENDED", "GONE", "JobStates", "wait_for_results"]
+__all__ = ["ENDED", "GONE", "JobStates", "check_reachable", "wait_for_results"]
 
 # SLURM job states after which no result will come (PREEMPTED is left out: with PreemptMode=REQUEUE
 # the job comes back; with CANCEL it ends, and is gone from squeue after MinJobAge).
@@ -38,6 +43,25 @@ RESULT_GRACE_S = 15.0  # an ended job's result file may show up late on a shared
 
 def _run(command: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(command, capture_output=True, text=True, timeout=60)
+
+
+def check_reachable(launcher: str) -> None:
+    """UserError unless this machine can submit to SLURM: sbatch on PATH and the controller answering."""
+    fix = "run the command on a machine of the cluster (a login node), or set SLURM_CONF to its slurm.conf"
+    if shutil.which("sbatch") is None:
+        raise UserError(f"hydra/launcher={launcher} needs SLURM's sbatch, which is not on PATH; {fix}")
+    conf = os.environ.get("SLURM_CONF")
+    if conf and not os.path.isfile(conf):  # SLURM's commands would retry reading it for 60 s
+        raise UserError(f"hydra/launcher={launcher}: SLURM_CONF names {conf}, which does not exist; {fix}")
+    try:
+        ping = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UserError(f"hydra/launcher={launcher}: `scontrol ping` failed ({exc}); {fix}") from None
+    if ping.returncode != 0 or " is UP" not in ping.stdout:
+        down = [line.strip() for line in ping.stdout.splitlines() if " is DOWN" in line]
+        errors = [line.strip() for line in ping.stderr.splitlines() if line.strip()]  # the last says why
+        reason = (down or errors[-1:] or [f"exit {ping.returncode}"])[0]
+        raise UserError(f"hydra/launcher={launcher}: SLURM's controller does not answer ({reason}); {fix}")
 
 
 class JobStates:

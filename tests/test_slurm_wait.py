@@ -126,3 +126,56 @@ def test_an_unanswered_query_keeps_waiting(tmp_path, no_waiting):
     with pytest.raises(SystemExit):
         wait_for_results([job], ["#0"], tmp_path, states)
     assert states.answers == [{"8": "FAILED"}]  # all 50 silent answers were waited through
+
+
+FIX = "run the command on a machine of the cluster (a login node), or set SLURM_CONF to its slurm.conf"
+
+
+def test_the_slurm_launcher_without_sbatch_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: None)
+    with pytest.raises(slurm.UserError) as refused:
+        slurm.check_reachable("slurm")
+    assert str(refused.value) == f"hydra/launcher=slurm needs SLURM's sbatch, which is not on PATH; {FIX}"
+
+
+def test_a_slurm_conf_that_is_not_there_is_refused_without_the_60_s_of_retries(monkeypatch, tmp_path):
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setenv("SLURM_CONF", str(tmp_path / "slurm.conf"))
+    monkeypatch.setattr(slurm.subprocess, "run", lambda *a, **k: pytest.fail("scontrol must not be asked"))
+    with pytest.raises(slurm.UserError) as refused:
+        slurm.check_reachable("submitit_slurm")
+    conf = tmp_path / "slurm.conf"
+    assert str(refused.value) == f"hydra/launcher=submitit_slurm: SLURM_CONF names {conf}, which does not exist; {FIX}"
+
+
+@pytest.mark.parametrize(
+    ("stdout", "stderr", "said"),
+    [
+        (
+            "Slurmctld(primary) at vm is DOWN\n*****\n** RESTORE SLURMCTLD DAEMON TO SERVICE **\n*****\n",
+            "",
+            "Slurmctld(primary) at vm is DOWN",
+        ),
+        (
+            "",
+            "scontrol: error: fetch_config: DNS SRV lookup failed\nscontrol: fatal: Could not establish a config\n",
+            "scontrol: fatal: Could not establish a config",
+        ),
+    ],
+)
+def test_a_controller_that_does_not_answer_is_refused_naming_why(monkeypatch, stdout, stderr, said):
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    answer = subprocess.CompletedProcess(["scontrol", "ping"], 1, stdout, stderr)
+    monkeypatch.setattr(slurm.subprocess, "run", lambda command, **k: answer)
+    with pytest.raises(slurm.UserError) as refused:
+        slurm.check_reachable("slurm")
+    assert str(refused.value) == f"hydra/launcher=slurm: SLURM's controller does not answer ({said}); {FIX}"
+
+
+def test_a_controller_that_answers_passes(monkeypatch):
+    monkeypatch.setattr(slurm.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.delenv("SLURM_CONF", raising=False)
+    up = subprocess.CompletedProcess(["scontrol", "ping"], 0, "Slurmctld(primary) at vm is UP\n", "")
+    monkeypatch.setattr(slurm.subprocess, "run", lambda command, **k: up)
+    slurm.check_reachable("slurm")
