@@ -16,6 +16,7 @@ taken from values the ranks agree on (`any_rank`, `mean_over_ranks`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pickle
 import subprocess
@@ -150,6 +151,31 @@ def destroy_process_group() -> None:
 # -- deciding together -----------------------------------------------------------------------------
 
 
+def exit_together() -> None:
+    """Every rank stopped and saved: each now ends with its own exit code (`_keep_own_exit_code`)."""
+    if active():
+        barrier()
+        _keep_own_exit_code()
+
+
+@contextlib.contextmanager
+def own_exit_code():
+    """Around a launched rank's whole life: however it ends, the end is its own (`_keep_own_exit_code`)."""
+    try:
+        yield
+    finally:
+        if world_from_env().launched:
+            _keep_own_exit_code()
+
+
+def _keep_own_exit_code() -> None:
+    """On the way out: a further SIGTERM (torchrun's to the other ranks once the first one exits) no
+    longer cuts this rank's exit short, so torchrun reports each rank's own exit code."""
+    import signal
+
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def broadcast(obj: T, src: int = 0) -> T:
     if not active():
         return obj
@@ -212,9 +238,11 @@ def rank0_decides(decide: Callable[[], T]) -> T:
             outcome = ("value", decide())
         except SystemExit as exc:
             broadcast(("exit", exc.code))
+            _keep_own_exit_code()
             raise
         except UserError as exc:
             broadcast(("user_error", str(exc)))
+            _keep_own_exit_code()
             raise
         except BaseException as exc:
             broadcast(("error", f"{type(exc).__name__}: {exc}"))
@@ -228,6 +256,7 @@ def rank0_decides(decide: Callable[[], T]) -> T:
     kind, value = broadcast(("", None))
     if kind == "value":
         return value
+    _keep_own_exit_code()
     if kind == "exit":
         raise SystemExit(value)
     if kind == "user_error":
@@ -269,8 +298,6 @@ def wrap_model(model, strategy: str, device) -> Any:
 def gradient_sync(forward, model, strategy: str, last_micro_batch: bool):
     """A context for one micro-batch's backward: gradients are averaged over the ranks only on the
     last micro-batch of the step (no extra communication during accumulation)."""
-    import contextlib
-
     if strategy == "ddp" and not last_micro_batch:
         return forward.no_sync()
     if strategy == "fsdp":

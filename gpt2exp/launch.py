@@ -163,7 +163,9 @@ def prepare_argv_on_ranks(argv: list[str], conf_dir: str) -> tuple[list[str], Ru
     if world_from_env().main:
         return new_argv, mine["plan"]
     quiet = [a for a in new_argv[1:] if not a.startswith("hydra.output_subdir=")]
-    return [new_argv[0], *quiet, "hydra.output_subdir=null", "hydra/job_logging=stdout"], plan
+    # rank 0 logs for the run (the others would repeat it line for line); another rank shows its errors only
+    quiet += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=ERROR"]
+    return [new_argv[0], *quiet], plan
 
 
 def _with_shared_run_dir(argv: list[str], conf_dir: str) -> list[str]:

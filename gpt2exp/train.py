@@ -29,7 +29,7 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.config import CONF_DIR, register_schemas, validate
-from gpt2exp.distributed import SilentUserError
+from gpt2exp.distributed import SilentUserError, exit_together
 from gpt2exp.errors import EXIT_USAGE, Diverged, RunStopped, UserError, fail
 from gpt2exp.preemption import EXIT_PREEMPTED, Interrupted, PreemptionFlag
 from gpt2exp.resume import RunComplete, RunPlan
@@ -192,6 +192,7 @@ def run_job(cfg: DictConfig, plan: RunPlan | None = None) -> float:
         fail(str(exc), exc.exit_code)
     except Preempted as exc:
         exc.flag.hand_over()  # under submitit: its handler requeues the job (and exits)
+        exit_together()
         raise SystemExit(EXIT_PREEMPTED) from None
     if in_sweep and not math.isfinite(val_loss):
         return float("inf")  # no evaluation ran; Optuna refuses NaN, and +inf scores the trial worst
@@ -216,7 +217,7 @@ def main() -> None:
     import hydra
 
     from gpt2exp.completion import module_install_script
-    from gpt2exp.distributed import init_process_group, world_from_env
+    from gpt2exp.distributed import init_process_group, own_exit_code, world_from_env
     from gpt2exp.launch import prepare_argv_on_ranks
 
     completion = module_install_script(sys.argv, sys.orig_argv)
@@ -232,7 +233,7 @@ def main() -> None:
         started = True
         return run_job(cfg, plan)
 
-    with PreemptionFlag() as interrupts:
+    with own_exit_code(), PreemptionFlag() as interrupts:
         try:
             with interrupts.interrupting():
                 init_process_group(world_from_env())  # under torchrun: rank 0 plans for all ranks

@@ -88,6 +88,7 @@ def test_each_logger_composes(compose, name):
 def test_each_experiment_composes(compose, name):
     cfg = compose([f"+experiment={name}"])
     expected_model = {"shakespeare_tiny": 4, "shakespeare_small": 6, "gpt2_124m": 12, "finetune_gpt2": 12}
+    expected_model |= {"gpt2_124m_fineweb": 12, "gpt2_124m_openwebtext": 12}
     assert cfg.model.n_layer == expected_model[name]
 
 
