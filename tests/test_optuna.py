@@ -265,3 +265,108 @@ def test_a_trials_end_is_read_from_its_run_json(tmp_path, status, returned, expe
 def test_a_pruned_job_of_a_sweep_is_done():
     job = SweepJob(1, ["trial.number=1"], Path("sweep/1"), RunStatus.pruned, 4, "1")
     assert job.action == "skip"
+
+
+# -- resuming a study ----------------------------------------------------------------------------
+
+
+def fake_job(sweep_dir: Path, num: int, overrides: list[str], status: str | None, checkpoint: int | None) -> Path:
+    """A job dir as Hydra and a run leave it: .hydra/ files, run.json, a committed checkpoint."""
+    import yaml
+
+    job = sweep_dir / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(yaml.safe_dump(overrides))
+    (job / ".hydra" / "hydra.yaml").write_text(yaml.safe_dump({"hydra": {"job": {"num": num}}}))
+    if status is not None:
+        (job / "run.json").write_text(json.dumps({"status": status, "checkpoints": "checkpoints"}))
+    if checkpoint is not None:
+        step = job / "checkpoints" / f"step_{checkpoint:08d}"
+        step.mkdir(parents=True)
+        (step / "manifest.json").write_text("{}")
+    return job
+
+
+def test_a_study_resume_plans_every_trial_from_its_state_and_its_job_dir(tmp_path):
+    from gpt2exp.study import plan_study
+
+    sweep_dir = tmp_path / "sweep"
+    sweep_dir.mkdir()
+    (sweep_dir / "multirun.yaml").write_text("hydra:\n  sweep:\n    subdir: ${hydra.job.num}\n")
+    study = optuna.create_study(study_name="s", storage=study_storage_url(sweep_dir))
+    space = {"optimizer.lr": D.FloatDistribution(1e-4, 1e-2, log=True)}
+    trials = [study.ask(space) for _ in range(6)]
+    lr = [t.params["optimizer.lr"] for t in trials]
+    study.tell(trials[0], 5.0)
+    study.tell(trials[1], state=optuna.trial.TrialState.PRUNED)
+    study.tell(trials[2], state=optuna.trial.TrialState.FAIL)
+    for n in range(3):
+        fake_job(sweep_dir, n, [f"optimizer.lr={lr[n]}", f"trial.number={n}"], "completed", 8)
+    fake_job(sweep_dir, 3, [f"optimizer.lr={lr[3]}", "trial.number=3"], "running", 12)  # killed: its lock is gone
+    fake_job(sweep_dir, 4, [f"optimizer.lr={lr[4]}", "trial.number=4"], "pruned", 4)  # ended, never told
+    # trial 5: asked, killed before its job started
+
+    plan = plan_study(sweep_dir, study, 8, ["trainer.max_steps=8"], None)
+    assert [(t.number, t.state, t.action) for t in plan.trials] == [
+        (0, "complete", "skip"),
+        (1, "pruned", "skip"),
+        (2, "fail", "skip"),
+        (3, "running", "resume from step 12"),
+        (4, "running", "record its result"),
+        (5, "running", "start"),
+    ]
+    assert [t.number for t in plan.to_continue] == [3, 4, 5] and plan.to_ask == 2
+    assert plan.trials[3].job.launch_overrides(["trainer.num_threads=1"], "20260101-000000") == [
+        f"optimizer.lr={lr[3]}",
+        "trial.number=3",
+        "trainer.num_threads=1",
+        "resume=auto",
+        "hydra.output_subdir=.hydra/resume-20260101-000000",
+        "hydra.sweep.subdir='3'",
+    ]
+    assert plan.trials[5].job.launch_overrides([], "x") == [
+        "trainer.max_steps=8",
+        f"optimizer.lr={lr[5]}",
+        "trial.number=5",
+        "trial.study='s'",
+        "hydra.sweep.subdir='5'",
+    ]
+    assert plan.summary_lines()[0] == (
+        f"study 's' in {sweep_dir}: 6 of 8 trials (1 complete, 1 pruned, 1 fail, 3 running), 3 to continue, 2 to ask"
+    )
+
+
+def test_a_study_resume_replays_the_sweeps_command_and_refuses_what_it_cannot_change(tmp_path):
+    from gpt2exp.overrides import parse
+    from gpt2exp.study import resume_argv
+    from gpt2exp.sweep import SweepRecord
+
+    record = SweepRecord(
+        dir=tmp_path / "sweep",
+        sweeper="hydra_plugins.gpt2exp_optuna.optuna_sweeper.OptunaSweeper",
+        task_overrides=["+hparams_search=lr_wd", "trainer.max_steps=8"],
+        hydra_overrides=["hydra.mode=MULTIRUN", f"hydra.sweep.dir={tmp_path}/sweep", "hydra/sweeper/pruner=median"],
+        sweeper_params={},
+        subdir="${hydra.job.num}",
+        cwd=str(tmp_path),
+    )
+    today = parse(["resume=x", "trainer.num_threads=1", "hydra.sweeper.n_trials=30"])
+    assert resume_argv("train.py", [], today, record) == [
+        "train.py",
+        "--multirun",
+        "hydra/sweeper/pruner=median",
+        "hydra.sweeper.n_trials=30",
+        f"hydra.sweep.dir={tmp_path}/sweep",
+        "+hparams_search=lr_wd",
+        "trainer.max_steps=8",
+        f"resume={tmp_path}/sweep",
+        "trainer.num_threads=1",
+    ]
+    with pytest.raises(UserError, match=r"^a study resume rebuilds each trial .* cannot change optimizer.lr=0.1;"):
+        resume_argv("train.py", [], parse(["optimizer.lr=0.1"]), record)
+    with pytest.raises(UserError) as caught:
+        resume_argv("train.py", [], parse(["hydra/sweeper/pruner=none"]), record)
+    assert str(caught.value) == (
+        "a study resume keeps the sweep's Hydra settings and cannot change hydra/sweeper/pruner=none; "
+        "only hydra.sweeper.n_trials, hydra/launcher=... and hydra.launcher.* may be given"
+    )
