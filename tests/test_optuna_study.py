@@ -141,6 +141,8 @@ def test_a_study_killed_during_trial_2_resumes_to_its_4_trials_continuing_trial_
     assert steps_of(sweep_dir) == ["0", "1", "2", "3"]
     assert [r["step"] for r in run_json(sweep_dir / "1")["resumes"]] == [cut_at]
     assert [record(sweep_dir / str(n))["trial"]["number"] for n in range(4)] == [0, 1, 2, 3]
+    # the seeded sampler continues the search: the trials asked after the resume repeat none before it
+    assert len({tuple(t.params.values()) for t in study.trials}) == 4
     assert study.trials[1].value == val_losses(sweep_dir / "1")[24]
 
     # trial 2 ends exactly where the same trial run alone ends

@@ -156,6 +156,9 @@ class OptunaSweeper(Sweeper):
             direction=self.direction,
             load_if_exists=resume,
         )
+        seed = self.sampler_spec.get("seed")
+        if resume and seed is not None:  # the same seed again would propose the first trials' values again
+            study.sampler = build_sampler({**self.sampler_spec, "seed": int(seed) + len(study.trials)})
         study.set_user_attr(PRUNER_ATTR, self.pruner_spec)
         study.set_user_attr(SWEEP_DIR_ATTR, str(sweep_dir.resolve()))
         return study, space
