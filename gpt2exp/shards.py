@@ -103,16 +103,28 @@ def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.insert(flat, np.cumsum(lengths), dtype.type(eos)), lengths + 1
 
 
+INLINE_BATCHES = 32  # a corpus of at most this many batches (8 MiB) is tokenized here, in one call
+
+
 class Tokenizing:
     """Tokenize batches in reading order with `num_proc` processes, at most two batches per process in
-    flight. The processes start only when there is a second batch: a small corpus is tokenized here."""
+    flight. A corpus that ends within INLINE_BATCHES is tokenized here in one call, which the tokenizers
+    library spreads over the cores with threads: no process to start (the Shakespeare default)."""
 
     def __init__(self, tokenizer_dir: Path, eos: int, dtype: np.dtype, num_proc: int):
         self.args, self.num_proc = (str(tokenizer_dir), int(eos), np.dtype(dtype).name), num_proc
 
     def map(self, items: Iterator[tuple[Any, list[str]]]) -> Iterator[tuple[Any, np.ndarray, np.ndarray]]:
-        first = list(islice(items, 2))
-        if self.num_proc <= 1 or len(first) < 2:
+        first = list(islice(items, INLINE_BATCHES))
+        if len(first) < INLINE_BATCHES:
+            load_encoder(*self.args)
+            tokens, lengths = encode([t for _, texts in first for t in texts])
+            token_ends, doc = np.concatenate([[0], np.cumsum(lengths)]), 0
+            for meta, texts in first:
+                yield meta, tokens[token_ends[doc] : token_ends[doc + len(texts)]], lengths[doc : doc + len(texts)]
+                doc += len(texts)
+            return
+        if self.num_proc <= 1:
             load_encoder(*self.args)
             for meta, texts in chain(first, items):
                 yield (meta, *encode(texts))
@@ -163,6 +175,7 @@ class SplitWriter:
         self.shards: list[dict[str, Any]] = list(state["shards"])
         self.start = Position(*state["tmp_start"])
         self.completed = False  # a shard was finished since the last checkpoint
+        self.written: list[str] = []  # shards hashed as this process wrote them
         self._open(state["tmp_tokens"])
 
     @property
@@ -209,6 +222,7 @@ class SplitWriter:
         }
         os.replace(self.tmp, self.folder / entry["file"])
         self.shards.append(entry)
+        self.written.append(entry["file"])
         self.completed = True
 
     def sync(self) -> None:
@@ -425,6 +439,8 @@ def build(folder: Path, source: Source, tokenizing: Tokenizing, header: dict[str
         "splits": {s: {"tokens": w.tokens, "shards": w.shards} for s, w in writers.items()},
     }
     _write_json(folder / "manifest.json", manifest)
+    # hashed as written: the first load need not read them again (shards of a killed build are read once)
+    _write_json(folder / "verified.json", {f: _stamp(folder / f) for w in writers.values() for f in w.written})
     progress_file.unlink(missing_ok=True)
     return manifest
 

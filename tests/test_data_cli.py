@@ -70,8 +70,9 @@ def test_prepare_then_train_the_fineweb_preset_on_a_local_stand_in(tmp_path, sta
 
 
 def test_a_killed_prepare_continues_to_the_same_shards(tmp_path, stand_in):
-    parquet, tokenizer = stand_in
-    args = ["data=hf_dataset", f"data.dataset={parquet}", f"data.tokenizer.name={tokenizer}", "data.shard_tokens=20000"]
+    _, tokenizer = stand_in
+    parquet = write_parquet(documents(10_000, seed=5), tmp_path / "big", per_file=2500)  # ~10 MB: 40 batches
+    args = ["data=hf_dataset", f"data.dataset={parquet}", f"data.tokenizer.name={tokenizer}", "data.shard_tokens=50000"]
     reference = run_cli(
         "gpt2exp.data", "prepare", *args, f"data.cache_dir={tmp_path / 'ref'}", "data.num_proc=2", cwd=tmp_path
     )
