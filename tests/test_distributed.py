@@ -90,9 +90,11 @@ def pair(request, tmp_path_factory):
     """(straight run dir, cut run dir before its resume, resumed run dir) for one strategy."""
     strategy = request.param
     cwd = tmp_path_factory.mktemp(strategy)
-    ok(torchrun(cwd, 2, *RUN, f"distributed={strategy}", "trainer.max_steps=6"))  # default run dir
+    wandb = ("logger=wandb", "logger.mode=offline")
+    ok(torchrun(cwd, 2, *RUN, *wandb, f"distributed={strategy}", "trainer.max_steps=6"))  # default run dir
     (straight,) = (cwd / "outputs").glob("*/*")
-    ok(torchrun(cwd, 2, *RUN, f"distributed={strategy}", "trainer.max_steps=4", f"hydra.run.dir={cwd / 'cut'}"))
+    cut = f"hydra.run.dir={cwd / 'cut'}"
+    ok(torchrun(cwd, 2, *RUN, *wandb, f"distributed={strategy}", "trainer.max_steps=4", cut))
     shutil.copytree(cwd / "cut", cwd / "cut-before-resume")
     ok(torchrun(cwd, 2, f"resume={cwd / 'cut'}", "trainer.max_steps=6"))
     return strategy, straight, cwd / "cut-before-resume", cwd / "cut"
@@ -106,6 +108,9 @@ def test_resumed_on_the_same_world_equals_the_straight_run_bit_for_bit(pair):
     info = json.loads((resumed / "run.json").read_text())
     assert info["world"] == {"world_size": 2, "strategy": strategy}
     assert [(r["step"], r["world_size"], r["strategy"]) for r in info["resumes"]] == [(4, 2, strategy)]
+    # one W&B run (rank 0's), reattached by the resume: one offline run dir per launch, all of the same id
+    launches = sorted(p.name for p in (resumed / "wandb").glob("offline-run-*"))
+    assert len(launches) == 2 and {name.rsplit("-", 1)[1] for name in launches} == {info["wandb_id"]}
 
 
 def test_one_run_dir_one_record_and_only_rank_0_writes_outside_checkpoints(pair):
@@ -119,6 +124,7 @@ def test_one_run_dir_one_record_and_only_rank_0_writes_outside_checkpoints(pair)
         "run.json",
         "tokenizer",
         "train.log",
+        "wandb",
     ]
     assert sorted(p.name for p in (straight / ".hydra").iterdir()) == ["config.yaml", "hydra.yaml", "overrides.yaml"]
     assert [r["step"] for r in rows(straight)] == [0, 1, 2, 3, 4, 5, 6]
@@ -193,6 +199,8 @@ def test_a_1_process_run_resumes_on_2_processes(one_process, tmp_path):
     ok(run_cli("gpt2exp.train", *NO_DROPOUT, "trainer.max_steps=4", f"hydra.run.dir={cut}", cwd=tmp_path))
     ok(torchrun(tmp_path, 2, f"resume={cut}", "trainer.max_steps=6"))
     assert max_difference(weights(cut, 6), weights(one_process, 6)) <= RESHARD_TOLERANCE
+    ours, theirs = curve(cut), curve(one_process)  # val/loss: the mean of both ranks' windows
+    assert all(abs(a[2] - b[2]) <= 1e-6 for a, b in zip(ours, theirs, strict=True) if b[2] is not None)
     info = json.loads((cut / "run.json").read_text())
     assert info["world"] == {"world_size": 1, "strategy": "single"}
     assert [(r["world_size"], r["strategy"]) for r in info["resumes"]] == [(2, "ddp")]
