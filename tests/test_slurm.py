@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -200,22 +201,31 @@ def test_a_sweep_runs_as_an_array_of_slurm_jobs(slurm, job_name, tmp_path):
 
 
 def test_the_time_limit_signal_saves_the_job_is_requeued_and_resumes_bit_exact(slurm, job_name, tmp_path):
-    """--time=1 with the signal 22 s before it: SLURM sends SIGUSR2 10-40 s after the start (it checks time
-    limits every 30 s), while the run trains. Once saved, the requeued job's limit is raised to 10 minutes, so
-    that it is not cut again (which would also work, only slower)."""
-    steps = 10000
+    """--time=1 with the signal 12 s before it: SLURM checks time limits every 30 s, so SIGUSR2 comes 18-48 s
+    after the start (one that comes while a slow machine still starts the run requeues it unsaved, hence
+    max_num_timeout=3). For the signal to find the run still training whatever this machine's speed, the test
+    holds the job's process (SIGSTOP) after its first checkpoint; SLURM sends SIGCONT with the signal, and the
+    run saves at its next step boundary. Once saved, the requeued job's limit is raised to 10 minutes, so that
+    it is not cut again (which would also work, only slower)."""
+    steps = 2000
     sweep_dir, job, straight_dir = tmp_path / "sweep", tmp_path / "sweep" / "0", tmp_path / "straight"
+    args = [*LONG, "checkpoint.every_steps=200", f"trainer.max_steps={steps}"]
     launcher = slurm.launcher(
-        job_name, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=22", "hydra.launcher.max_num_timeout=2"
+        job_name, "hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=12", "hydra.launcher.max_num_timeout=3"
     )
-    proc = start_sweep(slurm, tmp_path, sweep_dir, *launcher, "resume=auto", *LONG, f"trainer.max_steps={steps}")
-    straight = start_straight(tmp_path, straight_dir, *LONG, f"trainer.max_steps={steps}")
+    proc = start_sweep(slurm, tmp_path, sweep_dir, *launcher, "resume=auto", *args)
+    straight = start_straight(tmp_path, straight_dir, *args)
     log = job / "train.log"
-    wait_for("time-limit save", lambda: log.is_file() and "SIGUSR2 received: saved step" in log.read_text(), proc)
+    wait_for("first checkpoint", lambda: (job / "checkpoints" / "step_00000200").is_dir(), proc)
+    trainer_pid = int((job / ".lock").read_text())
+    os.kill(trainer_pid, signal.SIGSTOP)
+    if "received: saved step" in log.read_text():  # the signal came first: no need to hold the run
+        os.kill(trainer_pid, signal.SIGCONT)
+    wait_for("time-limit save", lambda: "SIGUSR2 received: saved step" in log.read_text(), proc, timeout=120)
     slurm.run("scontrol", "update", f"JobId={slurm_job_id(sweep_dir)}", "TimeLimit=10")
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 0, stderr[-3000:]
-    assert "this job is timed-out" in (job / "train.log").read_text()  # submitit's view: a time-out, not preemption
+    assert "this job is timed-out" in log.read_text()  # submitit's view: a time-out, not a preemption
     assert_saved_requeued_and_resumed_bit_exact(job, straight, straight_dir, steps)
 
 
