@@ -116,8 +116,8 @@ def run_json(code: str, *args: str, pythonpath: Path = REPO, env: dict | None = 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def generate(folder: Path, parquet_bytes: int, file_bytes: int = FILE_BYTES, seed: int = 0) -> list[Path]:
-    """Parquet files (snappy, as FineWeb ships) of `file_bytes` of text each, documents of 2-200 random
+def generate(folder: Path, parquet_bytes: int, seed: int = 0) -> list[Path]:
+    """Parquet files (snappy, as FineWeb ships) of FILE_BYTES of text each, documents of 2-200 random
     Shakespeare lines, until the files hold `parquet_bytes` on disk; a multiple of 4 files (1x = a quarter)."""
     import numpy as np
     import pyarrow as pa
@@ -133,7 +133,7 @@ def generate(folder: Path, parquet_bytes: int, file_bytes: int = FILE_BYTES, see
         path = folder / f"part-{len(files):05d}.parquet"
         if not path.exists():
             docs, got = [], 0
-            while got < min(file_bytes, parquet_bytes):
+            while got < min(FILE_BYTES, parquet_bytes):
                 picked = rng.integers(0, len(lines), size=int(rng.integers(2, 200)))
                 doc = "\n".join(lines[i] for i in picked)
                 docs.append(doc)
@@ -165,13 +165,12 @@ def text_mb(files: list[Path]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0, help="size of the 4x corpus's parquet files, GB")
-    parser.add_argument("--file-mb", type=int, default=FILE_BYTES >> 20, help="MB of text per parquet file")
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--work", default="/tmp/gpt2exp-data-bench")
     parser.add_argument("--old", default="/tmp/old", help="a checkout of the code before token shards, or none")
     args = parser.parse_args()
     work = Path(args.work)
-    files = generate(work / "corpus", int(args.gb * 1e9), args.file_mb << 20)
+    files = generate(work / "corpus", int(args.gb * 1e9))
     quarter = files[: len(files) // 4]
     tokenizer = tokenizer_for(work, files[0])
     mb4, mb1 = text_mb(files), text_mb(quarter)

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import importlib
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,16 @@ def test_a_controller_that_answers_passes(monkeypatch):
     up = subprocess.CompletedProcess(["scontrol", "ping"], 0, "Slurmctld(primary) at vm is UP\n", "")
     monkeypatch.setattr(slurm.subprocess, "run", lambda command, **k: up)
     slurm.check_reachable("slurm")
+
+
+def test_the_launcher_module_imports_without_hydra_submitit_launcher(monkeypatch):
+    """Hydra's plugin scan imports every hydra_plugins module at each start and prints any ImportError: without
+    the `sweeps` extra the module must import cleanly and just define no launcher."""
+    module_name = "hydra_plugins.gpt2exp_slurm.slurm_launcher"
+    for hidden in ("", ".config", ".submitit_launcher"):
+        monkeypatch.setitem(sys.modules, f"hydra_plugins.hydra_submitit_launcher{hidden}", None)
+    monkeypatch.delitem(sys.modules, module_name, raising=False)
+    assert not hasattr(importlib.import_module(module_name), "SlurmLauncher")
+    monkeypatch.undo()
+    monkeypatch.delitem(sys.modules, module_name, raising=False)
+    assert hasattr(importlib.import_module(module_name), "SlurmLauncher")

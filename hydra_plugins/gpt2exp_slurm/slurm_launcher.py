@@ -15,48 +15,54 @@ from typing import Any
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides
-from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
-from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
 from omegaconf import OmegaConf
+
+try:
+    from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
+    from hydra_plugins.hydra_submitit_launcher.submitit_launcher import SlurmLauncher as SubmititSlurmLauncher
+except ImportError:  # without the `sweeps` extra: no launcher here (launch.py names the package to install),
+    SubmititSlurmLauncher = None  # and no import error, which Hydra's plugin scan would print at every start
 
 log = logging.getLogger(__name__)
 
 
-class SlurmLauncher(SubmititSlurmLauncher):
-    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        """hydra-submitit-launcher's `launch`, but for its last line, the wait."""
-        import submitit
+if SubmititSlurmLauncher is not None:
 
-        from gpt2exp.slurm import wait_for_results
+    class SlurmLauncher(SubmititSlurmLauncher):
+        def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+            """hydra-submitit-launcher's `launch`, but for its last line, the wait."""
+            import submitit
 
-        assert self.config is not None and len(job_overrides) > 0
-        init_keys = {"submitit_folder", "max_num_timeout"}
-        executor = submitit.AutoExecutor(
-            cluster=self._EXECUTOR,
-            folder=self.params["submitit_folder"],
-            slurm_max_num_timeout=self.params["max_num_timeout"],
-        )
-        base_params = set(OmegaConf.structured(BaseQueueConf).keys())
-        params = {
-            key if key in base_params else f"{self._EXECUTOR}_{key}": value
-            for key, value in self.params.items()
-            if key not in init_keys
-        }
-        executor.update_parameters(**params)
+            from gpt2exp.slurm import wait_for_results
 
-        log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
-        if "mode" in self.config.hydra.sweep:
-            os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
+            assert self.config is not None and len(job_overrides) > 0
+            init_keys = {"submitit_folder", "max_num_timeout"}
+            executor = submitit.AutoExecutor(
+                cluster=self._EXECUTOR,
+                folder=self.params["submitit_folder"],
+                slurm_max_num_timeout=self.params["max_num_timeout"],
+            )
+            base_params = set(OmegaConf.structured(BaseQueueConf).keys())
+            params = {
+                key if key in base_params else f"{self._EXECUTOR}_{key}": value
+                for key, value in self.params.items()
+                if key not in init_keys
+            }
+            executor.update_parameters(**params)
 
-        job_params: list[Any] = []
-        names = []
-        for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
-            listed = " ".join(filter_overrides(overrides))
-            log.info(f"\t#{idx} : {listed}")
-            names.append(f"sweep job #{idx}")
-            job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+            log.info(f"Submitit '{self._EXECUTOR}' sweep output dir : {self.config.hydra.sweep.dir}")
+            sweep_dir = Path(str(self.config.hydra.sweep.dir))
+            sweep_dir.mkdir(parents=True, exist_ok=True)
+            if "mode" in self.config.hydra.sweep:
+                os.chmod(sweep_dir, mode=int(str(self.config.hydra.sweep.mode), 8))
 
-        jobs = executor.map_array(self, *zip(*job_params, strict=True))
-        return wait_for_results(jobs, names, sweep_dir)
+            job_params: list[Any] = []
+            names = []
+            for idx, overrides in enumerate(job_overrides, start=initial_job_idx):
+                listed = " ".join(filter_overrides(overrides))
+                log.info(f"\t#{idx} : {listed}")
+                names.append(f"sweep job #{idx}")
+                job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
+
+            jobs = executor.map_array(self, *zip(*job_params, strict=True))
+            return wait_for_results(jobs, names, sweep_dir)
