@@ -582,12 +582,12 @@ class CheckpointManager:
         if not distributed.broadcast(force or self._should_save(step)):  # rank 0's clock decides for all
             return None
         final = self.root / step_dir_name(step)
+        self.flush()  # one save in flight at most (its buffers are reused by this one), and it may be this step's
         if is_checkpoint_dir(final):
             return PendingSave.finished(final)  # already committed (e.g. a signal right after a periodic save)
         self._last_save_time = time.monotonic()
         if self._writer is None:
             return PendingSave.finished(self._commit_and_rotate(step, stateful, metrics, final, None))
-        self.flush()  # one save in flight at most; its buffers are reused by this one
         model, groups = split_stateful(stateful)
         weights = model_tensors(model, on_cpu=False)
         frozen, copy = freeze(MODEL_KEY, weights, model.config.to_json_string(), groups, self._snapshot)

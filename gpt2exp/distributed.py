@@ -128,7 +128,17 @@ def init_process_group(world: World, timeout_s: float = 1800) -> None:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    env = os.environ
+    if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        # torchrun's agent keeps one store across the restarts of a group, and a restarted rank could read
+        # a dead rank's address from it (gloo: "Connection refused"): each attempt keys its own
+        store = dist.TCPStore(env["MASTER_ADDR"], int(env["MASTER_PORT"]), world.size, False, timeout=timeout)
+        attempt = f"gpt2exp/{env.get('TORCHELASTIC_RUN_ID', '')}/attempt_{env.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+        prefixed = dist.PrefixStore(attempt, store)
+        dist.init_process_group(backend, store=prefixed, rank=world.rank, world_size=world.size, timeout=timeout)
+        return
+    dist.init_process_group(backend, timeout=timeout)
 
 
 def active() -> bool:

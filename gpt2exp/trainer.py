@@ -200,7 +200,12 @@ class Trainer:
         self.optimizer = build_optimizer(cfg.optimizer, self.model, self.device.type)
         self.schedule = LRSchedule(self.optimizer, cfg.optimizer.lr, cfg.scheduler)
         use_scaler = t.precision == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
+        if self.strategy == "fsdp":  # fp16 over sharded gradients: the inf check is agreed by every rank
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+            self.scaler = ShardedGradScaler(self.device.type, enabled=use_scaler)
+        else:
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=use_scaler)
         self.sampler = BatchSampler(self.data.train, cfg.model.block_size, t.batch_size, cfg.seed)
         self.val = val_batches(self.data.val, cfg.model.block_size, t.batch_size, t.eval_batches)
         self.counters = TrainerCounters()

@@ -99,6 +99,19 @@ def test_a_background_save_equals_a_sync_save_byte_for_byte_while_training_chang
     assert verify_checkpoint(written) is None
 
 
+def test_a_forced_save_of_the_step_a_background_save_is_writing_waits_for_it_and_writes_nothing_again(manager_pair):
+    """A signal (or a pruned trial) right after the periodic save of the same step: one checkpoint, no error."""
+    _, background = manager_pair(every_steps=2)
+    stateful = make_stateful()
+    held = HeldWriter(background)
+    periodic = background.save(2, stateful, {}, force=False)
+    assert held.started.wait(30) and not periodic.done
+    threading.Timer(0.2, held.release.set).start()
+    forced = background.save(2, stateful, {}, force=True)
+    assert forced.done and forced.wait() == periodic.wait() == background.root / "step_00000002"
+    assert steps(background.root) == {"step_00000002"} and verify_checkpoint(periodic.wait()) is None
+
+
 def test_one_save_in_flight_at_most_and_its_buffers_are_reused(manager_pair):
     _, background = manager_pair()
     stateful = make_stateful()
