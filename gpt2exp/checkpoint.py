@@ -356,6 +356,18 @@ def build_trainer_state(json_objects: Mapping[str, Stateful], step: int, extra_j
     return {**{k: obj.state_dict() for k, obj in json_objects.items()}, "step": step, **extra_json}
 
 
+def write_pretrained_files(
+    write: Callable[[str, bytes | Callable[[Any], None]], None], weights: dict[str, Any], config: Any, tokenizer_dir
+) -> None:
+    """What `from_pretrained` reads: model.safetensors (streamed), config.json and the tokenizer's files."""
+    write(MODEL_FILE, _safetensors_writer(weights, metadata={"format": "pt"}))
+    write("config.json", config.to_json_string().encode())
+    if tokenizer_dir is not None:
+        for source in sorted(Path(tokenizer_dir).iterdir()):
+            if source.is_file():
+                write(source.name, source.read_bytes())
+
+
 class HFCheckpointFiles:
     """The layout in the module docstring, written by one process.
 
@@ -377,12 +389,7 @@ class HFCheckpointFiles:
         def write(name: str, data: bytes | Callable[[Any], None]) -> None:
             files[name] = _write_file(tmp_dir / name, data, self._hasher)
 
-        write(MODEL_FILE, _safetensors_writer(model_tensors(model), metadata={"format": "pt"}))
-        write("config.json", model.config.to_json_string().encode())
-        if self.tokenizer_dir is not None:
-            for source in sorted(Path(self.tokenizer_dir).iterdir()):
-                if source.is_file():
-                    write(source.name, source.read_bytes())
+        write_pretrained_files(write, model_tensors(model), model.config, self.tokenizer_dir)
         write(OPTIMIZER_FILE, tensor_state_writer({k: obj.state_dict() for k, obj in groups["tensors"].items()}))
         write(STATE_FILE, json.dumps(json_state).encode())
         return files

@@ -33,13 +33,13 @@ from gpt2exp.checkpoint import (
     STATE_FILE,
     CheckpointError,
     _restore_model,
-    _safetensors_writer,
     _write_file,
     build_trainer_state,
     load_tensor_state,
     model_tensors,
     split_stateful,
     tensor_state_writer,
+    write_pretrained_files,
 )
 
 OPTIMIZER_DIR = "optimizer"
@@ -97,12 +97,7 @@ class ShardedCheckpointFiles:
             json_objects = {k: v for k, v in groups["json"].items() if k != RNG_KEY}
             world = {"world_size": dist.get_world_size()}
             state = build_trainer_state(json_objects, step, {**extra_json, **world})
-            write(MODEL_FILE, _safetensors_writer(weights, metadata={"format": "pt"}))
-            write("config.json", model.config.to_json_string().encode())
-            if self.tokenizer_dir is not None:
-                for source in sorted(Path(self.tokenizer_dir).iterdir()):
-                    if source.is_file():
-                        write(source.name, source.read_bytes())
+            write_pretrained_files(write, weights, model.config, self.tokenizer_dir)
             if optimizer is not None:
                 write(OPTIMIZER_STATE, json.dumps(plain).encode())
             others = {k: v.state_dict() for k, v in groups["tensors"].items() if k != OPTIMIZER_KEY}
