@@ -8,7 +8,9 @@ default); a job it no longer knows is asked of `sacct`, and one neither knows ha
 requeued job (time limit, preemption) is PENDING or REQUEUED meanwhile, and is waited for.
 
 When every job has ended, the jobs without a result are each named in one line, and the sweep
-exits EXIT_JOBS_LOST: `resume=<sweep dir>` then runs what is left.
+exits EXIT_JOBS_LOST: `resume=<sweep dir>` then runs what is left. A job that submitit did not
+requeue after its signal (max_num_timeout used up) saved and stopped: one line each, exit
+EXIT_PREEMPTED, instead of Hydra's traceback of submitit's exception.
 
 Before anything is written, `check_reachable` refuses the slurm launcher where SLURM cannot be
 reached (no sbatch, no slurm.conf, the controller down): one line, exit 2.
@@ -26,7 +28,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt2exp.errors import EXIT_JOBS_LOST, UserError
+from gpt2exp.errors import EXIT_JOBS_LOST, EXIT_PREEMPTED, UserError
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +157,9 @@ def wait_for_results(
         time.sleep(0.5)
     lost = [(job, name) for job, name in zip(jobs, names, strict=True) if not _has_result(job)]
     if not lost:
-        return [job.results()[0] for job in jobs]
+        returns = [job.results()[0] for job in jobs]
+        _stop_if_not_requeued(jobs, names, returns, sweep_dir)
+        return returns
     for job, name in lost:
         state = last_state.get(job.job_id, GONE)
         how = "no longer known to SLURM" if state == GONE else state
@@ -168,3 +172,31 @@ def wait_for_results(
         flush=True,
     )
     raise SystemExit(EXIT_JOBS_LOST)
+
+
+def _not_requeued(job_return: Any) -> str | None:
+    """Why submitit did not requeue a job after its signal, if that is how the job ended: its handler raised
+    UncompletedJobError("Job not requeued because: ...") in the task, which Hydra kept as the job's failure."""
+    failure = getattr(job_return, "_return_value", None)  # read without `return_value`, which prints and raises
+    if getattr(job_return, "status", None) is None or job_return.status.name != "FAILED":
+        return None
+    text = str(failure)
+    prefix = "Job not requeued because:"
+    return text.removeprefix(prefix).strip().rstrip(".") if text.startswith(prefix) else None
+
+
+def _stop_if_not_requeued(jobs: Sequence[Any], names: Sequence[str], returns: list, sweep_dir: Path) -> None:
+    stopped = [
+        (job, name, why) for job, name, ret in zip(jobs, names, returns, strict=True) if (why := _not_requeued(ret))
+    ]
+    if not stopped:
+        return
+    for job, name, why in stopped:
+        print(f"SLURM job {job.job_id} ({name}) stopped at its signal and was not requeued: {why}", file=sys.stderr)
+    print(
+        f"error: {len(stopped)} of {len(jobs)} SLURM jobs of the sweep were not requeued (raise "
+        f"hydra.launcher.max_num_timeout or timeout_min); continue them with resume={sweep_dir}",
+        file=sys.stderr,
+        flush=True,
+    )
+    raise SystemExit(EXIT_PREEMPTED)

@@ -194,3 +194,37 @@ def test_the_launcher_module_imports_without_hydra_submitit_launcher(monkeypatch
     monkeypatch.undo()
     monkeypatch.delitem(sys.modules, module_name, raising=False)
     assert hasattr(importlib.import_module(module_name), "SlurmLauncher")
+
+
+def test_a_job_submitit_did_not_requeue_is_one_line_each_and_exit_75(tmp_path, no_waiting, capsys):
+    """max_num_timeout used up: submitit's handler raised in the job (after the run saved), which Hydra keeps as
+    the job's failure; without this its traceback would end the sweep."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from submitit.core.utils import UncompletedJobError
+
+    done, stopped = JobReturn(), JobReturn()
+    done.status, done._return_value = JobStatus.COMPLETED, 4.2
+    stopped.status, stopped._return_value = (
+        JobStatus.FAILED,
+        UncompletedJobError("Job not requeued because: timed-out too many times."),
+    )
+    jobs = [FakeJob(tmp_path, "7_0", True), FakeJob(tmp_path, "7_1", True)]
+    jobs[0].results, jobs[1].results = (lambda: [done]), (lambda: [stopped])
+    with pytest.raises(SystemExit) as ended:
+        wait_for_results(jobs, ["sweep job #0", "sweep job #1"], tmp_path / "sweep", States({}))
+    assert ended.value.code == 75
+    assert capsys.readouterr().err.splitlines() == [
+        "SLURM job 7_1 (sweep job #1) stopped at its signal and was not requeued: timed-out too many times",
+        "error: 1 of 2 SLURM jobs of the sweep were not requeued (raise hydra.launcher.max_num_timeout or "
+        f"timeout_min); continue them with resume={tmp_path / 'sweep'}",
+    ]
+
+
+def test_a_job_that_failed_otherwise_is_left_to_hydra(tmp_path, no_waiting):
+    from hydra.core.utils import JobReturn, JobStatus
+
+    failed = JobReturn()
+    failed.status, failed._return_value = JobStatus.FAILED, ValueError("a bug")
+    job = FakeJob(tmp_path, "9", True)
+    job.results = lambda: [failed]
+    assert wait_for_results([job], ["sweep job #0"], tmp_path, States({})) == [failed]  # Hydra shows its traceback
