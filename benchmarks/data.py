@@ -116,8 +116,8 @@ def run_json(code: str, *args: str, pythonpath: Path = REPO, env: dict | None = 
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def generate(folder: Path, parquet_bytes: int, seed: int = 0) -> list[Path]:
-    """Parquet files (snappy, as FineWeb ships) of FILE_BYTES of text each, documents of 2-200 random
+def generate(folder: Path, parquet_bytes: int, file_bytes: int = FILE_BYTES, seed: int = 0) -> list[Path]:
+    """Parquet files (snappy, as FineWeb ships) of `file_bytes` of text each, documents of 2-200 random
     Shakespeare lines, until the files hold `parquet_bytes` on disk; a multiple of 4 files (1x = a quarter)."""
     import numpy as np
     import pyarrow as pa
@@ -133,7 +133,7 @@ def generate(folder: Path, parquet_bytes: int, seed: int = 0) -> list[Path]:
         path = folder / f"part-{len(files):05d}.parquet"
         if not path.exists():
             docs, got = [], 0
-            while got < min(FILE_BYTES, parquet_bytes):
+            while got < min(file_bytes, parquet_bytes):
                 picked = rng.integers(0, len(lines), size=int(rng.integers(2, 200)))
                 doc = "\n".join(lines[i] for i in picked)
                 docs.append(doc)
@@ -165,12 +165,14 @@ def text_mb(files: list[Path]) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gb", type=float, default=1.0, help="size of the 4x corpus's parquet files, GB")
+    parser.add_argument("--file-mb", type=int, default=FILE_BYTES >> 20, help="MB of text per parquet file")
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--work", default="/tmp/gpt2exp-data-bench")
     parser.add_argument("--old", default="/tmp/old", help="a checkout of the code before token shards, or none")
+    parser.add_argument("--parts", default="1,2,3,4", help="which figures to measure, e.g. 1 (throughput only)")
     args = parser.parse_args()
     work = Path(args.work)
-    files = generate(work / "corpus", int(args.gb * 1e9))
+    files = generate(work / "corpus", int(args.gb * 1e9), args.file_mb << 20)
     quarter = files[: len(files) // 4]
     tokenizer = tokenizer_for(work, files[0])
     mb4, mb1 = text_mb(files), text_mb(quarter)
@@ -201,48 +203,47 @@ def main() -> None:
         ]
         return {**run_json(PREPARE, *overrides), "overrides": overrides}
 
-    ours4 = prepare("4x", files)
-    ours1 = prepare("1x", quarter)
-    nano_out = work / "nanogpt"
-    shutil.rmtree(nano_out, ignore_errors=True)
-    nano_out.mkdir()
-    nano = run_json(
-        NANOGPT,
-        ",".join(map(str, files)),
-        str(tokenizer / "tokenizer.json"),
-        str(nano_out),
-        str(n),
-        env={"TOKENIZERS_PARALLELISM": "false"},
-    )
-    shutil.rmtree(nano_out, ignore_errors=True)
-    ours_rate, nano_rate = mb4 / ours4["seconds"] / n, mb4 / nano["seconds"] / n
-    print("\n1. tokenization throughput, MB of text per second per process (whole run: read, tokenize, write)")
-    print(f"   gpt2exp prepare         {ours_rate:6.2f} MB/s/proc  ({ours4['seconds']:.0f} s)")
-    print(f"   nanoGPT prepare.py      {nano_rate:6.2f} MB/s/proc  ({nano['seconds']:.0f} s)")
-    print(f"   ratio                   {ours_rate / nano_rate:6.2f}x  (target >= 1.0)")
+    parts = {int(p) for p in args.parts.split(",")}
+    ours4 = prepare("4x", files) if parts & {1, 2, 3} else None
+    if 1 in parts:
+        nano_out = work / "nanogpt"
+        shutil.rmtree(nano_out, ignore_errors=True)
+        nano_out.mkdir()
+        tokenizer_file = str(tokenizer / "tokenizer.json")
+        env = {"TOKENIZERS_PARALLELISM": "false"}
+        nano = run_json(NANOGPT, ",".join(map(str, files)), tokenizer_file, str(nano_out), str(n), env=env)
+        shutil.rmtree(nano_out, ignore_errors=True)
+        ours_rate, nano_rate = mb4 / ours4["seconds"] / n, mb4 / nano["seconds"] / n
+        print("\n1. tokenization throughput, MB of text per second per process (whole run: read, tokenize, write)")
+        print(f"   gpt2exp prepare         {ours_rate:6.2f} MB/s/proc  ({ours4['seconds']:.0f} s)")
+        print(f"   nanoGPT prepare.py      {nano_rate:6.2f} MB/s/proc  ({nano['seconds']:.0f} s)")
+        print(f"   ratio                   {ours_rate / nano_rate:6.2f}x  (target >= 1.0)")
 
-    total1 = ours1["rss_mb"] + n * ours1["child_rss_mb"]
-    total4 = ours4["rss_mb"] + n * ours4["child_rss_mb"]
-    print("\n2. peak resident memory of prepare (parent + each tokenizer process)")
-    print(
-        f"   1x {mb1:,.0f} MB   parent {ours1['rss_mb']:.0f} MB, "
-        f"process {ours1['child_rss_mb']:.0f} MB, total {total1:.0f} MB"
-    )
-    print(
-        f"   4x {mb4:,.0f} MB   parent {ours4['rss_mb']:.0f} MB, "
-        f"process {ours4['child_rss_mb']:.0f} MB, total {total4:.0f} MB"
-    )
-    print(f"   ratio 4x / 1x           {total4 / total1:6.2f}  (target <= 1.2)")
-
-    print("\n3. sampler over the shards: 16 x 1024 tokens per batch")
-    for name, result in (("1x", ours1), ("4x", ours4)):
-        s = run_json(SAMPLER, *result["overrides"])
+    ours1 = prepare("1x", quarter) if parts & {2, 3} else None
+    if 2 in parts:
+        total1 = ours1["rss_mb"] + n * ours1["child_rss_mb"]
+        total4 = ours4["rss_mb"] + n * ours4["child_rss_mb"]
+        print("\n2. peak resident memory of prepare (parent + each tokenizer process)")
         print(
-            f"   {name} {s['tokens']:>13,} tokens: start-up {s['startup_s']:.2f} s, "
-            f"{s['batches_per_s']:,.0f} batches/s, peak RSS {s['rss_mb']:.0f} MB"
+            f"   1x {mb1:,.0f} MB   parent {ours1['rss_mb']:.0f} MB, "
+            f"process {ours1['child_rss_mb']:.0f} MB, total {total1:.0f} MB"
         )
+        print(
+            f"   4x {mb4:,.0f} MB   parent {ours4['rss_mb']:.0f} MB, "
+            f"process {ours4['child_rss_mb']:.0f} MB, total {total4:.0f} MB"
+        )
+        print(f"   ratio 4x / 1x           {total4 / total1:6.2f}  (target <= 1.2)")
 
-    if args.old != "none":
+    if 3 in parts:
+        print("\n3. sampler over the shards: 16 x 1024 tokens per batch")
+        for name, result in (("1x", ours1), ("4x", ours4)):
+            s = run_json(SAMPLER, *result["overrides"])
+            print(
+                f"   {name} {s['tokens']:>13,} tokens: start-up {s['startup_s']:.2f} s, "
+                f"{s['batches_per_s']:,.0f} batches/s, peak RSS {s['rss_mb']:.0f} MB"
+            )
+
+    if 4 in parts and args.old != "none":
         print(f"\n4. default (Shakespeare) data start-up: this tree vs {args.old}")
         for label, path in (("old", Path(args.old)), ("new", REPO)):
             cache = work / f"startup-{label}"
