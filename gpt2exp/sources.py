@@ -414,54 +414,41 @@ def saved_source(cfg: Any, folder: Path) -> Source:
 
 def hub_source(cfg: Any) -> Source:
     """A hub data set, streamed: rows are tokenized as they arrive, nothing is downloaded whole first.
-    Where the hub cannot be reached, a copy in the local HF cache is read (memory-mapped)."""
-    import datasets
-
-    from gpt2exp.hub import offline_unless_reachable
-
-    offline = offline_unless_reachable()
-    revision = None if offline else _hub_revision(cfg.dataset)
-
-    def load(split: str):
-        try:
-            return datasets.load_dataset(cfg.dataset, cfg.config_name, split=split, streaming=not offline)
-        except FileNotFoundError as exc:
-            where = "the local HF cache (the hub cannot be reached)" if offline else "the hub"
-            raise UserError(f"data set not found: {cfg.dataset} is neither a local path nor in {where}") from exc
-        except Exception as exc:
-            first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise UserError(f"could not load data set {cfg.dataset} split {split}: {first}") from exc
-
-    train = load(cfg.split)
-    val = load(cfg.val_split) if cfg.val_split else None
-    for part, name in ((train, cfg.split), (val, cfg.val_split)):
-        if part is not None and part.column_names is not None:
-            _check_dataset_column(part, cfg.text_column, f"{cfg.dataset} split {name}")
-
-    def reader(part: Any) -> tuple[Reader, int | None]:
-        if not offline:
-            return _streamed_reader(part, cfg), None
-        return _dataset_reader(part, cfg.text_column), len(part)
+    Where the hub cannot be reached, a copy in the local HF cache is read (memory-mapped). Nothing is
+    asked of the hub until tokens are built: a run that reads prepared shards needs no network (the
+    cache is keyed by name, configuration, splits and column, not by the hub's revision)."""
 
     def open_streams() -> list[Stream]:
-        read, count = reader(train)
-        if val is not None:
-            return [Stream("train", read, count), Stream("val", *reader(val))]
+        import datasets
+
+        from gpt2exp.hub import offline_unless_reachable
+
+        offline = offline_unless_reachable()
+
+        def load(split: str):
+            try:
+                return datasets.load_dataset(cfg.dataset, cfg.config_name, split=split, streaming=not offline)
+            except FileNotFoundError as exc:
+                where = "the local HF cache (the hub cannot be reached)" if offline else "the hub"
+                raise UserError(f"data set not found: {cfg.dataset} is neither a local path nor in {where}") from exc
+            except Exception as exc:
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                raise UserError(f"could not load data set {cfg.dataset} split {split}: {first}") from exc
+
+        def reader(part: Any) -> tuple[Reader, int | None]:
+            if part.column_names is not None:
+                _check_dataset_column(part, cfg.text_column, cfg.dataset)
+            if not offline:
+                return _streamed_reader(part, cfg), None
+            return _dataset_reader(part, cfg.text_column), len(part)
+
+        read, count = reader(load(cfg.split))
+        if cfg.val_split:
+            return [Stream("train", read, count), Stream("val", *reader(load(cfg.val_split)))]
         return tail_or_holdout(cfg, read, count)
 
-    ids = [cfg.dataset, cfg.config_name, cfg.split, cfg.val_split, cfg.text_column, revision]
-    if offline:
-        ids += [train._fingerprint, val._fingerprint if val is not None else None]
+    ids = [cfg.dataset, cfg.config_name, cfg.split, cfg.val_split, cfg.text_column]
     return Source(cfg.dataset, hashlib.sha256(json.dumps(ids).encode()).hexdigest(), open_streams, cfg.val_fraction)
-
-
-def _hub_revision(name: str) -> str | None:
-    try:
-        from huggingface_hub import HfApi
-
-        return HfApi().dataset_info(name).sha
-    except Exception:  # unknown here: the streaming load says why, in one line
-        return None
 
 
 def _streamed_reader(part: Any, cfg: Any) -> Reader:
