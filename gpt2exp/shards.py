@@ -366,12 +366,17 @@ class _Progress:
 
 
 def _write_json(path: Path, value: Any) -> None:
+    """Replace `path` atomically; on a failure (a full disk) the old file stays and no temporary is left."""
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(value, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:
@@ -420,12 +425,17 @@ def build(folder: Path, source: Source, tokenizing: Tokenizing, header: dict[str
         run(streams, source.val_fraction, plan, tokenizing, checkpoint)
         for writer in writers.values():
             writer.close()
+        manifest = {**header, "splits": {s: {"tokens": w.tokens, "shards": w.shards} for s, w in writers.items()}}
+        _write_json(folder / "manifest.json", manifest)
+        # hashed as written: the first load need not read them again (shards of a killed build are read once)
+        _write_json(folder / "verified.json", {f: _stamp(folder / f) for w in writers.values() for f in w.written})
     except OSError as exc:
         for writer in writers.values():
             writer.abort()
         if exc.errno != errno.ENOSPC:
             raise
         done = sum(len(w.shards) for w in writers.values())
+        (folder / "manifest.json").unlink(missing_ok=True)
         raise DiskFull(
             f"the disk filled while writing the token cache {folder}: the partial shards were removed and the "
             f"{done} finished ones kept; free some space (or set data.cache_dir) and run again to continue"
@@ -434,13 +444,6 @@ def build(folder: Path, source: Source, tokenizing: Tokenizing, header: dict[str
         for writer in writers.values():
             writer.abort()
         raise
-    manifest = {
-        **header,
-        "splits": {s: {"tokens": w.tokens, "shards": w.shards} for s, w in writers.items()},
-    }
-    _write_json(folder / "manifest.json", manifest)
-    # hashed as written: the first load need not read them again (shards of a killed build are read once)
-    _write_json(folder / "verified.json", {f: _stamp(folder / f) for w in writers.values() for f in w.written})
     progress_file.unlink(missing_ok=True)
     return manifest
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import os
 import shutil
 import threading
 from pathlib import Path
@@ -244,18 +245,23 @@ def test_two_concurrent_preparers_build_once_and_both_read(tmp_path, tokenizer_d
     assert np.array_equal(np.asarray(results["a"].train), np.asarray(results["b"].train))
 
 
-def test_a_vocabulary_above_65536_ids_is_stored_as_uint32(tmp_path, tokenizer_dir):
-    from transformers import AutoTokenizer
+def test_a_vocabulary_above_65536_ids_is_stored_as_uint32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
 
-    big = AutoTokenizer.from_pretrained(tokenizer_dir)
-    big.add_tokens([f"tok{i}" for i in range(65536)])
+    vocab = {"<|endoftext|>": 0, "[UNK]": 1, **{f"w{i}": i + 2 for i in range(70_000)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    big = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", unk_token="[UNK]")
     big.save_pretrained(tmp_path / "big")
-    corpus = write_parquet([*documents(40), "tok65300 and tok7"], tmp_path / "c")
+    docs = [" ".join(f"w{(i * 7919 + j * 104729) % 70_000}" for j in range(50)) for i in range(40)]
+    corpus = write_parquet(docs, tmp_path / "c")
     prepared = data.prepare_data(data_cfg(tmp_path, tmp_path / "big", str(corpus), val_fraction=0.1))
     manifest = json.loads((entry_of(prepared) / "manifest.json").read_text())
     assert manifest["dtype"] == "uint32" and prepared.train.dtype == np.uint32
-    ids = big("tok65300 and tok7", add_special_tokens=False)["input_ids"]
-    assert max(ids) > 65535 and np.array_equal(np.asarray(prepared.train)[-len(ids) - 1 : -1], ids)
+    val = sources.held_out(np.arange(40), 0.1)
+    expected = [t for d, v in zip(docs, val, strict=True) if not v for t in [*big(d)["input_ids"], 0]]
+    assert np.array_equal(np.asarray(prepared.train), expected) and max(expected) > 65_535
 
 
 # -- sources -------------------------------------------------------------------------------------------
@@ -536,3 +542,37 @@ def test_the_openwebtext_preset_is_nanogpts_recipe(compose):
     )
     assert t.batch_size * t.grad_accum_steps * cfg.model.block_size == 491_520
     assert (cfg.optimizer.lr, cfg.scheduler.warmup_steps, t.max_steps) == (6e-4, 2000, 600_000)
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 160 KB tmpfs (a real full disk; needs root), grown with grow(size), unmounted afterwards."""
+    import subprocess
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=160k", "tmpfs", str(mount)]).returncode:
+        pytest.skip("mounting a tmpfs needs root")
+
+    def grow(size: str) -> None:
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(mount)], check=True)
+
+    yield mount, grow
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_a_really_full_disk_keeps_the_finished_shards_and_a_rerun_finishes(
+    tmp_path, built, tokenizer_dir, corpus, small_disk
+):
+    mount, grow = small_disk
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"), cache_dir=str(mount / "cache"))
+    with pytest.raises(shards.DiskFull) as info:
+        data.prepare_data(cfg)
+    folder = mount / "cache" / built.name
+    finished = sorted(p.name for p in folder.glob("*.bin"))
+    assert str(info.value).startswith(f"the disk filled while writing the token cache {folder}: the partial shards")
+    assert f"the {len(finished)} finished ones kept" in str(info.value) and len(finished) >= 5
+    assert not list(folder.glob("*.tmp")) and not (folder / "manifest.json").exists()
+    grow("4m")
+    data.prepare_data(cfg)
+    assert shard_files(folder) == shard_files(built)
