@@ -553,11 +553,13 @@ class CheckpointManager:
         if self.world.main:
             self._clean_leftovers(checkpoints_root(self.run_dir))  # a resumed run's, before anything is loaded
         self._tmp_suffix = str(distributed.broadcast(os.getpid()))  # one temporary dir for all ranks
-        # background saves: a frozen copy of the state is written by one thread, one save at a time
-        background = cfg.async_save and isinstance(self.files, HFCheckpointFiles)
-        if cfg.async_save and not background:
-            log.info("checkpoint.async_save applies to one process: a DDP or FSDP run saves synchronously")
-        self._snapshot = HostSnapshot() if background else None
+        # background saves: a frozen copy of the state is written by one thread, one save at a time. A files
+        # writer that captures its own share (several ranks: ShardedCheckpointFiles) brings the process
+        # group its commit runs its collectives on, beside training's
+        self._captures = hasattr(self.files, "capture")
+        self._group = getattr(self.files, "group", None)
+        background = bool(cfg.async_save)
+        self._snapshot = HostSnapshot() if background and not self._captures else None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="ckpt-save") if background else None
         self._in_flight: PendingSave | None = None
 
@@ -590,11 +592,16 @@ class CheckpointManager:
             return None
         final = self.root / step_dir_name(step)
         self.flush()  # one save in flight at most (its buffers are reused by this one), and it may be this step's
-        if is_checkpoint_dir(final):
+        if distributed.broadcast(is_checkpoint_dir(final)):
             return PendingSave.finished(final)  # already committed (e.g. a signal right after a periodic save)
         self._last_save_time = time.monotonic()
         if self._writer is None:
             return PendingSave.finished(self._commit_and_rotate(step, stateful, metrics, final, None))
+        if self._captures:  # this rank's share, copied now; the writing goes on in the background
+            captured = self.files.capture(stateful, copy=True)
+            future = self._writer.submit(self._commit_and_rotate, step, captured, metrics, final, None)
+            self._in_flight = PendingSave(future)
+            return self._in_flight
         model, groups = split_stateful(stateful)
         weights = model_tensors(model, on_cpu=False)
         frozen, copy = freeze(MODEL_KEY, weights, model.config.to_json_string(), groups, self._snapshot)
@@ -607,8 +614,9 @@ class CheckpointManager:
             self._snapshot.wait_copied()
 
     def poll(self) -> None:
-        """At a step boundary: a background save that failed raises its SaveFailed now."""
-        if self._in_flight is not None and self._in_flight.done:
+        """At a step boundary: a background save that failed raises its SaveFailed now. Several ranks
+        take its end in at the same step: once it is done on every rank."""
+        if self._in_flight is not None and not distributed.any_rank(not self._in_flight.done):
             self.flush()
 
     def flush(self) -> Path | None:
@@ -633,7 +641,7 @@ class CheckpointManager:
                 log.warning("%s (training goes on: checkpoint.on_save_error=warn)", message)
                 return None
             raise SaveFailed(message + "; free space or fix permissions, then resume") from exc
-        how = "in the background " if copy is not None else ""
+        how = "in the background " if self._writer is not None else ""
         log.info("saved checkpoint %s %sin %.2fs", final.name, how, time.monotonic() - start)
         if latest_updated:
             self._rotate()
@@ -655,6 +663,7 @@ class CheckpointManager:
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
+            if self._snapshot is not None:
                 self._snapshot.close()
             self.files.close()
 
@@ -698,14 +707,14 @@ class CheckpointManager:
         try:
             if main:
                 tmp.mkdir()
-            distributed.barrier()
+            distributed.barrier(self._group)
             extra_json = {**self.identity, "metrics": metrics, "saved_at": time.time()}
             failure: BaseException | None = None
             try:
                 files = self.files.write(tmp, step, stateful, extra_json)
             except (OSError, RuntimeError) as exc:
                 failure, files = exc, {}
-            reports = distributed.gather_to_all((files, _failure_report(failure)))
+            reports = distributed.gather_to_all((files, _failure_report(failure)), self._group)
             if failure is not None:
                 raise failure
             failed = next((report for _, report in reports if report is not None), None)
@@ -734,7 +743,7 @@ class CheckpointManager:
                 latest_updated = True
             except OSError as exc:  # the checkpoint is committed; `latest` is only a pointer for people
                 log.warning("checkpoint %s is saved but %s was not updated: %s", final.name, LATEST, exc)
-        return distributed.broadcast(latest_updated)  # every rank returns once rank 0 committed
+        return distributed.broadcast(latest_updated, group=self._group)  # every rank returns once rank 0 committed
 
     def _write_latest(self, name: str) -> None:
         tmp = self.root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"

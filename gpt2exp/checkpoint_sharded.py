@@ -24,6 +24,7 @@ import json
 import pickle
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from gpt2exp.checkpoint import (
     tensor_state_writer,
     write_pretrained_files,
 )
+from gpt2exp.snapshot import Frozen
 
 OPTIMIZER_DIR = "optimizer"
 OPTIMIZER_STATE = "optimizer_state.json"
@@ -58,51 +60,112 @@ def rng_file(rank: int) -> str:
     return f"{RNG_DIR}/rank_{rank:05d}.json"
 
 
+@dataclass
+class Captured:
+    """One rank's share of a checkpoint at one step, off the live objects: training may change them
+    while this is written (a background save), and what is written is the state of that step."""
+
+    weights: dict[str, Any] | None  # the whole weights (rank 0), tied duplicates dropped
+    config: Any  # the model's config (config.json)
+    optimizer_tensors: dict[str, Any] | None  # this rank's shards, keyed by parameter name (for DCP)
+    optimizer_values: dict[str, Any] | None  # the optimizer's other values (hyperparameters)
+    rng: dict[str, Any] | None  # this rank's RNG state
+    json_state: dict[str, Any]  # the other "json" objects' states (rank 0 writes them)
+    other_tensors: dict[str, Any]  # the other "tensors" objects' states (the grad scaler; rank 0)
+
+
 class ShardedCheckpointFiles:
-    """Writes the layout above from every rank; reads it (or the one-process layout) into any world."""
+    """Writes the layout above from every rank; reads it (or the one-process layout) into any world.
+
+    `capture` takes this rank's share of the state (collectives: FSDP gathers the weights for rank 0);
+    `write` writes a capture (or the live state) into the checkpoint dir. Its collectives (DCP's
+    planning) run on `group`, a gloo group of the checkpoint's own, so a background save can write
+    while training runs its collectives on the default group.
+    """
 
     def __init__(self, tokenizer_dir: Path | None, rank: int):
+        from gpt2exp.distributed import new_gloo_group
+
         self.tokenizer_dir = tokenizer_dir
         self.rank = rank
+        self.group = new_gloo_group()
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+        self._buffers: dict[str, Any] = {}  # a background save's copies, reused from save to save
 
-    def write(
-        self, tmp_dir: Path, step: int, stateful: Mapping[str, Any], extra_json: dict[str, Any]
-    ) -> dict[str, dict[str, Any]]:
-        """This rank's files, each fsynced and hashed; returns their manifest entries."""
-        import torch.distributed as dist
-
+    def capture(self, stateful: Mapping[str, Any], copy: bool) -> Captured:
+        """This rank's share of `stateful` now; with `copy`, in buffers of its own (reused between saves)."""
         model, groups = split_stateful(stateful)
         optimizer = groups["tensors"].get(OPTIMIZER_KEY)
+        sharded_weights = any(hasattr(p, "full_tensor") for p in model.parameters())
+        weights = model_tensors(model) if sharded_weights or self.rank == 0 else None  # FSDP: every rank gathers
+        weights = weights if self.rank == 0 else None
+        tensors = values = None
+        if optimizer is not None:
+            flat = _flat_optimizer_state(model, optimizer.obj)
+            tensors = {k: v for k, v in flat.items() if _is_tensor(v)}
+            values = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in tensors}
+        if copy:
+            weights = {k: self._copy(f"model.{k}", v) for k, v in weights.items()} if weights is not None else None
+            tensors = {k: self._copy(f"optimizer.{k}", v) for k, v in tensors.items()} if tensors is not None else None
+        rng = groups["json"].get(RNG_KEY)
+        return Captured(
+            weights=weights,
+            config=model.config,
+            optimizer_tensors=tensors,
+            optimizer_values=json.loads(json.dumps(values)) if values is not None else None,
+            rng=rng.state_dict() if rng is not None else None,
+            json_state={k: json.loads(json.dumps(v.state_dict())) for k, v in groups["json"].items() if k != RNG_KEY},
+            other_tensors=_copied({k: v.state_dict() for k, v in groups["tensors"].items() if k != OPTIMIZER_KEY}),
+        )
+
+    def _copy(self, name: str, tensor: Any) -> Any:
+        """`tensor` copied into this name's buffer on the CPU; a DTensor keeps its mesh and placements."""
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        buffer = self._buffers.get(name)
+        if buffer is None or buffer.shape != local.shape or buffer.dtype != local.dtype:
+            buffer = self._buffers[name] = local.detach().to("cpu", copy=True)
+        else:
+            buffer.copy_(local.detach())
+        if not hasattr(tensor, "to_local"):
+            return buffer
+        from torch.distributed.tensor import DTensor
+
+        return DTensor.from_local(
+            buffer, tensor.device_mesh, tensor.placements, run_check=False, shape=tensor.shape, stride=tensor.stride()
+        )
+
+    def write(
+        self, tmp_dir: Path, step: int, stateful: Mapping[str, Any] | Captured, extra_json: dict[str, Any]
+    ) -> dict[str, dict[str, Any]]:
+        """This rank's files of `stateful` (live, or captured before), each fsynced and hashed; returns
+        their manifest entries."""
+        import torch.distributed as dist
+
+        captured = stateful if isinstance(stateful, Captured) else self.capture(stateful, copy=False)
         files: dict[str, dict[str, Any]] = {}
 
         def write(name: str, data: bytes | Any) -> None:
             (tmp_dir / name).parent.mkdir(parents=True, exist_ok=True)
             files[name] = _write_file(tmp_dir / name, data, self._hasher)
 
-        sharded_weights = any(hasattr(p, "full_tensor") for p in model.parameters())
-        weights = model_tensors(model) if sharded_weights or self.rank == 0 else None  # FSDP: every rank gathers
-        plain: dict[str, Any] = {}
-        if optimizer is not None:
-            plain = save_optimizer(model, optimizer.obj, tmp_dir / OPTIMIZER_DIR)
+        if captured.optimizer_tensors is not None:
+            save_optimizer_tensors(captured.optimizer_tensors, tmp_dir / OPTIMIZER_DIR, self.group)
             written = sorted((tmp_dir / OPTIMIZER_DIR).iterdir())
             mine = [p for p in written if p.name.startswith(f"__{self.rank}_")]
             mine += [p for p in written if p.name == ".metadata" and self.rank == 0]
             for path in mine:
                 files[f"{OPTIMIZER_DIR}/{path.name}"] = _hash_written(path)
-        rng = groups["json"].get(RNG_KEY)
-        if rng is not None:
-            write(rng_file(self.rank), json.dumps(rng.state_dict()).encode())
+        if captured.rng is not None:
+            write(rng_file(self.rank), json.dumps(captured.rng).encode())
         if self.rank == 0:
-            json_objects = {k: v for k, v in groups["json"].items() if k != RNG_KEY}
+            json_objects = {k: Frozen("json", v) for k, v in captured.json_state.items()}
             world = {"world_size": dist.get_world_size()}
             state = build_trainer_state(json_objects, step, {**extra_json, **world})
-            write_pretrained_files(write, weights, model.config, self.tokenizer_dir)
-            if optimizer is not None:
-                write(OPTIMIZER_STATE, json.dumps(plain).encode())
-            others = {k: v.state_dict() for k, v in groups["tensors"].items() if k != OPTIMIZER_KEY}
-            if others:
-                write(OTHER_TENSORS, tensor_state_writer(others))
+            write_pretrained_files(write, captured.weights, captured.config, self.tokenizer_dir)
+            if captured.optimizer_values is not None:
+                write(OPTIMIZER_STATE, json.dumps(captured.optimizer_values).encode())
+            if captured.other_tensors:
+                write(OTHER_TENSORS, tensor_state_writer(captured.other_tensors))
             write(STATE_FILE, json.dumps(state).encode())
         return files
 
@@ -111,6 +174,19 @@ class ShardedCheckpointFiles:
 
     def close(self) -> None:
         self._hasher.shutdown(wait=True)
+
+
+def _is_tensor(value: Any) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _copied(state: Any) -> Any:
+    """A deep copy of small tensor state (the grad scaler's), so a later step cannot change it."""
+    import copy
+
+    return copy.deepcopy(state)
 
 
 def _hash_written(path: Path) -> dict[str, Any]:
@@ -134,19 +210,15 @@ def _flat_optimizer_state(model, optimizer) -> dict[str, Any]:
     return get_optimizer_state_dict(model, optimizer, options=options)
 
 
-def save_optimizer(model, optimizer, directory: Path) -> dict[str, Any]:
-    """The optimizer's tensors as DCP shards (every rank writes its own); returns its other values."""
-    import torch
+def save_optimizer_tensors(tensors: dict[str, Any], directory: Path, group: Any) -> None:
+    """The optimizer's tensors as DCP shards, every rank writing its own (DCP plans over `group`)."""
     import torch.distributed.checkpoint as dcp
 
-    flat = _flat_optimizer_state(model, optimizer)
-    tensors = {k: v for k, v in flat.items() if isinstance(v, torch.Tensor)}
-    plain = {k: (list(v) if isinstance(v, tuple) else v) for k, v in flat.items() if k not in tensors}
     try:
-        dcp.save(tensors, storage_writer=dcp.FileSystemWriter(str(directory), sync_files=True))
+        writer = dcp.FileSystemWriter(str(directory), sync_files=True)
+        dcp.save(tensors, storage_writer=writer, process_group=group)
     except dcp.api.CheckpointException as exc:  # a BaseException: turn it into what a save failure is
         raise _first_failure(exc) from None
-    return plain
 
 
 def _first_failure(exc: BaseException) -> Exception:

@@ -186,31 +186,41 @@ def _keep_own_exit_code() -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
-def broadcast(obj: T, src: int = 0) -> T:
+def broadcast(obj: T, src: int = 0, group: Any = None) -> T:
     if not active():
         return obj
     import torch.distributed as dist
 
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=group)
     return box[0]
 
 
-def gather_to_all(obj: T) -> list[T]:
+def gather_to_all(obj: T, group: Any = None) -> list[T]:
     if not active():
         return [obj]
     import torch.distributed as dist
 
     out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
-def barrier() -> None:
+def barrier(group: Any = None) -> None:
     if active():
         import torch.distributed as dist
 
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def new_gloo_group() -> Any:
+    """A gloo group of every rank beside the default one (None without a process group): collectives of
+    a background thread on the default group would interleave with training's and break gloo."""
+    if not active():
+        return None
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo")
 
 
 def any_rank(flag: bool) -> bool:

@@ -90,7 +90,8 @@ def pair(request, tmp_path_factory):
     """(straight run dir, cut run dir before its resume, resumed run dir) for one strategy."""
     strategy = request.param
     cwd = tmp_path_factory.mktemp(strategy)
-    wandb = ("logger=wandb", "logger.mode=offline")
+    # DDP saves in the background (checkpoint.async_save's default), FSDP synchronously
+    wandb = ("logger=wandb", "logger.mode=offline", f"checkpoint.async_save={strategy == 'ddp'}")
     ok(torchrun(cwd, 2, *RUN, *wandb, f"distributed={strategy}", "trainer.max_steps=6"))  # default run dir
     (straight,) = (cwd / "outputs").glob("*/*")
     cut = f"hydra.run.dir={cwd / 'cut'}"
@@ -114,7 +115,7 @@ def test_resumed_on_the_same_world_equals_the_straight_run_bit_for_bit(pair):
 
 
 def test_one_run_dir_one_record_and_only_rank_0_writes_outside_checkpoints(pair):
-    _, straight, _, _ = pair
+    strategy, straight, _, _ = pair
     assert sorted(p.name for p in straight.iterdir()) == [
         ".hydra",
         ".lock",
@@ -130,6 +131,9 @@ def test_one_run_dir_one_record_and_only_rank_0_writes_outside_checkpoints(pair)
     assert [r["step"] for r in rows(straight)] == [0, 1, 2, 3, 4, 5, 6]
     log = (straight / "train.log").read_text()
     assert log.count("finished at step 6") == 1 and log.count("model: ") == 1  # rank 0's lines, once
+    saves = re.findall(r"saved checkpoint (step_\d+) (in the background )?in", log)
+    background = "in the background " if strategy == "ddp" else ""
+    assert saves == [(f"step_{s:08d}", background) for s in (2, 4, 6)]
 
 
 def test_a_sharded_checkpoint_holds_every_rank_s_files_and_loads_with_from_pretrained(pair):
