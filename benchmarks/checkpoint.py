@@ -46,12 +46,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench_options import DROP_CACHES, settle_sections_and_cache
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built from scratch or from the local cache
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 GPT2_VOCAB = 50257
 SAVE_TARGET, LOAD_TARGET, TRAIN_TARGET, BLOCKED_TARGET = 1.1, 2.0, 0.99, 0.10
 SECTIONS = ("save", "load", "blocked", "train")
@@ -84,15 +85,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
-    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(args.sections) - set(SECTIONS))
-    if unknown or not args.sections:
-        parser.error(f"--sections takes names among {', '.join(SECTIONS)}, not {args.sections}")
-    can_drop = os.access(DROP_CACHES, os.W_OK)
-    if args.cache == "cold" and not can_drop:
-        parser.error(f"--cache cold needs write access to {DROP_CACHES} (root); use --cache warm")
-    if args.cache == "auto":
-        args.cache = "cold" if can_drop else "warm"
+    settle_sections_and_cache(parser, args, SECTIONS)
     return args
 
 

@@ -65,10 +65,11 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench_options import DROP_CACHES, settle_sections_and_cache
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is built from scratch or from the local cache
 
 SCRIPT = Path(__file__).resolve()
-DROP_CACHES = Path("/proc/sys/vm/drop_caches")
 SECTIONS = ("cpu", "gpu")  # cpu: save, load and step time; gpu: tokens/s and MFU
 # CPU ways of running: strategy, processes, and whether each process gets half of --threads
 WAYS = {
@@ -122,15 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 0")
     if args.batch_size % 2:
         parser.error(f"--batch-size {args.batch_size} cannot be split over 2 processes; give an even number")
-    args.sections = [s.strip() for s in args.sections.split(",") if s.strip()]
-    unknown = sorted(set(args.sections) - set(SECTIONS))
-    if unknown or not args.sections:
-        parser.error(f"--sections takes names among {', '.join(SECTIONS)}, not {args.sections}")
-    can_drop = os.access(DROP_CACHES, os.W_OK)
-    if args.cache == "cold" and not can_drop:
-        parser.error(f"--cache cold needs write access to {DROP_CACHES} (root); use --cache warm")
-    if args.cache == "auto":
-        args.cache = "cold" if can_drop else "warm"
+    settle_sections_and_cache(parser, args, SECTIONS)
     return args
 
 
