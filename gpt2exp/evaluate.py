@@ -278,7 +278,12 @@ def describe_data(data: dict[str, Any]) -> str:
         where = f"{data['dataset']} ({data['val_split'] or data['split']})"
     else:
         where = data["source"]
-    split = f"split {data['val_split']}" if data.get("val_split") else f"last {data['val_fraction']:g} of the text"
+    if data.get("val_split"):
+        split = f"split {data['val_split']}"
+    elif data.get("holdout", "tail") == "documents":  # a record from before data.holdout cut the tail
+        split = f"{data['val_fraction']:g} of the documents held out"
+    else:
+        split = f"last {data['val_fraction']:g} of the text"
     return f"{where}, {split}"
 
 

@@ -233,3 +233,14 @@ def test_cli_evaluates_a_trained_run_and_writes_nothing(tmp_path):
         "error: data.files applies only to data=text_files, not to data=shakespeare; did you mean data=text_files?\n"
     )
     assert files_of(run_dir) == before
+
+
+def test_the_data_line_names_how_validation_was_held_out():
+    from gpt2exp.evaluate import describe_data
+
+    files = {"source": "text_files", "files": ["a.txt", "b/*.txt"], "val_fraction": 0.05}
+    assert describe_data({**files, "holdout": "documents"}) == "a.txt, b/*.txt, 0.05 of the documents held out"
+    assert describe_data({**files, "holdout": "tail"}) == "a.txt, b/*.txt, last 0.05 of the text"
+    assert describe_data(files) == "a.txt, b/*.txt, last 0.05 of the text"  # a 0.1 record: no holdout key
+    hub = {"source": "hf_dataset", "dataset": "wikitext", "split": "train", "val_split": "validation"}
+    assert describe_data({**hub, "val_fraction": 0.05}) == "wikitext (validation), split validation"
