@@ -50,6 +50,7 @@ RESUMABLE_KEYS = (
     "trainer.progress",
     "trainer.num_threads",
     "data.cache_dir",
+    "data.num_proc",  # how many processes tokenize: the shards are the same bytes for any number
     "checkpoint",
     "logger",
     "distributed",  # the same run continues on another number of processes or strategy (resharded)
