@@ -24,6 +24,7 @@ import json
 import pickle
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from gpt2exp.checkpoint import (
     tensor_state_writer,
     write_pretrained_files,
 )
+from gpt2exp.distributed import active
 from gpt2exp.snapshot import Frozen
 
 OPTIMIZER_DIR = "optimizer"
@@ -115,7 +117,8 @@ class ShardedCheckpointFiles:
             optimizer_values=json.loads(json.dumps(values)) if values is not None else None,
             rng=rng.state_dict() if rng is not None else None,
             json_state={k: json.loads(json.dumps(v.state_dict())) for k, v in groups["json"].items() if k != RNG_KEY},
-            other_tensors=_copied({k: v.state_dict() for k, v in groups["tensors"].items() if k != OPTIMIZER_KEY}),
+            # the grad scaler's few values, copied so that a later step cannot change them
+            other_tensors=deepcopy({k: v.state_dict() for k, v in groups["tensors"].items() if k != OPTIMIZER_KEY}),
         )
 
     def _copy(self, name: str, tensor: Any) -> Any:
@@ -180,13 +183,6 @@ def _is_tensor(value: Any) -> bool:
     import torch
 
     return isinstance(value, torch.Tensor)
-
-
-def _copied(state: Any) -> Any:
-    """A deep copy of small tensor state (the grad scaler's), so a later step cannot change it."""
-    import copy
-
-    return copy.deepcopy(state)
 
 
 def _hash_written(path: Path) -> dict[str, Any]:
@@ -338,19 +334,13 @@ def restore_weights(path: Path, model, weights: dict[str, Any]) -> None:
 def load_one_process_optimizer(model, optimizer, saved: dict[str, Any]) -> None:
     """optimizer.pt of a one-process run: as it is into a plain model, by parameter name into a
     distributed one (resharded)."""
-    if not any(hasattr(p, "full_tensor") for p in model.parameters()) and not _process_group_active():
+    if not any(hasattr(p, "full_tensor") for p in model.parameters()) and not active():
         optimizer.load_state_dict(saved)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
     by_name = optimizer_state_by_name(model, optimizer, saved)
     set_optimizer_state_dict(model, optimizer, by_name, options=StateDictOptions(full_state_dict=True))
-
-
-def _process_group_active() -> bool:
-    from gpt2exp.distributed import active
-
-    return active()
 
 
 # -- DCP's .metadata without arbitrary unpickling ---------------------------------------------------------

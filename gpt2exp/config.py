@@ -207,7 +207,6 @@ class TrainerConfig:
 class DistributedConfig:
     strategy: Strategy = MISSING
     backend: Backend = MISSING
-    timeout_s: int = MISSING
 
 
 @dataclass
@@ -280,7 +279,6 @@ ADDED_KEYS: dict[str, Any] = {
     "trainer.early_stop_min_delta": 0.0,
     "distributed.strategy": "auto",  # one process
     "distributed.backend": "auto",
-    "distributed.timeout_s": 1800,
     "trial.number": None,  # not a trial of an Optuna study
     "trial.study": None,
     "trial.storage": None,
@@ -411,7 +409,6 @@ RANGES: dict[str, Range] = {
     **{f"trainer.{k}": AT_LEAST_0 for k in ("max_steps", "eval_every", "sample_every", "num_samples", "grad_clip")},
     **{f"trainer.{k}": AT_LEAST_1 for k in ("batch_size", "grad_accum_steps", "log_every", "eval_batches")},
     "trainer.sample_tokens": AT_LEAST_1,
-    "distributed.timeout_s": AT_LEAST_1,
     **{f"trainer.{k}": AT_LEAST_0 for k in ("early_stop_patience", "early_stop_min_delta")},
     "trainer.num_threads": Range(low=1, special=((None, "torch's default"),)),
     **{f"model.{k}": AT_LEAST_1 for k in ("n_layer", "n_head", "n_embd", "block_size")},

@@ -113,7 +113,7 @@ def _slurm_rendezvous(world: World) -> None:
     env.update(RANK=str(world.rank), WORLD_SIZE=str(world.size), LOCAL_RANK=str(world.local_rank))
 
 
-def init_process_group(world: World, timeout_s: float = 1800) -> None:
+def init_process_group(world: World) -> None:
     """The default process group of a launched world (idempotent): gloo on a CPU; on CUDA nccl for
     tensors on the GPU and gloo for the small CPU messages ranks decide with."""
     if not world.launched:
@@ -128,7 +128,7 @@ def init_process_group(world: World, timeout_s: float = 1800) -> None:
     backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(world.local_rank % torch.cuda.device_count())
-    timeout = timedelta(seconds=timeout_s)
+    timeout = timedelta(minutes=30)  # how long a collective waits for a slow rank (a save, an evaluation)
     env = os.environ
     if env.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
         # torchrun's agent keeps one store across the restarts of a group, and a restarted rank could read
