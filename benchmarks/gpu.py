@@ -3,17 +3,21 @@ and how long the loop stands still per checkpoint save, synchronous against back
 
     python benchmarks/gpu.py                                   # on a CUDA GPU (bf16)
     python benchmarks/gpu.py --steps 50 --batch-size 16
+    python benchmarks/gpu.py --saves 0 --variant model.vocab_multiple=1 --variant trainer.deterministic=true
     python benchmarks/gpu.py --device cpu --model gpt2_tiny --steps 5 --warmup 1   # a smoke run of the code
 
 The three methods train the same model shape on the same batches (gpt2exp's sampler over the
-Shakespeare tokens, the preset's 50257-token BPE), one after another, each after --warmup untimed
-steps (compilation happens there):
+Shakespeare tokens; the preset asks its BPE for 50257 tokens, the plays give 45659), one after
+another, each after --warmup untimed steps (compilation happens there):
 1. gpt2exp: `Trainer(cfg, run_dir)` of `+experiment=gpt2_124m` (bf16 autocast, fused AdamW,
-   torch.compile, SDPA attention, TF32, pinned batches), `Trainer.step()` per step;
-2. bare HF loop: `GPT2LMHeadModel` in fp32, `model(input_ids, labels=...)`, `torch.optim.AdamW`
-   with its defaults, no autocast, no compile, no TF32;
-3. nanoGPT-style: the same HF model with nanoGPT's settings: TF32, bf16 autocast, fused AdamW,
-   torch.compile.
+   torch.compile of the model with its loss, SDPA attention, TF32, pinned batches, the vocabulary
+   padded to a multiple of 64), `Trainer.step()` per step;
+2. bare HF loop: `GPT2LMHeadModel` (the tokenizer's vocabulary, unpadded) in fp32,
+   `model(input_ids, labels=...)`, `torch.optim.AdamW` with its defaults, no autocast, no compile, no TF32;
+3. nanoGPT-style: the HF model with nanoGPT's settings: the vocabulary padded to a multiple of 64,
+   TF32, bf16 autocast, fused AdamW, torch.compile.
+Each `--variant OVERRIDES` adds a gpt2exp row with those overrides on top (e.g. `--variant
+model.vocab_multiple=1` for the unpadded vocabulary, `--variant trainer.deterministic=true`).
 MFU = tokens/s x (6N + 12LHQT) / the GPU's dense bf16 peak (gpt2exp/mfu.py). Then, with gpt2exp's
 state: the seconds the loop is blocked per save with checkpoint.async_save=false (the whole save)
 and =true (the state frozen and its copy started, then `wait_snapshot()` before the next optimizer
@@ -46,14 +50,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
     parser.add_argument("--model", default="gpt2_124m", help="a model preset of conf/model/")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    parser.add_argument("--saves", type=int, default=3, help="rounds of the blocked-per-save measurement")
+    parser.add_argument("--saves", type=int, default=3, help="rounds of the blocked-per-save measurement (0: none)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="OVERRIDES",
+        help="another gpt2exp row: space-separated overrides on top of the preset (repeatable)",
+    )
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here; run it on a GPU machine, or use --device cpu for a smoke run")
     return args
 
 
-def compose_cfg(args, run_steps: int):
+def compose_cfg(args, run_steps: int, extra: list[str] = ()):
     from gpt2exp.config import CONF_DIR, register_schemas
     from gpt2exp.launch import compose
     from gpt2exp.resume import fix_values_of_record
@@ -68,6 +79,7 @@ def compose_cfg(args, run_steps: int):
         f"trainer.max_steps={run_steps}",
         "trainer.progress=false",
         "logger=none",
+        *extra,
     ]
     return fix_values_of_record(compose(CONF_DIR, overrides), torch.get_num_threads())
 
@@ -91,7 +103,22 @@ def run_gpt2exp(cfg, args, sync) -> tuple[float, object]:
     return timed(trainer.step, args.warmup, args.steps, sync), trainer
 
 
+def run_variant(args, overrides: str, sync) -> float:
+    """Seconds of `args.steps` gpt2exp steps with `overrides` on top of the preset; the trainer is let go."""
+    import torch
+
+    cfg = compose_cfg(args, run_steps=10 * (args.warmup + args.steps), extra=overrides.split())
+    seconds, trainer = run_gpt2exp(cfg, args, sync)
+    trainer.checkpoints.close()
+    del trainer
+    torch.use_deterministic_algorithms(False)  # a deterministic variant leaves the process as it found it
+    if args.device == "cuda":
+        torch.cuda.empty_cache()
+    return seconds
+
+
 def run_hf(cfg, args, batches, sync, nanogpt: bool) -> float:
+    from omegaconf import OmegaConf
     from transformers import GPT2LMHeadModel
 
     from gpt2exp.model import scratch_config
@@ -100,7 +127,8 @@ def run_hf(cfg, args, batches, sync, nanogpt: bool) -> float:
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = nanogpt
     torch.manual_seed(cfg.seed)
-    model = GPT2LMHeadModel(scratch_config(cfg.model, batches.vocab_size, batches.eos_id)).to(device)
+    shape = OmegaConf.merge(cfg.model, {"vocab_multiple": 64 if nanogpt else 1})
+    model = GPT2LMHeadModel(scratch_config(shape, batches.vocab_size, batches.eos_id)).to(device)
     opt = cfg.optimizer
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay, fused=nanogpt or None
@@ -191,29 +219,36 @@ def main(argv: list[str] | None = None) -> int:
     seconds, trainer = run_gpt2exp(cfg, args, sync)
     per_token, peak = trainer.flops_per_token, peak_flops(trainer.device)
     tokens = args.steps * trainer.tokens_per_step
-    batches = Batches(trainer, args.warmup + args.steps)
-    results = {"gpt2exp Trainer.step": seconds}
-    results["bare HF loop"] = run_hf(trainer.cfg, args, batches, sync, nanogpt=False)
-    results["nanoGPT-style HF loop"] = run_hf(trainer.cfg, args, batches, sync, nanogpt=True)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     print(f"{args.model}, batch {args.batch_size} x {cfg.model.block_size}, {args.steps} timed steps on {name}")
-    print(f"{'method':<24} {'tokens/s':>12} {'MFU':>7}")
-    rates = {method: tokens / s for method, s in results.items()}
-    for method, rate in rates.items():
+    width = max(24, *(len(f"gpt2exp {overrides}") for overrides in args.variant))
+    print(f"{'method':<{width}} {'tokens/s':>12} {'MFU':>7}")
+    rates: dict[str, float] = {}
+
+    def row(method: str, seconds: float) -> None:  # each row as soon as it is measured
+        rates[method] = rate = tokens / seconds
         util = mfu(rate, per_token, peak)
-        print(f"{method:<24} {rate:>12,.0f} {'-' if util is None else f'{100 * util:.1f}%':>7}")
+        print(f"{method:<{width}} {rate:>12,.0f} {'-' if util is None else f'{100 * util:.1f}%':>7}", flush=True)
+
+    row("gpt2exp Trainer.step", seconds)
+    batches = Batches(trainer, args.warmup + args.steps)
+    row("bare HF loop", run_hf(trainer.cfg, args, batches, sync, nanogpt=False))
+    row("nanoGPT-style HF loop", run_hf(trainer.cfg, args, batches, sync, nanogpt=True))
     ours = rates["gpt2exp Trainer.step"]
     print(f"gpt2exp / bare HF loop = {ours / rates['bare HF loop']:.2f}x (target >= {BARE_TARGET})")
     print(f"gpt2exp / nanoGPT-style = {ours / rates['nanoGPT-style HF loop']:.2f}x (reference)")
     util = mfu(ours, per_token, peak)
     if util is not None:
-        print(f"gpt2exp MFU = {100 * util:.1f}% (target >= {100 * MFU_TARGET:.0f}% on an H100)")
-    blocked = blocked_per_save(trainer, args.saves, sync)
-    for mode, values in blocked.items():
-        print(f"loop blocked per save, async_save={mode == 'async'}: median {statistics.median(values):.3f} s; "
-              + " ".join(f"{v:.3f}" for v in values))  # fmt: skip
-    ratio = statistics.median(blocked["async"]) / statistics.median(blocked["sync"])
-    print(f"blocked async / sync = {ratio:.3f} (target <= {BLOCKED_TARGET} on a GPU)")
+        print(f"gpt2exp MFU = {100 * util:.1f}% (target >= {100 * MFU_TARGET:.0f}% on an H100)", flush=True)
+    for overrides in args.variant:
+        row(f"gpt2exp {overrides}", run_variant(args, overrides, sync))
+    if args.saves:
+        blocked = blocked_per_save(trainer, args.saves, sync)
+        for mode, values in blocked.items():
+            print(f"loop blocked per save, async_save={mode == 'async'}: median {statistics.median(values):.3f} s; "
+                  + " ".join(f"{v:.3f}" for v in values))  # fmt: skip
+        ratio = statistics.median(blocked["async"]) / statistics.median(blocked["sync"])
+        print(f"blocked async / sync = {ratio:.3f} (target <= {BLOCKED_TARGET} on a GPU)")
     trainer.checkpoints.close()
     return 0
 

@@ -107,6 +107,7 @@ class ModelConfig:
     block_size: int = MISSING
     dropout: float = MISSING
     init: str = MISSING
+    vocab_multiple: int = MISSING
 
 
 @dataclass
@@ -201,6 +202,7 @@ class TrainerConfig:
     progress: bool = MISSING
     early_stop_patience: int = MISSING
     early_stop_min_delta: float = MISSING
+    deterministic: bool = MISSING
 
 
 @dataclass
@@ -268,7 +270,14 @@ def register_schemas() -> None:
 
 # Keys the Trainer rewrites in the config of record to what actually ran (trainer.config_as_run): a
 # requeued command that asks for what its first launch asked is no change.
-RECORDED_AS_RUN = ("trainer.precision", "trainer.compile", "model.n_layer", "model.n_head", "model.n_embd")
+RECORDED_AS_RUN = (
+    "trainer.precision",
+    "trainer.compile",
+    "model.n_layer",
+    "model.n_head",
+    "model.n_embd",
+    "model.vocab_multiple",
+)
 
 # Keys added after a config of record could have been written, with the value that reproduces what
 # such a run did (its config.yaml lacks them).
@@ -285,6 +294,8 @@ ADDED_KEYS: dict[str, Any] = {
     "data.holdout": "tail",  # 0.1 held out the last val_fraction of the characters
     "data.num_proc": None,  # changes no token
     "data.shard_tokens": 100_000_000,  # the windows of a token stream do not depend on its shards
+    "model.vocab_multiple": 1,  # the embedding had exactly the tokenizer's rows
+    "trainer.deterministic": False,
 }
 
 
@@ -424,6 +435,7 @@ RANGES: dict[str, Range] = {
     "data.val_fraction": Range(low=0, high=1, low_open=True, high_open=True, when=_no_val_split),
     "data.num_proc": Range(low=1, special=((None, "the available cores"),)),
     "data.shard_tokens": Range(low=1),
+    "model.vocab_multiple": AT_LEAST_1,
     "data.tokenizer.vocab_size": Range(low=257, why="the 256 bytes and the end-of-text token", when=_bpe),
     "checkpoint.every_steps": AT_LEAST_0,
     "checkpoint.every_minutes": AT_LEAST_0,

@@ -54,7 +54,10 @@ def sample_texts(
     model.eval()
     try:
         with torch.no_grad():
-            outputs = [sample_ids(model, ids, max_new_tokens, temperature, top_k, generator) for _ in range(count)]
+            outputs = [
+                sample_ids(model, ids, max_new_tokens, temperature, top_k, generator, vocab_size=len(tokenizer))
+                for _ in range(count)
+            ]
     finally:
         model.train(was_training)
     return [tokenizer.decode(out[1:], skip_special_tokens=False) for out in outputs]
@@ -67,8 +70,12 @@ def sample_ids(
     temperature: float = 0.8,
     top_k: int | None = 50,
     generator: Any = None,
+    vocab_size: int | None = None,
 ) -> list[int]:
     """`ids` followed by `max_new_tokens` sampled tokens, using the model's KV cache.
+
+    Only ids below `vocab_size` (the tokenizer's; None: every logit) are drawn: a model whose
+    embedding is padded (model.vocab_multiple) has rows no token owns.
 
     The context (prompt included) is fed once; after that each step feeds only the newest token,
     so N new tokens cost N one-token forwards rather than N full windows. Call under no_grad.
@@ -95,7 +102,7 @@ def sample_ids(
         # the cache goes in positionally: transformers 4.x calls it `past_key_values`, 5.x `cache`
         out = model(pending, cache, use_cache=True)
         cache, cached = _cache_of(out), cached + pending.size(1)
-        tokens[:, length] = next_token(out.logits[:, -1, :].float(), temperature, top_k, generator)
+        tokens[:, length] = next_token(out.logits[:, -1, :vocab_size].float(), temperature, top_k, generator)
         length += 1
         pending = tokens[:, length - 1 : length]
     return tokens[0].tolist()

@@ -21,11 +21,17 @@ def quiet_transformers() -> None:
     transformers.logging.disable_progress_bar()
 
 
+def padded_vocab(vocab_size: int, multiple: int) -> int:
+    """`vocab_size` rounded up to a multiple of `multiple`: matmul shapes the tensor cores run at full
+    speed (nanoGPT pads GPT-2's 50257 to 50304). No token id reaches the extra rows."""
+    return -(-vocab_size // multiple) * multiple
+
+
 def scratch_config(cfg: Any, vocab_size: int, eos_id: int):
     from transformers import GPT2Config
 
     return GPT2Config(
-        vocab_size=vocab_size,
+        vocab_size=padded_vocab(vocab_size, cfg.vocab_multiple),
         n_positions=cfg.block_size,
         n_embd=cfg.n_embd,
         n_layer=cfg.n_layer,

@@ -14,8 +14,10 @@ evaluations in a row).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
+import os
 import shutil
 import time
 from pathlib import Path
@@ -59,6 +61,23 @@ def next_token_loss(model, inputs, targets):
     return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
 
+def loss_function(model, strategy: str, compile_it: bool):
+    """`loss_of(inputs, targets)`: `next_token_loss` of `model`, compiled when asked.
+
+    One process compiles the loss together with the model, so inductor fuses the fp32 cross-entropy
+    over the logits (the largest tensors of a step) into few kernels. A DDP or FSDP wrapper is
+    compiled alone, as torch.distributed documents it: dynamo does not trace DDP's forward from inside
+    a compiled function (it skips `_inside_ddp_forward` and breaks the graph there).
+    """
+    import torch
+
+    if not compile_it:
+        return functools.partial(next_token_loss, model)
+    if strategy == "single":
+        return functools.partial(torch.compile(next_token_loss), model)
+    return functools.partial(next_token_loss, torch.compile(model))
+
+
 def pick_device(name: str, local_rank: int = 0):
     """The device `name` asks for; a CUDA one is this process's GPU on its node (torchrun's LOCAL_RANK)."""
     import torch
@@ -86,6 +105,18 @@ def use_tf32(device) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
 
 
+def use_deterministic(on: bool) -> None:
+    """trainer.deterministic: only kernels that give the same bits every time (an op without one
+    raises), so on CUDA two runs and a resumed run are bit-identical. Without it, the atomic adds of
+    some backward kernels (flash attention's among them) sum in a different order each run. Set before the
+    first cuBLAS call (its workspace setting) and before torch.compile (inductor reads it)."""
+    import torch
+
+    if on:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(on)
+
+
 def autocast_context(device, precision: str):
     import torch
 
@@ -100,7 +131,7 @@ def config_as_run(cfg: DictConfig, device_type: str, model_config: Any) -> DictC
 
     fp16 autocast runs on accelerators only and torch.compile on CUDA only: elsewhere the run trains
     in fp32 / uncompiled and the config of record says so. A pretrained model (model.init) has its own
-    shape, which replaces the preset's. A warm-up longer than the run is said too (the LR never peaks),
+    shape and vocabulary, which replace the preset's. A warm-up longer than the run is said too (the LR never peaks),
     and so is early stopping without periodic evaluations (it cannot trigger).
     On resume the record already holds these values, so nothing changes. The keys it may change are
     config.RECORDED_AS_RUN (a requeued original command is checked against them).
@@ -125,6 +156,9 @@ def config_as_run(cfg: DictConfig, device_type: str, model_config: Any) -> DictC
             )
             for key, value in changed.items():
                 m[key] = value
+        if m.vocab_multiple != 1:  # the pretrained embedding is used as it is
+            log.info("model.init=%s keeps its own vocabulary: config.yaml records model.vocab_multiple=1", m.init)
+            m.vocab_multiple = 1
     warmup = cfg.scheduler.warmup_steps
     if t.max_steps and warmup > t.max_steps:
         log.warning(
@@ -188,6 +222,7 @@ class Trainer:
         self.strategy = strategy_of(cfg.distributed, self.world)  # single, ddp or fsdp
         self.device = pick_device(cfg.device, self.world.local_rank)
         use_tf32(self.device)
+        use_deterministic(t.deterministic)
         self.data = prepare_data(cfg.data)
         self.model = build_model(cfg.model, self.data.vocab_size, self.data.tokenizer.eos_token_id).to(self.device)
         log.info("model: %.2fM parameters, vocab %d", count_parameters(self.model) / 1e6, self.data.vocab_size)
@@ -225,7 +260,7 @@ class Trainer:
             files = ShardedCheckpointFiles(self.data.tokenizer_dir, self.world.rank)
             self.checkpoints = CheckpointManager(cfg.checkpoint, self.run_dir, None, identity, files, self.world)
         self.tracker = Tracker(cfg.logger, self.run_dir) if self.world.main else SilentTracker()
-        self.forward = torch.compile(self.wrapped) if t.compile else self.wrapped
+        self.loss_of = loss_function(self.wrapped, self.strategy, t.compile)
         self.autocast = autocast_context(self.device, t.precision)
         self.tokens_per_step = t.batch_size * t.grad_accum_steps * cfg.model.block_size
         self.flops_per_token = flops_per_token(self.model, cfg.model.block_size)
@@ -385,7 +420,7 @@ class Trainer:
                 x, y = self.to_device(x), self.to_device(y)
                 with gradient_sync(self.wrapped, self.model, self.strategy, i == len(micro_batches) - 1):
                     with self.autocast:
-                        loss = next_token_loss(self.forward, x, y)
+                        loss = self.loss_of(x, y)
                         loss = loss / weight if isinstance(weight, int) else loss * weight
                     self.scaler.scale(loss).backward()
                 total += loss.detach()

@@ -42,11 +42,15 @@ def test_each_model_composes_and_builds(compose, name):
     from transformers import GPT2LMHeadModel
 
     cfg = compose([f"model={name}"])
+    exact = compose([f"model={name}", "model.vocab_multiple=1"])
     with torch.device("meta"):  # full size without allocating memory
         model = GPT2LMHeadModel(scratch_config(cfg.model, 50257, 0))
+        unpadded = GPT2LMHeadModel(scratch_config(exact.model, 50257, 0))
     n_params = sum(p.numel() for p in model.parameters())
+    assert (model.config.vocab_size, unpadded.config.vocab_size) == (50304, 50257)  # nanoGPT's padding
     if name in GPT2_PARAMS:
-        assert n_params == GPT2_PARAMS[name]
+        assert sum(p.numel() for p in unpadded.parameters()) == GPT2_PARAMS[name]
+        assert n_params == GPT2_PARAMS[name] + 47 * cfg.model.n_embd
     assert model.config.n_positions == cfg.model.block_size
 
 

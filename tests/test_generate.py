@@ -41,6 +41,9 @@ class CharTokenizer:
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return " ".join(map(str, ids))
 
+    def __len__(self) -> int:
+        return VOCAB
+
 
 def naive_greedy(model, ids: list[int], max_new_tokens: int, refill: bool = False) -> list[int]:
     """Greedy decoding without a cache: every step reruns the whole context.
@@ -129,6 +132,23 @@ def test_top_k_1_is_greedy(model):
     with torch.no_grad():
         top1 = sample_ids(model, PROMPT, 10, temperature=0.8, top_k=1, generator=torch.Generator().manual_seed(3))
     assert top1 == naive_greedy(model, PROMPT, 10)
+
+
+def test_a_padded_embedding_never_samples_an_id_the_tokenizer_lacks(model):
+    """The rows past the tokenizer's vocabulary (model.vocab_multiple) are made the likeliest: the model
+    alone samples them at once, sample_texts with the tokenizer's length never."""
+
+    class SmallerTokenizer(CharTokenizer):
+        def __len__(self) -> int:
+            return VOCAB - 8
+
+    with torch.no_grad():
+        model.transformer.wte.weight[VOCAB - 8 :] *= 50  # tied: the lm_head favours the last 8 ids
+        free = sample_ids(model, PROMPT, 20, temperature=1.0, top_k=0, generator=torch.Generator().manual_seed(0))
+    assert max(free[len(PROMPT) :]) >= VOCAB - 8
+    texts = sample_texts(model, SmallerTokenizer(), "ab", count=3, max_new_tokens=20, temperature=1.0, top_k=0)
+    drawn = [int(i) for text in texts for i in text.split()]
+    assert len(drawn) == 3 * (2 + 20) and max(drawn) < VOCAB - 8
 
 
 @pytest.mark.parametrize("prompt_length", [4, BLOCK + 5])  # the second prompt is itself cropped to the window

@@ -5,11 +5,21 @@ from __future__ import annotations
 from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from gpt2exp.model import build_model
+from gpt2exp.model import build_model, padded_vocab
 
 
 def model_cfg(init: str):
-    return OmegaConf.create({"init": init, "block_size": 16, "n_embd": 16, "n_layer": 1, "n_head": 2, "dropout": 0.0})
+    return OmegaConf.create(
+        {"init": init, "block_size": 16, "n_embd": 16, "n_layer": 1, "n_head": 2, "dropout": 0.0, "vocab_multiple": 1}
+    )
+
+
+def test_the_vocabulary_is_padded_to_the_multiple_for_scratch_models():
+    assert [padded_vocab(v, 64) for v in (50257, 45659, 4096, 1)] == [50304, 45696, 4096, 64]
+    assert padded_vocab(50257, 1) == 50257
+    padded = OmegaConf.merge(model_cfg("scratch"), {"vocab_multiple": 64})
+    assert build_model(padded, 300, 299).config.vocab_size == 320
+    assert build_model(model_cfg("scratch"), 300, 299).config.vocab_size == 300
 
 
 def test_a_scratch_model_uses_sdpa_attention():

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
+import torch
 
 from gpt2exp.resume import fix_values_of_record
 from gpt2exp.trainer import Trainer
@@ -103,3 +105,26 @@ def test_mfu_is_tokens_per_s_times_flops_per_token_over_the_peak(make_trainer, t
     assert len(logged) == 4
     for row in logged:
         assert row["mfu"] == row["tokens_per_s"] * trainer.flops_per_token / 1e9
+
+
+def test_deterministic_kernels_are_on_for_a_deterministic_run_only_and_train_the_same_on_a_cpu(
+    make_trainer, monkeypatch
+):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    try:
+        deterministic = make_trainer("trainer.deterministic=true")
+        assert torch.are_deterministic_algorithms_enabled()
+        assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"  # cuBLAS's reproducible workspace
+        losses = [deterministic.step() for _ in range(2)]
+        plain = make_trainer()
+        assert not torch.are_deterministic_algorithms_enabled()
+        assert [plain.step() for _ in range(2)] == losses  # a CPU run is already bit-exact
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+def test_the_model_pads_its_vocabulary_to_the_multiple(make_trainer):
+    trainer = make_trainer("data.tokenizer.vocab_size=300")
+    assert (trainer.data.vocab_size, trainer.model.config.vocab_size) == (300, 320)
+    assert trainer.cfg.model.vocab_multiple == 64
+    assert 5.0 < trainer.step() < 6.5  # ~ln(320): the extra rows take part in the softmax
