@@ -42,6 +42,19 @@ class Precision(StrEnum):
     fp16 = "fp16"
 
 
+class Activation(StrEnum):
+    """The MLP's activation (transformers' names). gelu_new is OpenAI's GPT-2 tanh GELU as Python ops;
+    gelu_pytorch_tanh is the same formula as one PyTorch kernel."""
+
+    gelu_new = "gelu_new"
+    gelu_pytorch_tanh = "gelu_pytorch_tanh"
+    gelu = "gelu"  # exact (erf)
+    gelu_fast = "gelu_fast"
+    quick_gelu = "quick_gelu"
+    relu = "relu"
+    silu = "silu"
+
+
 class OptimizerName(StrEnum):
     adamw = "adamw"
     sgd = "sgd"
@@ -108,6 +121,7 @@ class ModelConfig:
     dropout: float = MISSING
     init: str = MISSING
     vocab_multiple: int = MISSING
+    activation: Activation = MISSING
 
 
 @dataclass
@@ -277,6 +291,7 @@ RECORDED_AS_RUN = (
     "model.n_head",
     "model.n_embd",
     "model.vocab_multiple",
+    "model.activation",
 )
 
 # Keys added after a config of record could have been written, with the value that reproduces what
@@ -295,6 +310,7 @@ ADDED_KEYS: dict[str, Any] = {
     "data.num_proc": None,  # changes no token
     "data.shard_tokens": 100_000_000,  # the windows of a token stream do not depend on its shards
     "model.vocab_multiple": 1,  # the embedding had exactly the tokenizer's rows
+    "model.activation": "gelu_new",  # transformers' GPT-2 default
     "trainer.deterministic": False,
 }
 

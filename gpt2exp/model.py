@@ -41,6 +41,7 @@ def scratch_config(cfg: Any, vocab_size: int, eos_id: int):
         attn_pdrop=cfg.dropout,
         bos_token_id=eos_id,
         eos_token_id=eos_id,
+        activation_function=str(cfg.activation),
         attn_implementation=ATTENTION,
     )
 

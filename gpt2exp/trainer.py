@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2exp.config import Activation
 from gpt2exp.distributed import gradient_sync, sum_over_ranks
 from gpt2exp.errors import Diverged, RunStopped, UserError
 from gpt2exp.mfu import flops_per_token, mfu, peak_flops
@@ -159,6 +160,10 @@ def config_as_run(cfg: DictConfig, device_type: str, model_config: Any) -> DictC
         if m.vocab_multiple != 1:  # the pretrained embedding is used as it is
             log.info("model.init=%s keeps its own vocabulary: config.yaml records model.vocab_multiple=1", m.init)
             m.vocab_multiple = 1
+        own = model_config.activation_function
+        if m.activation != own and own in Activation.__members__:
+            log.info("model.init=%s keeps its own activation: config.yaml records model.activation=%s", m.init, own)
+            m.activation = own
     warmup = cfg.scheduler.warmup_steps
     if t.max_steps and warmup > t.max_steps:
         log.warning(

@@ -370,12 +370,14 @@ def test_too_few_documents_for_the_share_is_one_line_and_nothing_written(tmp_pat
     assert not (tmp_path / "cache").exists()
 
 
-def test_a_run_dir_of_0_1_keeps_its_tail_split():
+def test_a_run_dir_of_0_1_keeps_its_tail_split_and_its_model():
     from gpt2exp.config import typed
 
     record = OmegaConf.load(Path(__file__).parent / "fixtures" / "run_v0_1" / "config.yaml")
     cfg = typed(record)
     assert (cfg.data.holdout, cfg.data.num_proc, cfg.data.shard_tokens) == ("tail", None, 100_000_000)
+    # and the model it built: transformers' default activation, the tokenizer's vocabulary, default kernels
+    assert (cfg.model.activation, cfg.model.vocab_multiple, cfg.trainer.deterministic) == ("gelu_new", 1, False)
     docs = ["aaaa\nbbbb\n", "cccc\ndddd\n"]
     assert data.split_tail(docs, 0.25) == (["aaaa\nbbbb\n", "cccc\n"], ["dddd\n"])
 

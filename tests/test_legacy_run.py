@@ -58,6 +58,7 @@ def test_a_v0_1_run_dir_resumes_to_a_verified_loadable_checkpoint(tmp_path):
     assert verify.returncode == 0, verify.stdout + verify.stderr
     model = GPT2LMHeadModel.from_pretrained(ckpt)
     assert (model.config.n_layer, model.config.n_embd, model.config.vocab_size) == (2, 32, 512)
+    assert model.config.activation_function == "gelu_new"  # as 0.1 built it, not today's default
 
     # the run went on with the tokenizer it was trained with (here: the BPE retrained in the fresh cache)
     assert (ckpt / "tokenizer.json").read_bytes() == (FIXTURE / "tokenizer" / "tokenizer.json").read_bytes(), (

@@ -10,7 +10,16 @@ from gpt2exp.model import build_model, padded_vocab
 
 def model_cfg(init: str):
     return OmegaConf.create(
-        {"init": init, "block_size": 16, "n_embd": 16, "n_layer": 1, "n_head": 2, "dropout": 0.0, "vocab_multiple": 1}
+        {
+            "init": init,
+            "block_size": 16,
+            "n_embd": 16,
+            "n_layer": 1,
+            "n_head": 2,
+            "dropout": 0.0,
+            "vocab_multiple": 1,
+            "activation": "gelu_new",
+        }
     )
 
 
@@ -20,6 +29,21 @@ def test_the_vocabulary_is_padded_to_the_multiple_for_scratch_models():
     padded = OmegaConf.merge(model_cfg("scratch"), {"vocab_multiple": 64})
     assert build_model(padded, 300, 299).config.vocab_size == 320
     assert build_model(model_cfg("scratch"), 300, 299).config.vocab_size == 300
+
+
+def test_a_scratch_model_runs_the_configured_activation():
+    import torch
+
+    fused = build_model(OmegaConf.merge(model_cfg("scratch"), {"activation": "gelu_pytorch_tanh"}), 64, 63)
+    python_ops = build_model(model_cfg("scratch"), 64, 63)
+    assert (fused.config.activation_function, python_ops.config.activation_function) == (
+        "gelu_pytorch_tanh",
+        "gelu_new",
+    )
+    python_ops.load_state_dict(fused.state_dict())
+    x = torch.arange(16).reshape(1, 16) % 64
+    with torch.no_grad():  # the same formula: equal up to float rounding
+        torch.testing.assert_close(fused(x).logits, python_ops(x).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_a_scratch_model_uses_sdpa_attention():

@@ -98,11 +98,12 @@ def test_a_pretrained_model_records_its_own_shape(compose, caplog):
     with caplog.at_level(logging.INFO, logger="gpt2exp"):
         ran = config_as_run(cfg, "cpu", gpt2_config(n_layer=2, n_head=2, n_embd=64, n_positions=64))
     assert (ran.model.n_layer, ran.model.n_head, ran.model.n_embd, ran.model.block_size) == (2, 2, 64, 1024)
-    assert ran.model.vocab_multiple == 1  # the pretrained embedding is used as it is
+    assert (ran.model.vocab_multiple, ran.model.activation) == (1, "gelu_new")  # the pretrained model's own
     assert messages(caplog) == [
         "model.init=/models/small is n_layer=2, n_head=2, n_embd=64: config.yaml records that shape "
         "(the config said n_layer=12, n_head=12, n_embd=768)",
         "model.init=/models/small keeps its own vocabulary: config.yaml records model.vocab_multiple=1",
+        "model.init=/models/small keeps its own activation: config.yaml records model.activation=gelu_new",
     ]
 
 
