@@ -105,19 +105,31 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-class _HashingFile:
-    """A write-only file that sha256-hashes what passes through it, the hash running beside the write.
+def io_pool() -> ThreadPoolExecutor:
+    """The two threads a checkpoint's files are written with (`_HashingFile`): one hashes, one syncs."""
+    return ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckpt-io")
 
-    Each large piece is hashed on the hash thread while this thread writes it (both release the
-    GIL), and the call returns only when both are done, so a caller may reuse its buffer at once.
+
+class _HashingFile:
+    """A write-only file that sha256-hashes what passes through it, the hash running beside the write,
+    and that is written back to the disk while it is still being written.
+
+    Each large piece is hashed on a pool thread while this thread writes it (both release the GIL),
+    and the call returns only when both are done, so a caller may reuse its buffer at once. Every
+    SYNC_EVERY bytes the other pool thread starts an fdatasync of what is written so far: the disk
+    writes while the rest is serialised and hashed, and the final fsync has only the tail left
+    (without it the page cache holds the whole file until that fsync, which then runs alone).
     """
 
     SMALL = 1 << 16  # below this, hashing inline costs less than handing over to the thread
+    SYNC_EVERY = 1 << 27  # 128 MiB
 
-    def __init__(self, path: Path, hasher: ThreadPoolExecutor):
+    def __init__(self, path: Path, pool: ThreadPoolExecutor):
         self._file = open(path, "wb")
         self._digest = hashlib.sha256()
-        self._hasher = hasher
+        self._pool = pool  # two workers (io_pool): at most one hash and one sync of this file at a time
+        self._sync: Future[None] | None = None
+        self._unsynced = 0
         self.size = 0
         self.error: OSError | None = None
 
@@ -125,7 +137,7 @@ class _HashingFile:
         view = memoryview(data).cast("B")
         pending: Future[None] | None = None
         if view.nbytes >= self.SMALL:
-            pending = self._hasher.submit(self._digest.update, view)
+            pending = self._pool.submit(self._digest.update, view)
         else:
             self._digest.update(view)
         try:
@@ -137,6 +149,10 @@ class _HashingFile:
             if pending is not None:
                 pending.result()
         self.size += view.nbytes
+        self._unsynced += view.nbytes
+        if self._unsynced >= self.SYNC_EVERY and (self._sync is None or self._sync.done()):
+            self._wait_sync()  # a failed write-back (EIO, ENOSPC) is raised here
+            self._sync, self._unsynced = self._pool.submit(os.fdatasync, self._file.fileno()), 0
         return view.nbytes
 
     def flush(self) -> None:
@@ -144,12 +160,24 @@ class _HashingFile:
 
     def finish(self) -> dict[str, Any]:
         self._file.flush()
+        self._wait_sync()
         os.fsync(self._file.fileno())
         self._file.close()
         return {"size": self.size, "sha256": self._digest.hexdigest()}
 
     def close(self) -> None:
-        self._file.close()
+        """Close after a failure: the descriptor outlives the sync that uses it."""
+        try:
+            self._wait_sync()
+        except OSError:
+            pass  # the failure being handled is the one to report
+        finally:
+            self._file.close()
+
+    def _wait_sync(self) -> None:
+        sync, self._sync = self._sync, None
+        if sync is not None:
+            sync.result()
 
 
 def _write_file(path: Path, data: bytes | Callable[[Any], None], hasher: ThreadPoolExecutor) -> dict[str, Any]:
@@ -377,7 +405,7 @@ class HFCheckpointFiles:
 
     def __init__(self, tokenizer_dir: Path | None = None):
         self.tokenizer_dir = tokenizer_dir
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+        self._hasher = io_pool()
 
     def write(
         self, tmp_dir: Path, step: int, stateful: Mapping[str, Any], extra_json: dict[str, Any]

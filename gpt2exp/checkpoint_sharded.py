@@ -23,7 +23,6 @@ import io
 import json
 import pickle
 from collections.abc import Mapping
-from concurrent.futures import ThreadPoolExecutor
 from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,7 @@ from gpt2exp.checkpoint import (
     _restore_model,
     _write_file,
     build_trainer_state,
+    io_pool,
     load_tensor_state,
     model_tensors,
     split_stateful,
@@ -91,7 +91,7 @@ class ShardedCheckpointFiles:
         self.tokenizer_dir = tokenizer_dir
         self.rank = rank
         self.group = new_gloo_group()
-        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-hash")
+        self._hasher = io_pool()
         self._buffers: dict[str, Any] = {}  # a background save's copies, reused from save to save
 
     def capture(self, stateful: Mapping[str, Any], copy: bool) -> Captured:

@@ -188,6 +188,68 @@ def two_steps(run_dir, managers):
     return manager, stateful, weights
 
 
+# -- writing one file: hashed beside the write, written back while it is written -------------------
+
+MIB = 1 << 20
+
+
+def write_pieces(pieces: list[bytes]):
+    def write(out) -> None:
+        for piece in pieces:
+            out.write(piece)
+
+    return write
+
+
+def test_a_large_file_is_written_back_in_pieces_while_it_is_written(tmp_path, monkeypatch):
+    import threading
+
+    from gpt2exp.checkpoint import _HashingFile, _write_file, io_pool
+
+    monkeypatch.setattr(_HashingFile, "SYNC_EVERY", MIB)
+    sizes_at_sync: list[int] = []
+    first_sync = threading.Event()
+    real_fdatasync = os.fdatasync
+
+    def fdatasync(fd: int) -> None:
+        sizes_at_sync.append(os.fstat(fd).st_size)
+        first_sync.set()
+        real_fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    pieces = [os.urandom(MIB) for _ in range(8)]
+
+    def write(out) -> None:
+        out.write(pieces[0])
+        assert first_sync.wait(timeout=30)  # the write-back of the first MiB began before the rest is written
+        for piece in pieces[1:]:
+            out.write(piece)
+
+    with io_pool() as pool:
+        entry = _write_file(tmp_path / "big.bin", write, pool)
+    data = b"".join(pieces)
+    assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    assert (tmp_path / "big.bin").read_bytes() == data
+    assert sizes_at_sync[0] == MIB
+    assert sizes_at_sync == sorted(sizes_at_sync) and sizes_at_sync[-1] <= len(data)
+
+
+def test_a_failed_write_back_is_the_disks_error_and_the_file_is_closed(tmp_path, monkeypatch):
+    from gpt2exp.checkpoint import _HashingFile, _write_file, io_pool
+
+    monkeypatch.setattr(_HashingFile, "SYNC_EVERY", MIB)
+
+    def disk_full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fdatasync", disk_full)
+    open_before = len(os.listdir("/proc/self/fd"))
+    with io_pool() as pool, pytest.raises(OSError) as raised:
+        _write_file(tmp_path / "big.bin", write_pieces([os.urandom(MIB) for _ in range(4)]), pool)
+    assert raised.value.errno == errno.ENOSPC
+    assert len(os.listdir("/proc/self/fd")) == open_before
+
+
 # -- save / load round trip ----------------------------------------------------------------------
 
 
