@@ -180,13 +180,13 @@ class _HashingFile:
             sync.result()
 
 
-def _write_file(path: Path, data: bytes | Callable[[Any], None], hasher: ThreadPoolExecutor) -> dict[str, Any]:
+def _write_file(path: Path, data: bytes | Callable[[Any], None], pool: ThreadPoolExecutor) -> dict[str, Any]:
     """Write `data` (bytes, or a function that writes into a file object) to `path`, fsynced and hashed.
 
     Returns the file's manifest entry. Streaming through the file object keeps no second copy of
     large state in memory.
     """
-    out = _HashingFile(path, hasher)
+    out = _HashingFile(path, pool)
     try:
         if callable(data):
             data(out)
@@ -405,7 +405,7 @@ class HFCheckpointFiles:
 
     def __init__(self, tokenizer_dir: Path | None = None):
         self.tokenizer_dir = tokenizer_dir
-        self._hasher = io_pool()
+        self._io = io_pool()
 
     def write(
         self, tmp_dir: Path, step: int, stateful: Mapping[str, Any], extra_json: dict[str, Any]
@@ -415,7 +415,7 @@ class HFCheckpointFiles:
         files: dict[str, dict[str, Any]] = {}
 
         def write(name: str, data: bytes | Callable[[Any], None]) -> None:
-            files[name] = _write_file(tmp_dir / name, data, self._hasher)
+            files[name] = _write_file(tmp_dir / name, data, self._io)
 
         write_pretrained_files(write, model_tensors(model), model.config, self.tokenizer_dir)
         write(OPTIMIZER_FILE, tensor_state_writer({k: obj.state_dict() for k, obj in groups["tensors"].items()}))
@@ -442,7 +442,7 @@ class HFCheckpointFiles:
         return state
 
     def close(self) -> None:
-        self._hasher.shutdown(wait=True)
+        self._io.shutdown(wait=True)
 
 
 def _restore_model(path: Path, model, weights: dict[str, Any]) -> None:

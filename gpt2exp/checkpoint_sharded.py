@@ -91,7 +91,7 @@ class ShardedCheckpointFiles:
         self.tokenizer_dir = tokenizer_dir
         self.rank = rank
         self.group = new_gloo_group()
-        self._hasher = io_pool()
+        self._io = io_pool()
         self._buffers: dict[str, Any] = {}  # a background save's copies, reused from save to save
 
     def capture(self, stateful: Mapping[str, Any], copy: bool) -> Captured:
@@ -149,7 +149,7 @@ class ShardedCheckpointFiles:
 
         def write(name: str, data: bytes | Any) -> None:
             (tmp_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            files[name] = _write_file(tmp_dir / name, data, self._hasher)
+            files[name] = _write_file(tmp_dir / name, data, self._io)
 
         if captured.optimizer_tensors is not None:
             save_optimizer_tensors(captured.optimizer_tensors, tmp_dir / OPTIMIZER_DIR, self.group)
@@ -176,7 +176,7 @@ class ShardedCheckpointFiles:
         return read_checkpoint(path, stateful, self.rank)
 
     def close(self) -> None:
-        self._hasher.shutdown(wait=True)
+        self._io.shutdown(wait=True)
 
 
 def _is_tensor(value: Any) -> bool:

@@ -132,8 +132,9 @@ def config_as_run(cfg: DictConfig, device_type: str, model_config: Any) -> DictC
 
     fp16 autocast runs on accelerators only and torch.compile on CUDA only: elsewhere the run trains
     in fp32 / uncompiled and the config of record says so. A pretrained model (model.init) has its own
-    shape and vocabulary, which replace the preset's. A warm-up longer than the run is said too (the LR never peaks),
-    and so is early stopping without periodic evaluations (it cannot trigger).
+    shape, vocabulary and activation, which replace the preset's. A warm-up longer than the run is
+    said too (the LR never peaks), and so is early stopping without periodic evaluations (it cannot
+    trigger).
     On resume the record already holds these values, so nothing changes. The keys it may change are
     config.RECORDED_AS_RUN (a requeued original command is checked against them).
     """
