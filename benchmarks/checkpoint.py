@@ -20,15 +20,20 @@ read and load, otherwise all of them run warm; the token cache is built on first
    synchronous save (`checkpoint.async_save=false`, the whole save) against a background one
    (`save()` freezes the state and starts the copy; `wait_snapshot()` before the next optimizer
    update, after the next step's real forward+backward, batch 1 x --next-tokens).
-4. train: --train-model (gpt2_mini) on Shakespeare, `Trainer(cfg, run_dir)` + `start_fresh()`, then
-   two phases of its loop per step, `Trainer.step()` and `Trainer.save_if_due()` (no eval or
-   logging), with checkpoint.every_steps=--every-steps against checkpoint.every_steps=0 (and
-   every_minutes=0, save_final=false in both); the seconds spent inside `save_if_due` are shown too, a steadier
-   figure than the tokens/s ratio.
+4. train: --train-model (gpt2_mini, batch --train-batch) on Shakespeare: two `Trainer(cfg, run_dir)`
+   + `start_fresh()` in this process, one with checkpoint.every_steps=--every-steps and one with 0
+   (every_minutes=0, save_final=false in both), take turns of --turn steps of their loop's step and
+   save phases, `Trainer.step()` + `Trainer.save_if_due()` (no eval or logging). Taking turns puts
+   the machine's drift on both alike; the one with checkpoints ends each turn waiting for its save
+   in flight, so the background work is charged to it. A round is --every-steps steps of each (one
+   save), printed as it ends; the ratio is over all rounds. The seconds spent inside `save_if_due`
+   are shown too. The preset's batch is 16; 4 makes steps ~4x shorter, so each save weighs ~4x more
+   (a stricter test, ~6 min with the defaults on 2 cores).
 
-Each method runs --repeats times, the methods of a section interleaved in a rotated order; the table
-shows medians and every round. Read the rounds as well as the medians: on a shared or virtual machine
-other processes, and the host reclaiming freed guest memory, can slow single rounds several-fold.
+Each method of the save, load and blocked sections runs --repeats times, interleaved in a rotated
+order; the table shows medians and every round. Read the rounds as well as the medians: on a shared
+or virtual machine other processes, and the host reclaiming freed guest memory, can slow single
+rounds several-fold.
 Everything is written under a fresh temporary dir (inside --workdir if given, else under $TMPDIR or
 /tmp, which may share a disk with the repository) and removed at the end.
 """
@@ -61,10 +66,14 @@ SECTIONS = ("save", "load", "blocked", "train")
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3, help="rounds of each section's methods, interleaved")
-    parser.add_argument("--steps", type=int, default=300, help="timed training steps per train run")
-    parser.add_argument("--warmup", type=int, default=5, help="untimed training steps before the timed ones")
-    parser.add_argument("--every-steps", type=int, default=100, help="checkpoint.every_steps of the train run")
-    parser.add_argument("--train-model", default="gpt2_mini", help="the model preset of the train section")
+    parser.add_argument("--steps", type=int, default=300, help="train: timed steps of each trainer")
+    parser.add_argument("--warmup", type=int, default=5, help="train: untimed steps of each trainer first")
+    parser.add_argument("--every-steps", type=int, default=100, help="train: checkpoint.every_steps (one round)")
+    parser.add_argument("--turn", type=int, default=10, help="train: steps a trainer runs before the other's turn")
+    parser.add_argument("--train-model", default="gpt2_mini", help="train: the model preset")
+    parser.add_argument(
+        "--train-batch", type=int, default=4, help="train: trainer.batch_size (shorter steps weigh saves more)"
+    )
     parser.add_argument(
         "--next-tokens", type=int, default=256, help="blocked: tokens of the next step's forward+backward (batch 1)"
     )
@@ -80,11 +89,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--sections", default=",".join(SECTIONS), help="comma-separated subset of " + ",".join(SECTIONS)
     )
     args = parser.parse_args(argv)
-    for name in ("repeats", "steps", "every_steps", "threads"):
+    for name in ("repeats", "steps", "every_steps", "turn", "train_batch", "threads"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
+    if args.every_steps % args.turn or args.steps % args.every_steps:
+        parser.error("--every-steps must be a multiple of --turn, and --steps a multiple of --every-steps")
+    if args.turn - save_position(args) < 2:  # the turn's closing flush would wait for most of the write
+        parser.error("the saves fall on the last step of a turn: change --warmup or --turn")
     settle_sections_and_cache(parser, args, SECTIONS)
     return args
 
@@ -380,65 +393,99 @@ def bench_blocked(args, cfg, stateful, work: Path, timings: Timings) -> dict:
 
 
 def bench_train(args, work: Path, timings: Timings) -> dict:
+    """Two trainers in one process take turns of --turn steps: one saves every --every-steps, one never.
+
+    Taking turns puts the machine's drift (other processes, the host) on both alike, where two runs one
+    after the other can differ by 10%. Each trainer keeps its own RNG state from turn to turn, so both
+    compute the same values bit for bit (checked at the end): their step times may differ by their
+    values (CPU kernels slow down on denormal floats), and here only the saves differ. The trainer
+    with checkpoints ends each of its turns by waiting for a save in flight (`flush`), so its
+    background work is charged to itself, never to the other. A round is --every-steps steps of each
+    trainer (one save); it is printed when it ends.
+    """
     from gpt2exp.trainer import Trainer
 
     total = args.warmup + args.steps
-    saves = sum(1 for s in range(args.warmup + 1, total + 1) if s % args.every_steps == 0)
-    variants = {"train/none": 0, "train/every": args.every_steps}
-    info: dict = {"saves": saves}
-    for round_index in range(args.repeats):
-        for name in rotated(list(variants), round_index):
-            cfg = compose_cfg(
-                [
-                    f"model={args.train_model}",
-                    f"trainer.max_steps={total}",
-                    f"trainer.num_threads={args.threads}",
-                    "trainer.progress=false",
-                    f"checkpoint.every_steps={variants[name]}",
-                    "checkpoint.every_minutes=0",
-                    "checkpoint.save_final=false",  # the final save is not part of the steady cost
-                ],
-                args.threads,
-            )
-            run_dir = work / f"train-{name.split('/')[1]}-{round_index}"
-            run_dir.mkdir()
-            trainer = Trainer(cfg, run_dir)
-            try:
-                trainer.start_fresh()
-                tokens_per_step = trainer.tokens_per_step
-                in_save = [0.0]  # seconds inside save_if_due, the checkpoint's direct cost
+    variants = {"none": 0, "every": args.every_steps}
+    trainers, run_dirs = {}, {}
+    for name, every in variants.items():
+        cfg = compose_cfg(
+            [
+                f"model={args.train_model}",
+                f"trainer.batch_size={args.train_batch}",
+                f"trainer.max_steps={total}",
+                f"trainer.num_threads={args.threads}",
+                "trainer.progress=false",
+                f"checkpoint.every_steps={every}",
+                "checkpoint.every_minutes=0",
+                "checkpoint.save_final=false",  # the final save is not part of the steady cost
+            ],
+            args.threads,
+        )
+        run_dirs[name] = work / f"train-{name}"
+        run_dirs[name].mkdir()
+        trainers[name] = Trainer(cfg, run_dirs[name])
+    in_save = dict.fromkeys(variants, 0.0)  # seconds inside save_if_due, the checkpoint's direct cost
+    start_rng = trainers["none"].stateful["rng"].state_dict()  # both were seeded and built alike
+    rng = dict.fromkeys(variants, start_rng)
 
-                def step(trainer=trainer, in_save=in_save) -> None:  # the loop's step and save phases
-                    trainer.step()
-                    start = time.perf_counter()
-                    trainer.save_if_due()
-                    in_save[0] += time.perf_counter() - start
+    def run_steps(name: str, count: int) -> float:
+        trainer = trainers[name]
+        trainer.stateful["rng"].load_state_dict(rng[name])
+        start = time.perf_counter()
+        for _ in range(count):
+            trainer.step()
+            save_start = time.perf_counter()
+            trainer.save_if_due()
+            in_save[name] += time.perf_counter() - save_start
+        trainer.checkpoints.flush()
+        elapsed = time.perf_counter() - start
+        rng[name] = trainer.stateful["rng"].state_dict()
+        return elapsed
 
-                for _ in range(args.warmup):
-                    step()
+    try:
+        for trainer in trainers.values():
+            trainer.start_fresh()
+        for name in variants:
+            run_steps(name, args.warmup)
+        in_save.update(dict.fromkeys(variants, 0.0))
+        turns_per_round = args.every_steps // args.turn
+        for round_index in range(args.steps // args.every_steps):
+            seconds = dict.fromkeys(variants, 0.0)
+            for turn in range(turns_per_round):
                 settle(False)
-                in_save[0] = 0.0
-                start = time.perf_counter()
-                for _ in range(args.steps):
-                    step()
-                elapsed = time.perf_counter() - start
-            finally:
-                trainer.checkpoints.close()
-            committed = sorted(p.name for p in (run_dir / "checkpoints").glob("step_*"))
-            if variants[name] and saves and not committed:
-                raise SystemExit(f"error: the {name} run committed no checkpoint")
-            if not variants[name] and committed:
-                raise SystemExit(f"error: the {name} run committed checkpoints {committed}")
-            if variants[name] and committed:
-                info["checkpoint_mb"] = dir_bytes(run_dir / "checkpoints" / committed[-1]) / 1e6
-            timings.add(name, elapsed)
-            timings.add(name.replace("train/", "in_save/"), in_save[0])
-            info["tokens"] = tokens_per_step * args.steps
-            info["model"] = (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.trainer.batch_size)
-            shutil.rmtree(run_dir)
-            del trainer
-            gc.collect()
-    return info
+                for name in rotated(list(variants), round_index * turns_per_round + turn):
+                    seconds[name] += run_steps(name, args.turn)
+            for name in variants:
+                timings.add(f"train/{name}", seconds[name])
+            print(
+                f"train round {round_index + 1}: without checkpoints {seconds['none']:.2f} s, with "
+                f"{seconds['every']:.2f} s, tokens/s with / without {seconds['none'] / seconds['every']:.3f}",
+                flush=True,
+            )
+        timings.add("in_save/every", in_save["every"])
+        timings.add("in_save/none", in_save["none"])
+        weights = [trainer.model.state_dict() for trainer in trainers.values()]
+        if any(not torch.equal(weights[0][key], weights[1][key]) for key in weights[0]):
+            raise SystemExit("error: the two trainers ended with different weights: a save changed training")
+        committed = {name: sorted(p.name for p in (run_dirs[name] / "checkpoints").glob("step_*")) for name in variants}
+        expected = [f"step_{s:08d}" for s in range(args.warmup + 1, total + 1) if s % args.every_steps == 0]
+        if committed["none"] or not committed["every"] or expected[-len(committed["every"]) :] != committed["every"]:
+            raise SystemExit(f"error: the runs committed {committed}, not the newest of {expected} alone")
+        return {
+            "saves": len(expected),
+            "checkpoint_mb": dir_bytes(run_dirs["every"] / "checkpoints" / committed["every"][-1]) / 1e6,
+            "tokens": trainers["none"].tokens_per_step * args.every_steps,  # per round
+            "model": (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.trainer.batch_size),
+        }
+    finally:
+        for trainer in trainers.values():
+            trainer.checkpoints.close()
+
+
+def save_position(args) -> int:
+    """Which step of its trainer's turn each save is (1 = the first): the same for every save."""
+    return (args.every_steps - args.warmup - 1) % args.turn + 1
 
 
 # -- the report ----------------------------------------------------------------------------------
@@ -490,17 +537,17 @@ def report(args, timings: Timings, train_info: dict | None) -> None:
         ok = verdict(ratio <= BLOCKED_TARGET)
         print(f"blocked async / sync save = {ratio:.3f}  (target <= {BLOCKED_TARGET:.2f})  {ok}")
     if train_info is not None:
-        ratio = timings.median("train/none") / timings.median("train/every")  # tokens/s with / without
+        rounds = list(zip(timings.rows["train/none"], timings.rows["train/every"], strict=True))
+        none, every = sum(n for n, _ in rounds), sum(e for _, e in rounds)
+        ratio = none / every  # tokens/s with / without, over all rounds
         print(
             f"train tokens/s with / without checkpoints = {ratio:.3f}  (target >= {TRAIN_TARGET:.2f})  "
-            f"{verdict(ratio >= TRAIN_TARGET)}"
+            f"{verdict(ratio >= TRAIN_TARGET)}; rounds " + " ".join(f"{n / e:.3f}" for n, e in rounds)
         )
-        in_save = timings.median("in_save/every")
+        in_save = timings.rows["in_save/every"][0]
         print(
-            f"  (time inside save_if_due with checkpoints: median {in_save:.2f} s = "
-            f"{100 * in_save / timings.median('train/every'):.1f}% of the timed steps; rounds "
-            + " ".join(f"{v:.2f}" for v in timings.rows["in_save/every"])
-            + f"; without: {timings.median('in_save/none') * 1e3:.1f} ms)"
+            f"  (time inside save_if_due with checkpoints: {in_save:.2f} s = {100 * in_save / every:.2f}% of the "
+            f"timed steps; without: {timings.rows['in_save/none'][0] * 1e3:.1f} ms)"
         )
 
 
@@ -545,9 +592,10 @@ def main(argv: list[str] | None = None) -> int:
             n_layer, n_embd, block, batch = train_info["model"]
             print(
                 f"train: {args.train_model} (n_layer {n_layer}, n_embd {n_embd}), batch {batch} x {block} tokens, "
-                f"{args.warmup} warmup + {args.steps} timed steps, checkpoint.every_steps={args.every_steps} "
-                f"({train_info['saves']} saves in the timed steps, "
-                f"{train_info.get('checkpoint_mb', 0):.1f} MB each) vs 0; page cache warm"
+                f"{args.warmup} warmup + {args.steps} timed steps each, in turns of {args.turn}; "
+                f"checkpoint.every_steps={args.every_steps} ({train_info['saves']} saves in the timed steps, "
+                f"{train_info['checkpoint_mb']:.1f} MB each, step {save_position(args)} of its turn) vs 0; "
+                "page cache warm"
             )
         load1, load5, _ = os.getloadavg()
         print(f"load average at the end: {load1:.1f} (1 min), {load5:.1f} (5 min) on {os.cpu_count()} CPUs")
