@@ -94,11 +94,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.warmup < 0:
         parser.error("--warmup must be at least 0")
-    if args.every_steps % args.turn or args.steps % args.every_steps:
-        parser.error("--every-steps must be a multiple of --turn, and --steps a multiple of --every-steps")
-    if args.turn - save_position(args) < 2:  # the turn's closing flush would wait for most of the write
-        parser.error("the saves fall on the last step of a turn: change --warmup or --turn")
     settle_sections_and_cache(parser, args, SECTIONS)
+    if "train" in args.sections:
+        if args.turn < 3:
+            parser.error("--turn must be at least 3 (a save, then steps of the same turn while it is written)")
+        if args.every_steps % args.turn or args.steps % args.every_steps:
+            parser.error("--every-steps must be a multiple of --turn, and --steps a multiple of --every-steps")
+        position = save_position(args)
+        if args.turn - position < 2:  # the turn's closing flush would wait for most of the write
+            parser.error(
+                f"the saves fall on step {position} of a {args.turn}-step turn, too close to its end: "
+                f"change --warmup (the saves come at step {args.turn // 2} with --warmup "
+                f"{(args.every_steps - args.turn // 2) % args.turn})"
+            )
     return args
 
 
@@ -453,8 +461,9 @@ def bench_train(args, work: Path, timings: Timings) -> dict:
         for round_index in range(args.steps // args.every_steps):
             seconds = dict.fromkeys(variants, 0.0)
             for turn in range(turns_per_round):
-                settle(False)
-                for name in rotated(list(variants), round_index * turns_per_round + turn):
+                # the order alternates from turn to turn, and for the save's turn from round to round
+                for name in rotated(list(variants), round_index + turn):
+                    settle(False)  # what one trainer left (garbage, dirty pages) is not timed in the other's turn
                     seconds[name] += run_steps(name, args.turn)
             for name in variants:
                 timings.add(f"train/{name}", seconds[name])

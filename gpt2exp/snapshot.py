@@ -66,11 +66,11 @@ class HostSnapshot:
                 event.record(self._stream)
         as_memory = []  # (buffer bytes, tensor bytes) as numpy views, made here: the copier runs numpy alone
         for name, tensor in tensors.items():
-            if tensor.device.type == "cpu" and tensor.is_contiguous():
+            if tensor.device.type == "cpu" and tensor.is_contiguous() and not (tensor.is_conj() or tensor.is_neg()):
                 if tensor.numel():
                     as_memory.append((_bytes_of(buffers[name]), _bytes_of(tensor)))
             elif not tensor.is_cuda:
-                buffers[name].copy_(tensor)  # rare (a strided view, another device): copied now, by this thread
+                buffers[name].copy_(tensor)  # rare (a strided or lazily negated view, another device): copied now
         future = self._copier.submit(_copy_memory, as_memory) if as_memory else None
         self._copy = Copy(future, event)
         return buffers, self._copy

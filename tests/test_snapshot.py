@@ -25,6 +25,8 @@ def test_the_snapshot_holds_each_tensor_exactly_whatever_its_dtype_shape_and_lay
         "mask": torch.tensor([True, False, True]),
         "empty": torch.empty(0, 3),
         "strided": base.t(),  # not contiguous: copied by the calling thread
+        "offset": base.reshape(-1)[5:17],  # contiguous, from the middle of a storage
+        "conj": torch.randn(3, dtype=torch.complex64).conj(),  # a lazy conjugate: copied by the calling thread
         "grad": torch.randn(6, requires_grad=True),
     }
     expected = {name: tensor.detach().clone() for name, tensor in tensors.items()}
@@ -39,15 +41,20 @@ def test_the_snapshot_holds_each_tensor_exactly_whatever_its_dtype_shape_and_lay
             assert buffers[name].data_ptr() != tensors[name].data_ptr() or tensor.numel() == 0, name
 
         with torch.no_grad():  # the next save copies the changed values into the same buffers
-            for tensor in tensors.values():
-                if tensor.dtype != torch.bool:
+            for name, tensor in tensors.items():
+                if tensor.dtype == torch.bool:
+                    tensor.logical_not_()
+                elif name != "conj":
                     tensor.add_(1)
-        pointers = {name: buffer.data_ptr() for name, buffer in buffers.items()}
+        tensors["weight"] = torch.randn(2, 3)  # a tensor of another shape gets a buffer of its own
+        pointers = {name: buffer.data_ptr() for name, buffer in buffers.items() if name != "weight"}
         again, copy = snapshot.start(tensors)
         copy.on_host()
-        assert {name: buffer.data_ptr() for name, buffer in again.items()} == pointers
+        assert {name: buffer.data_ptr() for name, buffer in again.items() if name != "weight"} == pointers
+        assert again["weight"].shape == (2, 3)
         for name, tensor in tensors.items():
             assert torch.equal(again[name], tensor.detach()), name
+            assert not torch.equal(again[name], expected[name]) or tensor.numel() == 0 or name == "conj", name
     finally:
         snapshot.close()
 
@@ -56,7 +63,11 @@ def test_the_cpu_copy_thread_of_a_background_save_calls_no_torch_function(tmp_pa
     calls: list[str] = []
 
     def profile(frame, event, arg):
-        if event == "c_call" and threading.current_thread().name.startswith("ckpt-copy"):
+        if not threading.current_thread().name.startswith("ckpt-copy"):
+            return
+        if event == "call":
+            calls.append(frame.f_code.co_name)
+        elif event == "c_call":
             owner = getattr(arg, "__self__", None)
             torch_owned = isinstance(owner, torch.Tensor) or "torch" in (getattr(arg, "__module__", None) or "")
             calls.append(("torch " if torch_owned else "") + repr(arg))
@@ -71,6 +82,6 @@ def test_the_cpu_copy_thread_of_a_background_save_calls_no_torch_function(tmp_pa
     finally:
         threading.setprofile(None)
         manager.close()
-    assert calls, "the profile never saw the copy thread"
+    assert "_copy_memory" in calls  # the copy ran on this thread, seen by the profile
     assert [call for call in calls if call.startswith("torch ")] == []
     assert verify_checkpoint(written) is None
