@@ -436,6 +436,7 @@ def bench_train(args, work: Path, timings: Timings) -> dict:
     in_save = dict.fromkeys(variants, 0.0)  # seconds inside save_if_due, the checkpoint's direct cost
     start_rng = trainers["none"].stateful["rng"].state_dict()  # both were seeded and built alike
     rng = dict.fromkeys(variants, start_rng)
+    flushed = dict.fromkeys(variants, 0.0)  # seconds of the turns' closing waits for a save in flight
 
     def run_steps(name: str, count: int) -> float:
         trainer = trainers[name]
@@ -446,7 +447,9 @@ def bench_train(args, work: Path, timings: Timings) -> dict:
             save_start = time.perf_counter()
             trainer.save_if_due()
             in_save[name] += time.perf_counter() - save_start
+        flush_start = time.perf_counter()
         trainer.checkpoints.flush()
+        flushed[name] += time.perf_counter() - flush_start
         elapsed = time.perf_counter() - start
         rng[name] = trainer.stateful["rng"].state_dict()
         return elapsed
@@ -460,6 +463,7 @@ def bench_train(args, work: Path, timings: Timings) -> dict:
         turns_per_round = args.every_steps // args.turn
         for round_index in range(args.steps // args.every_steps):
             seconds = dict.fromkeys(variants, 0.0)
+            flushed.update(dict.fromkeys(variants, 0.0))
             for turn in range(turns_per_round):
                 # the order alternates from turn to turn, and for the save's turn from round to round
                 for name in rotated(list(variants), round_index + turn):
@@ -469,7 +473,8 @@ def bench_train(args, work: Path, timings: Timings) -> dict:
                 timings.add(f"train/{name}", seconds[name])
             print(
                 f"train round {round_index + 1}: without checkpoints {seconds['none']:.2f} s, with "
-                f"{seconds['every']:.2f} s, tokens/s with / without {seconds['none'] / seconds['every']:.3f}",
+                f"{seconds['every']:.2f} s, tokens/s with / without {seconds['none'] / seconds['every']:.3f} "
+                f"(of which waiting for the save at the end of its turn: {flushed['every']:.2f} s)",
                 flush=True,
             )
         timings.add("in_save/every", in_save["every"])
