@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any
 
@@ -10,7 +11,37 @@ from gpt2exp.hub import load_pretrained
 
 log = logging.getLogger(__name__)
 
-ATTENTION = "sdpa"  # PyTorch's scaled_dot_product_attention: flash / memory-efficient kernels where they apply
+# PyTorch's scaled_dot_product_attention (transformers' own SDPA forward) with the causal mask left to the
+# kernel: see register_attention
+ATTENTION = "gpt2exp_sdpa"
+
+
+def causal_mask_or_none(sdpa_mask, **kwargs):
+    """No mask for a window that attends only to itself without padding, so SDPA runs with `is_causal`
+    and may pick the flash kernel; transformers' own SDPA mask for everything else (padding, a cache).
+
+    transformers skips the same mask when run eagerly, but not while torch.compile traces: it cannot
+    read the position ids to rule out packed sequences, so a compiled GPT-2 attended through a
+    materialised (batch, 1, T, T) mask, which rules the flash kernel out. gpt2exp never packs
+    sequences: its windows are whole, at positions 0..T-1.
+    """
+    # transformers 5.0 passes the queries' positions, later versions their count
+    q_length = kwargs["q_length"] if "q_length" in kwargs else kwargs["cache_position"].shape[0]
+    if kwargs.get("attention_mask") is None and kwargs.get("kv_offset", 0) == 0 and q_length == kwargs["kv_length"]:
+        return None
+    return sdpa_mask(**kwargs)
+
+
+@functools.cache
+def register_attention() -> None:
+    """Make ATTENTION known to transformers: its SDPA forward, and `causal_mask_or_none` for the mask.
+    The name is not written to a checkpoint's config.json: plain transformers loads the checkpoints."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(ATTENTION, sdpa_attention_forward)
+    AttentionMaskInterface.register(ATTENTION, functools.partial(causal_mask_or_none, sdpa_mask))
 
 
 def quiet_transformers() -> None:
@@ -30,6 +61,7 @@ def padded_vocab(vocab_size: int, multiple: int) -> int:
 def scratch_config(cfg: Any, vocab_size: int, eos_id: int):
     from transformers import GPT2Config
 
+    register_attention()
     return GPT2Config(
         vocab_size=padded_vocab(vocab_size, cfg.vocab_multiple),
         n_positions=cfg.block_size,
@@ -51,6 +83,7 @@ def build_model(cfg: Any, vocab_size: int, eos_id: int):
     from transformers import GPT2LMHeadModel
 
     quiet_transformers()
+    register_attention()
     if cfg.init == "scratch":
         return GPT2LMHeadModel(scratch_config(cfg, vocab_size, eos_id))
     dropout = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
