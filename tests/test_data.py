@@ -82,6 +82,25 @@ def test_changing_the_vocab_size_makes_a_new_cache_entry(tmp_path):
     assert len([p for p in (tmp_path / "cache").iterdir() if p.is_dir()]) == 2
 
 
+def test_the_shakespeare_cache_key_is_the_same_wherever_the_plays_are_installed(tmp_path, monkeypatch):
+    import shutil
+
+    from gpt2exp import sources
+
+    cfg = data_cfg(tmp_path)
+    installed = sources.shakespeare_files()
+    here = data.cache_key(cfg, sources.shakespeare_source(cfg))
+    moved = []
+    for path in installed:  # as in a virtual environment at another path
+        moved.append(tmp_path / "elsewhere" / path.parent.name / path.name)
+        moved[-1].parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(path, moved[-1])
+    monkeypatch.setattr(sources, "shakespeare_files", lambda: moved)
+    assert data.cache_key(cfg, sources.shakespeare_source(cfg)) == here
+    moved[7].write_bytes(moved[7].read_bytes() + b"\n")  # one play's text changed: a new key
+    assert data.cache_key(cfg, sources.shakespeare_source(cfg)) != here
+
+
 def test_a_missing_data_file_names_the_path(tmp_path):
     cfg = data_cfg(tmp_path, source="text_files", files=[str(tmp_path / "nope.txt")])
     with pytest.raises(UserError, match=r"data file not found: .*nope.txt; check the path in data.files"):
