@@ -2,20 +2,21 @@
 and how long the loop stands still per checkpoint save, synchronous against background.
 
     python benchmarks/gpu.py                                   # on a CUDA GPU (bf16)
-    python benchmarks/gpu.py --steps 50 --batch-size 16
+    python benchmarks/gpu.py --steps 50 --batch-size 32 --grad-accum 2
     python benchmarks/gpu.py --saves 0 --variant model.vocab_multiple=1 --variant trainer.deterministic=true
     python benchmarks/gpu.py --device cpu --model gpt2_tiny --steps 5 --warmup 1   # a smoke run of the code
 
 The three methods train the same model shape on the same batches (gpt2exp's sampler over the
-Shakespeare tokens; the preset asks its BPE for 50257 tokens, the plays give 45659), one after
-another, each after --warmup untimed steps (compilation happens there):
+Shakespeare tokens; the preset asks its BPE for 50257 tokens, the plays give 45659), each optimizer
+step over --grad-accum micro-batches of --batch-size sequences (the preset's 2 x 32 unless given),
+one after another, each after --warmup untimed steps (compilation happens there):
 1. gpt2exp: `Trainer(cfg, run_dir)` of `+experiment=gpt2_124m` (bf16 autocast, fused AdamW,
-   torch.compile of the model with its loss, SDPA attention, TF32, pinned batches, the vocabulary
-   padded to a multiple of 64), `Trainer.step()` per step;
+   torch.compile of the model with its loss, SDPA attention with the causal mask left to the kernel
+   (flash), TF32, pinned batches, the vocabulary padded to a multiple of 64), `Trainer.step()` per step;
 2. bare HF loop: `GPT2LMHeadModel` (the tokenizer's vocabulary, unpadded) in fp32,
    `model(input_ids, labels=...)`, `torch.optim.AdamW` with its defaults, no autocast, no compile, no TF32;
 3. nanoGPT-style: the HF model with nanoGPT's settings: the vocabulary padded to a multiple of 64,
-   TF32, bf16 autocast, fused AdamW, torch.compile.
+   TF32, bf16 autocast, fused AdamW, torch.compile, flash attention (gpt2exp's causal mask).
 Each `--variant OVERRIDES` adds a gpt2exp row with those overrides on top (e.g. `--variant
 model.vocab_multiple=1` for the unpadded vocabulary, `--variant trainer.deterministic=true`).
 MFU = tokens/s x (6N + 12LHQT) / the GPU's dense bf16 peak (gpt2exp/mfu.py). Then, with gpt2exp's
@@ -47,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps per method")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps first (compilation)")
-    parser.add_argument("--batch-size", type=int, default=16, help="sequences per step")
+    parser.add_argument("--batch-size", type=int, help="sequences per micro-batch (default: the preset's)")
+    parser.add_argument("--grad-accum", type=int, help="micro-batches per optimizer step (default: the preset's)")
     parser.add_argument("--model", default="gpt2_124m", help="a model preset of conf/model/")
     parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     parser.add_argument("--saves", type=int, default=3, help="rounds of the blocked-per-save measurement (0: none)")
@@ -74,8 +76,8 @@ def compose_cfg(args, run_steps: int, extra: list[str] = ()):
         "+experiment=gpt2_124m",
         f"model={args.model}",
         f"device={args.device}",
-        f"trainer.batch_size={args.batch_size}",
-        "trainer.grad_accum_steps=1",
+        *([f"trainer.batch_size={args.batch_size}"] if args.batch_size else []),
+        *([f"trainer.grad_accum_steps={args.grad_accum}"] if args.grad_accum else []),
         f"trainer.max_steps={run_steps}",
         "trainer.progress=false",
         "logger=none",
@@ -104,17 +106,18 @@ def run_gpt2exp(cfg, args, sync) -> tuple[float, object]:
 
 
 def run_variant(args, overrides: str, sync) -> float:
-    """Seconds of `args.steps` gpt2exp steps with `overrides` on top of the preset; the trainer is let go."""
+    """Tokens/s of gpt2exp with `overrides` on top of the preset (its own tokens per step); the trainer is let go."""
     import torch
 
     cfg = compose_cfg(args, run_steps=10 * (args.warmup + args.steps), extra=overrides.split())
     seconds, trainer = run_gpt2exp(cfg, args, sync)
+    rate = args.steps * trainer.tokens_per_step / seconds
     trainer.checkpoints.close()
     del trainer
     torch.use_deterministic_algorithms(False)  # a deterministic variant leaves the process as it found it
     if args.device == "cuda":
         torch.cuda.empty_cache()
-    return seconds
+    return rate
 
 
 def run_hf(cfg, args, batches, sync, nanogpt: bool) -> float:
@@ -135,13 +138,14 @@ def run_hf(cfg, args, batches, sync, nanogpt: bool) -> float:
     )
     forward = torch.compile(model) if nanogpt and args.device == "cuda" else model
     autocast = autocast_context(device, "bf16" if nanogpt else "fp32")
-    it = iter(batches)
+    it, accum = iter(batches), cfg.trainer.grad_accum_steps
 
     def step() -> None:
-        x = next(it).to(device, non_blocking=True)
-        with autocast:
-            loss = forward(input_ids=x, labels=x).loss
-        loss.backward()
+        for _ in range(accum):
+            x = next(it).to(device, non_blocking=True)
+            with autocast:
+                loss = forward(input_ids=x, labels=x).loss / accum
+            loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.trainer.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -154,14 +158,16 @@ def run_hf(cfg, args, batches, sync, nanogpt: bool) -> float:
 
 
 class Batches:
-    """The windows gpt2exp's sampler draws, for the HF loops (inputs only: labels are the inputs)."""
+    """The windows gpt2exp's sampler draws, for the HF loops (inputs only: labels are the inputs):
+    `steps` optimizer steps of trainer.grad_accum_steps micro-batches."""
 
-    def __init__(self, trainer, count: int):
+    def __init__(self, trainer, steps: int):
         from gpt2exp.data import BatchSampler
 
         cfg = trainer.cfg
         sampler = BatchSampler(trainer.data.train, cfg.model.block_size, cfg.trainer.batch_size, cfg.seed)
         pin = trainer.device.type == "cuda"
+        count = steps * cfg.trainer.grad_accum_steps
         self.inputs = [torch.from_numpy(sampler.next_batch()[0].copy()) for _ in range(count)]
         self.inputs = [x.pin_memory() if pin else x for x in self.inputs]
         self.vocab_size, self.eos_id = trainer.data.vocab_size, trainer.data.tokenizer.eos_token_id
@@ -220,20 +226,22 @@ def main(argv: list[str] | None = None) -> int:
     per_token, peak = trainer.flops_per_token, peak_flops(trainer.device)
     tokens = args.steps * trainer.tokens_per_step
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
-    print(f"{args.model}, batch {args.batch_size} x {cfg.model.block_size}, {args.steps} timed steps on {name}")
+    t = cfg.trainer
+    print(f"{args.model}, {t.grad_accum_steps} x {t.batch_size} x {cfg.model.block_size} tokens per step, "
+          f"{args.steps} timed steps on {name}")  # fmt: skip
     width = max(24, *(len(f"gpt2exp {overrides}") for overrides in args.variant))
     print(f"{'method':<{width}} {'tokens/s':>12} {'MFU':>7}")
     rates: dict[str, float] = {}
 
-    def row(method: str, seconds: float) -> None:  # each row as soon as it is measured
-        rates[method] = rate = tokens / seconds
+    def row(method: str, rate: float) -> None:  # each row as soon as it is measured
+        rates[method] = rate
         util = mfu(rate, per_token, peak)
         print(f"{method:<{width}} {rate:>12,.0f} {'-' if util is None else f'{100 * util:.1f}%':>7}", flush=True)
 
-    row("gpt2exp Trainer.step", seconds)
+    row("gpt2exp Trainer.step", tokens / seconds)
     batches = Batches(trainer, args.warmup + args.steps)
-    row("bare HF loop", run_hf(trainer.cfg, args, batches, sync, nanogpt=False))
-    row("nanoGPT-style HF loop", run_hf(trainer.cfg, args, batches, sync, nanogpt=True))
+    row("bare HF loop", tokens / run_hf(trainer.cfg, args, batches, sync, nanogpt=False))
+    row("nanoGPT-style HF loop", tokens / run_hf(trainer.cfg, args, batches, sync, nanogpt=True))
     ours = rates["gpt2exp Trainer.step"]
     print(f"gpt2exp / bare HF loop = {ours / rates['bare HF loop']:.2f}x (target >= {BARE_TARGET})")
     print(f"gpt2exp / nanoGPT-style = {ours / rates['nanoGPT-style HF loop']:.2f}x (reference)")
