@@ -109,9 +109,10 @@ class Setup:
         self.tokens_per_step = self.block_size * self.batch_size
         data = prepare_data(self.cfg.data)
         self.model_config = scratch_config(m, data.vocab_size, data.tokenizer.eos_token_id)
-        # the same shape as transformers' GPT2Config has it by default: its activation
+        # the same shape as transformers' GPT2Config has it by default: its activation and attention
         self.transformers_config = copy.deepcopy(self.model_config)
         self.transformers_config.activation_function = GPT2Config().activation_function
+        self.transformers_config._attn_implementation = "sdpa"
         self.vocab_size = data.vocab_size
         # the batches gpt2exp's own sampler will draw: same tokens, block, batch size and seed
         sampler = BatchSampler(data.train, m.block_size, t.batch_size, self.cfg.seed)

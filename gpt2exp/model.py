@@ -17,19 +17,31 @@ ATTENTION = "gpt2exp_sdpa"
 
 
 def causal_mask_or_none(sdpa_mask, **kwargs):
-    """No mask for a window that attends only to itself without padding, so SDPA runs with `is_causal`
-    and may pick the flash kernel; transformers' own SDPA mask for everything else (padding, a cache).
+    """While torch.compile traces: no mask for a window that attends only to itself without padding, so
+    SDPA runs with `is_causal` and may pick the flash kernel. Everything else (run eagerly, padding, a
+    cache, an offset) gets transformers' own SDPA mask.
 
-    transformers skips the same mask when run eagerly, but not while torch.compile traces: it cannot
-    read the position ids to rule out packed sequences, so a compiled GPT-2 attended through a
-    materialised (batch, 1, T, T) mask, which rules the flash kernel out. gpt2exp never packs
-    sequences: its windows are whole, at positions 0..T-1.
+    transformers skips the same mask when run eagerly, but not while compiling: it cannot read the
+    position ids to rule out packed sequences, so a compiled GPT-2 attended through a materialised
+    (batch, 1, T, T) mask, which rules the flash kernel out. gpt2exp never packs sequences: its windows
+    are whole, at positions 0..T-1. Run eagerly, transformers still sees packed position ids.
     """
-    # transformers 5.0 passes the queries' positions, later versions their count
+    import torch
+
+    # transformers 5.0 passes the queries' positions, later versions their count and first position
     q_length = kwargs["q_length"] if "q_length" in kwargs else kwargs["cache_position"].shape[0]
-    if kwargs.get("attention_mask") is None and kwargs.get("kv_offset", 0) == 0 and q_length == kwargs["kv_length"]:
-        return None
-    return sdpa_mask(**kwargs)
+    q_offset = kwargs.get("q_offset", 0)
+    plain_causal = (
+        torch.compiler.is_compiling()
+        and getattr(kwargs.get("config"), "is_causal", True)  # not a decoder run bidirectionally
+        and kwargs.get("attention_mask") is None
+        and kwargs.get("local_size") is None
+        and kwargs.get("kv_offset", 0) == 0
+        and isinstance(q_offset, int)  # a static cache's offset is a tensor
+        and q_offset == 0
+        and q_length == kwargs["kv_length"]
+    )
+    return None if plain_causal else sdpa_mask(**kwargs)
 
 
 @functools.cache

@@ -56,7 +56,7 @@ class Stream:
 @dataclass
 class Source:
     description: str  # for messages: what data.* names
-    fingerprint: str  # changes when the documents may have changed (paths, sizes, mtimes; a data set's id)
+    fingerprint: str  # changes when the documents may have: stat (paths, sizes, mtimes), bytes, a data set's id
     open: Callable[[], list[Stream]]  # the streams, opened only when tokens are built
     val_fraction: float = 0.0
     _streams: list[Stream] | None = None

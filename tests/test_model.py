@@ -114,20 +114,43 @@ def test_gpt2exp_sdpa_computes_what_transformers_sdpa_does():
         torch.testing.assert_close(step[ours][:, -1], ours(x).logits[:, -1], rtol=1e-5, atol=1e-5)
 
 
-def test_the_causal_mask_is_left_out_only_for_an_unpadded_window_over_itself():
+def test_while_compiling_the_causal_mask_is_left_out_only_for_an_unpadded_window_over_itself(monkeypatch):
+    import torch
+
     def transformers_mask(**kwargs):
         return "mask"
 
     def mask(**kwargs):
         return causal_mask_or_none(transformers_mask, **{"attention_mask": None, "kv_offset": 0, **kwargs})
 
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     assert mask(q_length=16, kv_length=16) is None
+    assert mask(q_length=16, kv_length=16, q_offset=0, local_size=None) is None
     assert mask(q_length=16, kv_length=16, attention_mask="padding") == "mask"
     assert mask(q_length=1, kv_length=17) == "mask"  # a token over a cache: transformers decides
     assert mask(q_length=4, kv_length=16) == "mask"
     assert mask(q_length=16, kv_length=16, kv_offset=3) == "mask"
-
-    import torch  # transformers 5.0 passes the queries' positions instead of their count
-
+    assert mask(q_length=16, kv_length=16, q_offset=torch.tensor(0)) == "mask"  # a static cache
+    assert mask(q_length=16, kv_length=16, local_size=8) == "mask"
+    assert mask(q_length=16, kv_length=16, config=GPT2Config(is_causal=False)) == "mask"
+    # transformers 5.0 passes the queries' positions instead of their count
     assert mask(cache_position=torch.arange(16), kv_length=16) is None
     assert mask(cache_position=torch.arange(12, 16), kv_length=16) == "mask"
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: False)
+    assert mask(q_length=16, kv_length=16) == "mask"  # run eagerly, transformers decides
+
+
+def test_packed_sequences_run_eagerly_attend_within_their_own_sequence():
+    """Position ids that restart mark packed sequences: transformers masks across them, and so does
+    gpt2exp's attention when not compiling (gpt2exp itself never packs)."""
+    import torch
+
+    ours = build_model(model_cfg("scratch"), 64, 63).eval()
+    theirs = GPT2LMHeadModel(ours.config.__class__.from_dict(ours.config.to_dict(), attn_implementation="sdpa"))
+    theirs.load_state_dict(ours.state_dict())
+    x, packed = torch.arange(8).reshape(1, 8), torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3]])
+    with torch.no_grad():
+        logits = ours(x, position_ids=packed, use_cache=False).logits
+        assert torch.equal(logits, theirs(x, position_ids=packed, use_cache=False).logits)
+        second_alone = ours(x[:, 4:], use_cache=False).logits
+    torch.testing.assert_close(logits[:, 4:], second_alone, rtol=1e-5, atol=1e-5)  # it never saw the first
