@@ -218,6 +218,19 @@ class TokenData:
         self.tokenizer.model_max_length = n_positions
         self.tokenizer_dir = tokenizer_with_context_length(self.tokenizer_dir, n_positions)
 
+    def check_tokenizer_of_run(self, recorded: Path) -> None:
+        """Refuse to go on with a tokenizer that maps tokens to other ids than the run's own (`recorded`,
+        its copy in the run dir): a cache built again (by another `tokenizers` version, say) would feed
+        the resumed run other token ids than the ones it trained on, silently."""
+        if not recorded.is_dir():  # a run recorded before gpt2exp kept its tokenizer
+            return
+        if load_tokenizer(str(recorded)).get_vocab() != self.tokenizer.get_vocab():
+            raise UserError(
+                f"the data cache's tokenizer ({self.tokenizer_dir.parent}) gives other token ids than the "
+                f"tokenizer this run trained with ({recorded}): resuming would train on other tokens; resume "
+                "with data.cache_dir set to the cache the run started with, or start a new run"
+            )
+
 
 def tokenizer_with_context_length(tokenizer_dir: Path, n_positions: int) -> Path:
     """A sibling of `tokenizer_dir` with the same files whose tokenizer_config.json says `n_positions`."""

@@ -365,6 +365,7 @@ class Trainer:
         from gpt2exp.distributed import rank0_decides
         from gpt2exp.tracking import truncate_metrics
 
+        self.data.check_tokenizer_of_run(self.run_dir / "tokenizer")
         loaded = self.checkpoints.load(self.stateful, checkpoint)
         if loaded.trainer_state.get("config_sha256") != config_digest(self.cfg):
             log.warning("%s was saved under another config than this run's config.yaml", loaded.path.name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -99,6 +101,27 @@ def test_the_shakespeare_cache_key_is_the_same_wherever_the_plays_are_installed(
     assert data.cache_key(cfg, sources.shakespeare_source(cfg)) == here
     moved[7].write_bytes(moved[7].read_bytes() + b"\n")  # one play's text changed: a new key
     assert data.cache_key(cfg, sources.shakespeare_source(cfg)) != here
+
+
+def test_a_run_goes_on_only_with_a_tokenizer_giving_its_own_token_ids(shakespeare, tmp_path):
+    import shutil
+
+    recorded = tmp_path / "run" / "tokenizer"
+    shutil.copytree(shakespeare.tokenizer_dir, recorded)
+    shakespeare.check_tokenizer_of_run(recorded)  # the same ids: goes on
+    shakespeare.check_tokenizer_of_run(tmp_path / "run" / "no-tokenizer")  # none recorded: goes on
+    spec = json.loads((recorded / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    one, other = (token for token, id in vocab.items() if id in (300, 301))
+    vocab[one], vocab[other] = vocab[other], vocab[one]  # two tokens trade ids
+    (recorded / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(UserError) as error:
+        shakespeare.check_tokenizer_of_run(recorded)
+    assert str(error.value) == (
+        f"the data cache's tokenizer ({shakespeare.tokenizer_dir.parent}) gives other token ids than the "
+        f"tokenizer this run trained with ({recorded}): resuming would train on other tokens; resume "
+        "with data.cache_dir set to the cache the run started with, or start a new run"
+    )
 
 
 def test_a_missing_data_file_names_the_path(tmp_path):

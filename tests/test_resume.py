@@ -306,6 +306,36 @@ def test_a_checkpoint_that_does_not_match_its_config(tmp_path, finished):
     assert "does not match the model its config describes" in error
 
 
+def test_a_data_cache_whose_tokenizer_gives_other_ids_is_refused(tmp_path, finished):
+    """The run's own tokenizer (its copy in the run dir) is what the cache must match on resume."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    spec = json.loads((copy / "tokenizer" / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    one, other = (token for token, id in vocab.items() if id in (300, 301))
+    vocab[one], vocab[other] = vocab[other], vocab[one]
+    (copy / "tokenizer" / "tokenizer.json").write_text(json.dumps(spec))
+    before = snapshot(copy)
+    result = run_cli("gpt2exp.train", f"resume={copy}", "trainer.max_steps=9", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    # the cache is known only once the data is prepared, in the run's lock: the lock holds this launch's
+    # pid and train.log its lines; nothing else changes
+    after = snapshot(copy)
+    changed = {k for k in before.keys() | after.keys() if before.get(k) != after.get(k)}
+    assert changed == {".lock", "train.log"}
+    assert (copy / "train.log").read_text().startswith((finished / "train.log").read_text())
+    error = errors[0]
+    assert error.startswith("error: the data cache's tokenizer (")
+    assert error.endswith(
+        f"gives other token ids than the tokenizer this run trained with ({copy / 'tokenizer'}): resuming would "
+        "train on other tokens; resume with data.cache_dir set to the cache the run started with, or start a new run"
+    )
+
+
 def test_a_pickled_object_in_optimizer_pt_is_refused_and_never_runs(tmp_path, finished):
     import pickle
     import shutil
