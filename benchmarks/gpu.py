@@ -3,7 +3,7 @@ and how long the loop stands still per checkpoint save, synchronous against back
 
     python benchmarks/gpu.py                                   # on a CUDA GPU (bf16)
     python benchmarks/gpu.py --steps 50 --batch-size 32 --grad-accum 2
-    python benchmarks/gpu.py --saves 0 --variant model.vocab_multiple=1 --variant trainer.deterministic=true
+    python benchmarks/gpu.py --saves 0 --baselines '' --variant trainer.deterministic=true   # gpt2exp rows only
     python benchmarks/gpu.py --device cpu --model gpt2_tiny --steps 5 --warmup 1   # a smoke run of the code
 
 The three methods train the same model shape on the same batches (gpt2exp's sampler over the
@@ -59,6 +59,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="saves per mode timed after the first (printed apart: it allocates the buffers); 0: none",
     )
     parser.add_argument(
+        "--baselines",
+        default="bare,nanogpt",
+        help="the HF loops to run beside gpt2exp, comma-separated: bare, nanogpt ('' for none: GPU time is short)",
+    )
+    parser.add_argument(
         "--variant",
         action="append",
         default=[],
@@ -66,6 +71,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="another gpt2exp row: space-separated overrides on top of the preset (repeatable)",
     )
     args = parser.parse_args(argv)
+    args.baselines = [name for name in args.baselines.split(",") if name]
+    if unknown := sorted(set(args.baselines) - {"bare", "nanogpt"}):
+        parser.error(f"unknown --baselines {', '.join(unknown)}; choose from bare, nanogpt")
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("no CUDA GPU here; run it on a GPU machine, or use --device cpu for a smoke run")
     return args
@@ -248,12 +256,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{method:<{width}} {rate:>12,.0f} {'-' if util is None else f'{100 * util:.1f}%':>7}", flush=True)
 
     row("gpt2exp Trainer.step", tokens / seconds)
-    batches = Batches(trainer, args.warmup + args.steps)
-    row("bare HF loop", tokens / run_hf(trainer.cfg, args, batches, sync, nanogpt=False))
-    row("nanoGPT-style HF loop", tokens / run_hf(trainer.cfg, args, batches, sync, nanogpt=True))
+    batches = Batches(trainer, args.warmup + args.steps) if args.baselines else None
     ours = rates["gpt2exp Trainer.step"]
-    print(f"gpt2exp / bare HF loop = {ours / rates['bare HF loop']:.2f}x (target >= {BARE_TARGET})")
-    print(f"gpt2exp / nanoGPT-style = {ours / rates['nanoGPT-style HF loop']:.2f}x (reference)")
+    if "bare" in args.baselines:
+        row("bare HF loop", tokens / run_hf(trainer.cfg, args, batches, sync, nanogpt=False))
+        print(f"gpt2exp / bare HF loop = {ours / rates['bare HF loop']:.2f}x (target >= {BARE_TARGET})")
+    if "nanogpt" in args.baselines:
+        row("nanoGPT-style HF loop", tokens / run_hf(trainer.cfg, args, batches, sync, nanogpt=True))
+        print(f"gpt2exp / nanoGPT-style = {ours / rates['nanoGPT-style HF loop']:.2f}x (reference)")
     util = mfu(ours, per_token, peak)
     if util is not None:
         print(f"gpt2exp MFU = {100 * util:.1f}% (target >= {100 * MFU_TARGET:.0f}% on an H100)", flush=True)
