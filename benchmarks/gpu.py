@@ -6,10 +6,10 @@ and how long the loop stands still per checkpoint save, synchronous against back
     python benchmarks/gpu.py --saves 0 --baselines '' --variant trainer.deterministic=true   # gpt2exp rows only
     python benchmarks/gpu.py --device cpu --model gpt2_tiny --steps 5 --warmup 1   # a smoke run of the code
 
-The three methods train the same model shape on the same batches (gpt2exp's sampler over the
-Shakespeare tokens; the preset asks its BPE for 50257 tokens, the plays give 45659), each optimizer
-step over --grad-accum micro-batches of --batch-size sequences (the preset's 2 x 32 unless given),
-one after another, each after --warmup untimed steps (compilation happens there):
+The three methods (--baselines picks the HF loops that run) train the same model shape on the same
+batches (gpt2exp's sampler over the Shakespeare tokens; the preset asks its BPE for 50257 tokens, the
+plays give 45659), each optimizer step over --grad-accum micro-batches of --batch-size sequences (the
+preset's 2 x 32 unless given), one after another, each after --warmup untimed steps (compilation happens there):
 1. gpt2exp: `Trainer(cfg, run_dir)` of `+experiment=gpt2_124m` (bf16 autocast, fused AdamW,
    torch.compile of the model with its loss, SDPA attention with the causal mask left to the kernel
    (flash), TF32, pinned batches, the vocabulary padded to a multiple of 64), `Trainer.step()` per step;
@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="another gpt2exp row: space-separated overrides on top of the preset (repeatable)",
     )
     args = parser.parse_args(argv)
-    args.baselines = [name for name in args.baselines.split(",") if name]
+    args.baselines = [name.strip() for name in args.baselines.split(",") if name.strip()]
     if unknown := sorted(set(args.baselines) - {"bare", "nanogpt"}):
         parser.error(f"unknown --baselines {', '.join(unknown)}; choose from bare, nanogpt")
     if args.device == "cuda" and not torch.cuda.is_available():

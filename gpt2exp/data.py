@@ -228,7 +228,8 @@ class TokenData:
             raise UserError(
                 f"the data cache's tokenizer ({self.tokenizer_dir.parent}) gives other token ids than the "
                 f"tokenizer this run trained with ({recorded}): resuming would train on other tokens; resume "
-                "with data.cache_dir set to the cache the run started with, or start a new run"
+                "with data.cache_dir set to a cache built by the tokenizers version in the run's run.json, or "
+                "start a new run"
             )
 
 

@@ -105,7 +105,7 @@ def package_versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     found = {}
-    for name in ("gpt2exp", "torch", "transformers", "hydra-core", "wandb"):
+    for name in ("gpt2exp", "torch", "transformers", "tokenizers", "hydra-core", "wandb"):  # tokenizers trains the BPE
         try:
             found[name] = version(name)
         except PackageNotFoundError:

@@ -349,7 +349,8 @@ class Trainer:
             restart = {"at": timestamp(), "wandb_id": info.get("wandb_id"), **self.world_record()}
             restarts = info.get("restarts", []) + [restart]
             info = update_run_json(self.run_dir, status=RunStatus.running, wandb_id=new_run_id(), restarts=restarts)
-            shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
+            shutil.rmtree(self.run_dir / "tokenizer", ignore_errors=True)  # no file of the attempt's tokenizer stays
+            shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer")
             return info, dropped
 
         info, dropped = rank0_decides(record)

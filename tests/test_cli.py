@@ -45,7 +45,7 @@ def test_a_short_run_writes_the_run_dir_contract(short_run):
     assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000020"
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "completed" and len(info["run_id"]) == 12
-    assert set(info["versions"]) >= {"torch", "transformers", "gpt2exp"}
+    assert set(info["versions"]) >= {"torch", "transformers", "tokenizers", "gpt2exp"}
     record = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert record["trainer"]["max_steps"] == 20 and record["scheduler"]["decay_steps"] == 20
     assert record["trainer"]["num_threads"] == 1

@@ -119,8 +119,8 @@ def test_a_run_goes_on_only_with_a_tokenizer_giving_its_own_token_ids(shakespear
         shakespeare.check_tokenizer_of_run(recorded)
     assert str(error.value) == (
         f"the data cache's tokenizer ({shakespeare.tokenizer_dir.parent}) gives other token ids than the "
-        f"tokenizer this run trained with ({recorded}): resuming would train on other tokens; resume "
-        "with data.cache_dir set to the cache the run started with, or start a new run"
+        f"tokenizer this run trained with ({recorded}): resuming would train on other tokens; resume with "
+        "data.cache_dir set to a cache built by the tokenizers version in the run's run.json, or start a new run"
     )
 
 
