@@ -218,19 +218,20 @@ class TokenData:
         self.tokenizer.model_max_length = n_positions
         self.tokenizer_dir = tokenizer_with_context_length(self.tokenizer_dir, n_positions)
 
-    def check_tokenizer_of_run(self, recorded: Path) -> None:
-        """Refuse to go on with a tokenizer that maps tokens to other ids than the run's own (`recorded`,
-        its copy in the run dir): a cache built again (by another `tokenizers` version, say) would feed
-        the resumed run other token ids than the ones it trained on, silently."""
-        if not recorded.is_dir():  # a run recorded before gpt2exp kept its tokenizer
-            return
-        if load_tokenizer(str(recorded)).get_vocab() != self.tokenizer.get_vocab():
-            raise UserError(
-                f"the data cache's tokenizer ({self.tokenizer_dir.parent}) gives other token ids than the "
-                f"tokenizer this run trained with ({recorded}): resuming would train on other tokens; resume "
-                "with data.cache_dir set to a cache built by the tokenizers version in the run's run.json, or "
-                "start a new run"
-            )
+
+def check_token_ids_of_run(tokenizer: Any, tokenizer_dir: Path, recorded: Path | None) -> None:
+    """Refuse to go on with a tokenizer that maps tokens to other ids than the run's own (`recorded`,
+    its copy in the run dir; None for a new run): a cache built again (by another `tokenizers` version,
+    say) would feed the resumed run other token ids than the ones it trained on, silently."""
+    if recorded is None or not recorded.is_dir():  # a run recorded before gpt2exp kept its tokenizer
+        return
+    if load_tokenizer(str(recorded)).get_vocab() != tokenizer.get_vocab():
+        raise UserError(
+            f"the data cache's tokenizer ({tokenizer_dir.parent}) gives other token ids than the "
+            f"tokenizer this run trained with ({recorded}): resuming would train on other tokens; resume "
+            "with data.cache_dir set to a cache built by the tokenizers version in the run's run.json, or "
+            "start a new run"
+        )
 
 
 def tokenizer_with_context_length(tokenizer_dir: Path, n_positions: int) -> Path:
@@ -278,8 +279,12 @@ def default_num_proc() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
-def prepare_data(cfg: Any) -> TokenData:
-    """The token shards and tokenizer for `cfg` (the `data` section), built once, checked at every call."""
+def prepare_data(cfg: Any, tokenizer_of_run: Path | None = None) -> TokenData:
+    """The token shards and tokenizer for `cfg` (the `data` section), built once, checked at every call.
+
+    `tokenizer_of_run`: a resumed run's own tokenizer (its copy in the run dir), which the cache's must
+    equal in token ids; a new entry is compared before its text is tokenized (hours on a large corpus).
+    """
     source = open_source(cfg)
     root = Path(os.path.expanduser(cfg.cache_dir))
     folder = root / f"{cfg.source}-{cache_key(cfg, source)}"
@@ -289,7 +294,7 @@ def prepare_data(cfg: Any) -> TokenData:
         with cache_lock(lock_file):
             manifest = read_manifest(folder)
             if manifest is None:
-                manifest = _build_entry(cfg, source, folder)
+                manifest = _build_entry(cfg, source, folder, tokenizer_of_run)
             bad = corrupt_shards(folder, manifest)
             if bad:
                 tokenizing = _tokenizing(cfg, folder, manifest)
@@ -303,6 +308,7 @@ def prepare_data(cfg: Any) -> TokenData:
                 shutil.rmtree(root, ignore_errors=True)
         raise
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
+    check_token_ids_of_run(tokenizer, folder / "tokenizer", tokenizer_of_run)
     return TokenData(
         _open_split(folder, manifest, "train"), _open_split(folder, manifest, "val"), tokenizer, folder / "tokenizer"
     )
@@ -322,7 +328,7 @@ def _open_split(folder: Path, manifest: dict[str, Any], split: str) -> np.ndarra
     return TokenShards([folder / s["file"] for s in shards], dtype)
 
 
-def _build_entry(cfg: Any, source: Source, folder: Path) -> dict[str, Any]:
+def _build_entry(cfg: Any, source: Source, folder: Path, tokenizer_of_run: Path | None) -> dict[str, Any]:
     """Tokenizer and shards of a new (or half-built) cache entry. Bad input removes what it started."""
     tokenizer = None if cfg.tokenizer.name == "bpe" else load_tokenizer(cfg.tokenizer.name)  # refused before any write
     created = not folder.exists()
@@ -342,6 +348,7 @@ def _build_entry(cfg: Any, source: Source, folder: Path) -> dict[str, Any]:
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
         tokenizer = load_tokenizer(str(tokenizer_dir))
+        check_token_ids_of_run(tokenizer, tokenizer_dir, tokenizer_of_run)
         header = {
             "format": FORMAT,
             "dtype": token_dtype(tokenizer).name,

@@ -151,7 +151,8 @@ def start_and_run(cfg: DictConfig, run_dir: Path, plan: RunPlan, preemption: Pre
 
     try:
         with preemption.interrupting():
-            trainer = Trainer(cfg, run_dir)
+            resumed = plan.resume_from if plan.resume_from and not plan.resume_from.restart else None
+            trainer = Trainer(cfg, run_dir, resumed and resumed.run_dir / "tokenizer")
     except Interrupted:
         if plan.resume_from is None:
             outcome = "nothing was trained or written"

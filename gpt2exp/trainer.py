@@ -207,7 +207,8 @@ class StepClock:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, run_dir: Path):
+    def __init__(self, cfg: DictConfig, run_dir: Path, tokenizer_of_run: Path | None = None):
+        """`tokenizer_of_run`: a resumed run's own tokenizer, which the data cache's must equal in token ids."""
         import torch
         from tqdm import tqdm
 
@@ -229,7 +230,7 @@ class Trainer:
         self.device = pick_device(cfg.device, self.world.local_rank)
         use_tf32(self.device)
         use_deterministic(t.deterministic)
-        self.data = prepare_data(cfg.data)
+        self.data = prepare_data(cfg.data, tokenizer_of_run)
         self.model = build_model(cfg.model, self.data.vocab_size, self.data.tokenizer.eos_token_id).to(self.device)
         log.info("model: %.2fM parameters, vocab %d", count_parameters(self.model) / 1e6, self.data.vocab_size)
         self.data.state_context_length(self.model.config.n_positions)  # the tokenizer files say the model's
@@ -366,7 +367,6 @@ class Trainer:
         from gpt2exp.distributed import rank0_decides
         from gpt2exp.tracking import truncate_metrics
 
-        self.data.check_tokenizer_of_run(self.run_dir / "tokenizer")
         loaded = self.checkpoints.load(self.stateful, checkpoint)
         if loaded.trainer_state.get("config_sha256") != config_digest(self.cfg):
             log.warning("%s was saved under another config than this run's config.yaml", loaded.path.name)

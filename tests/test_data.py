@@ -103,25 +103,63 @@ def test_the_shakespeare_cache_key_is_the_same_wherever_the_plays_are_installed(
     assert data.cache_key(cfg, sources.shakespeare_source(cfg)) != here
 
 
-def test_a_run_goes_on_only_with_a_tokenizer_giving_its_own_token_ids(shakespeare, tmp_path):
+def tokenizer_with_two_ids_traded(tokenizer_dir, out):
+    """A copy of the tokenizer in `tokenizer_dir` at `out` in which two tokens trade ids."""
     import shutil
 
-    recorded = tmp_path / "run" / "tokenizer"
-    shutil.copytree(shakespeare.tokenizer_dir, recorded)
-    shakespeare.check_tokenizer_of_run(recorded)  # the same ids: goes on
-    shakespeare.check_tokenizer_of_run(tmp_path / "run" / "no-tokenizer")  # none recorded: goes on
-    spec = json.loads((recorded / "tokenizer.json").read_text())
+    shutil.copytree(tokenizer_dir, out)
+    spec = json.loads((out / "tokenizer.json").read_text())
     vocab = spec["model"]["vocab"]
-    one, other = (token for token, id in vocab.items() if id in (300, 301))
-    vocab[one], vocab[other] = vocab[other], vocab[one]  # two tokens trade ids
-    (recorded / "tokenizer.json").write_text(json.dumps(spec))
-    with pytest.raises(UserError) as error:
-        shakespeare.check_tokenizer_of_run(recorded)
-    assert str(error.value) == (
-        f"the data cache's tokenizer ({shakespeare.tokenizer_dir.parent}) gives other token ids than the "
-        f"tokenizer this run trained with ({recorded}): resuming would train on other tokens; resume with "
-        "data.cache_dir set to a cache built by the tokenizers version in the run's run.json, or start a new run"
+    one, other = sorted(vocab, key=vocab.get)[-2:]
+    vocab[one], vocab[other] = vocab[other], vocab[one]
+    (out / "tokenizer.json").write_text(json.dumps(spec))
+    return out
+
+
+def token_ids_error(cache_entry, recorded) -> str:
+    return (
+        f"the data cache's tokenizer ({cache_entry}) gives other token ids than the tokenizer this run "
+        f"trained with ({recorded}): resuming would train on other tokens; resume with data.cache_dir set to a "
+        "cache built by the tokenizers version in the run's run.json, or start a new run"
     )
+
+
+def test_a_run_goes_on_only_with_a_cache_giving_its_own_token_ids(tmp_path):
+    import shutil
+
+    (tmp_path / "a.txt").write_text("to be or not to be, that is the question\n" * 300)
+    cfg = data_cfg(tmp_path, source="text_files", files=[str(tmp_path / "a.txt")], val_fraction=0.1)
+    first = data.prepare_data(cfg)
+    entry = first.tokenizer_dir.parent
+    same = tmp_path / "run" / "tokenizer"
+    shutil.copytree(first.tokenizer_dir, same)
+    assert np.array_equal(data.prepare_data(cfg, same).train, first.train)  # the same ids: goes on
+    data.prepare_data(cfg, tmp_path / "run" / "none")  # a run recorded without its tokenizer: goes on
+    other = tokenizer_with_two_ids_traded(first.tokenizer_dir, tmp_path / "other" / "tokenizer")
+    with pytest.raises(UserError) as error:
+        data.prepare_data(cfg, other)
+    assert str(error.value) == token_ids_error(entry, other)
+    assert data.read_manifest(entry) is not None  # an existing entry stays
+
+
+def test_a_rebuilt_cache_with_other_token_ids_is_refused_before_the_text_is_tokenized(tmp_path, monkeypatch):
+    import shutil
+
+    (tmp_path / "a.txt").write_text("now is the winter of our discontent\n" * 300)
+    cfg = data_cfg(tmp_path, source="text_files", files=[str(tmp_path / "a.txt")], val_fraction=0.1)
+    first = data.prepare_data(cfg)
+    entry = first.tokenizer_dir.parent
+    other = tokenizer_with_two_ids_traded(first.tokenizer_dir, tmp_path / "run" / "tokenizer")
+    shutil.rmtree(entry)  # the cache is built again
+
+    def no_tokenizing(*args, **kwargs):
+        raise AssertionError("the text was tokenized")
+
+    monkeypatch.setattr(data, "build", no_tokenizing)
+    with pytest.raises(UserError) as error:
+        data.prepare_data(cfg, other)
+    assert str(error.value) == token_ids_error(entry, other)
+    assert not entry.exists()  # the entry it started is taken back
 
 
 def test_a_missing_data_file_names_the_path(tmp_path):
