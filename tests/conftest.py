@@ -34,6 +34,18 @@ FAST = [
 ]
 
 
+def trade_two_token_ids(tokenizer_dir: Path) -> Path:
+    """Make the two newest tokens of the tokenizer saved in `tokenizer_dir` trade ids (in place)."""
+    import json
+
+    spec = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    one, other = sorted(vocab, key=vocab.get)[-2:]
+    vocab[one], vocab[other] = vocab[other], vocab[one]
+    (tokenizer_dir / "tokenizer.json").write_text(json.dumps(spec))
+    return tokenizer_dir
+
+
 def run_cli(module: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
     """Run `python -m <module> args...` in `cwd`; returns the CompletedProcess (text)."""
     full_env = {**os.environ, **(env or {})}

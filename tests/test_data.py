@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 from omegaconf import OmegaConf
@@ -11,6 +9,7 @@ from omegaconf import OmegaConf
 from gpt2exp import data
 from gpt2exp.config import CONF_DIR, DataConfig
 from gpt2exp.errors import UserError
+from tests.conftest import trade_two_token_ids
 
 
 def data_cfg(tmp_path, source="shakespeare", vocab_size=300, **overrides):
@@ -103,19 +102,6 @@ def test_the_shakespeare_cache_key_is_the_same_wherever_the_plays_are_installed(
     assert data.cache_key(cfg, sources.shakespeare_source(cfg)) != here
 
 
-def tokenizer_with_two_ids_traded(tokenizer_dir, out):
-    """A copy of the tokenizer in `tokenizer_dir` at `out` in which two tokens trade ids."""
-    import shutil
-
-    shutil.copytree(tokenizer_dir, out)
-    spec = json.loads((out / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    one, other = sorted(vocab, key=vocab.get)[-2:]
-    vocab[one], vocab[other] = vocab[other], vocab[one]
-    (out / "tokenizer.json").write_text(json.dumps(spec))
-    return out
-
-
 def token_ids_error(cache_entry, recorded) -> str:
     return (
         f"the data cache's tokenizer ({cache_entry}) gives other token ids than the tokenizer this run "
@@ -135,7 +121,7 @@ def test_a_run_goes_on_only_with_a_cache_giving_its_own_token_ids(tmp_path):
     shutil.copytree(first.tokenizer_dir, same)
     assert np.array_equal(data.prepare_data(cfg, same).train, first.train)  # the same ids: goes on
     data.prepare_data(cfg, tmp_path / "run" / "none")  # a run recorded without its tokenizer: goes on
-    other = tokenizer_with_two_ids_traded(first.tokenizer_dir, tmp_path / "other" / "tokenizer")
+    other = trade_two_token_ids(shutil.copytree(first.tokenizer_dir, tmp_path / "other" / "tokenizer"))
     with pytest.raises(UserError) as error:
         data.prepare_data(cfg, other)
     assert str(error.value) == token_ids_error(entry, other)
@@ -149,7 +135,7 @@ def test_a_rebuilt_cache_with_other_token_ids_is_refused_before_the_text_is_toke
     cfg = data_cfg(tmp_path, source="text_files", files=[str(tmp_path / "a.txt")], val_fraction=0.1)
     first = data.prepare_data(cfg)
     entry = first.tokenizer_dir.parent
-    other = tokenizer_with_two_ids_traded(first.tokenizer_dir, tmp_path / "run" / "tokenizer")
+    other = trade_two_token_ids(shutil.copytree(first.tokenizer_dir, tmp_path / "run" / "tokenizer"))
     shutil.rmtree(entry)  # the cache is built again
 
     def no_tokenizing(*args, **kwargs):

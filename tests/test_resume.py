@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from gpt2exp.preemption import EXIT_PREEMPTED
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, run_cli, trade_two_token_ids
 
 pytestmark = pytest.mark.slow
 
@@ -312,11 +312,7 @@ def test_a_data_cache_whose_tokenizer_gives_other_ids_is_refused(tmp_path, finis
 
     copy = tmp_path / "copy"
     shutil.copytree(finished, copy)
-    spec = json.loads((copy / "tokenizer" / "tokenizer.json").read_text())
-    vocab = spec["model"]["vocab"]
-    one, other = (token for token, id in vocab.items() if id in (300, 301))
-    vocab[one], vocab[other] = vocab[other], vocab[one]
-    (copy / "tokenizer" / "tokenizer.json").write_text(json.dumps(spec))
+    trade_two_token_ids(copy / "tokenizer")
     before = snapshot(copy)
     result = run_cli("gpt2exp.train", f"resume={copy}", "trainer.max_steps=9", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-3000:]
