@@ -46,7 +46,7 @@ from gpt2exp import distributed
 from gpt2exp.distributed import World
 from gpt2exp.errors import SaveFailed, UserError
 from gpt2exp.rundir import checkpoints_root, timestamp
-from gpt2exp.snapshot import Copy, HostSnapshot, freeze
+from gpt2exp.snapshot import Copy, HostSnapshot, freeze, state_tensors
 from gpt2exp.state import Stateful, StateKind, group_by_kind
 
 log = logging.getLogger(__name__)
@@ -636,6 +636,18 @@ class CheckpointManager:
         self._in_flight = PendingSave(self._writer.submit(self._commit_and_rotate, step, frozen, metrics, final, copy))
         return self._in_flight
 
+    def has(self, step: int) -> bool:
+        """Whether the checkpoint of `step` is committed."""
+        return is_checkpoint_dir(self.root / step_dir_name(step))
+
+    def reserve_snapshot(self, stateful: Mapping[str, Any]) -> None:
+        """Make a background save's host buffers now, for the state as it is: call it once the optimizer
+        has its state (after its first step), so that the run's first save does not wait for them."""
+        if self._snapshot is None or self._in_flight is not None:  # a save in flight made them already
+            return
+        model, groups = split_stateful(stateful)
+        self._snapshot.reserve(state_tensors(MODEL_KEY, model_tensors(model, on_cpu=False), groups)[0])
+
     def wait_snapshot(self) -> None:
         """Call before the state changes (the optimizer update): waits until a background save has its copy."""
         if self._snapshot is not None:
@@ -686,8 +698,8 @@ class CheckpointManager:
         """Wait for a save in flight (its failure is logged: close runs on the way out), then release."""
         try:
             self.flush()
-        except SaveFailed as exc:
-            log.error("%s", exc)
+        except Exception as exc:  # noqa: BLE001 - whatever failed, the exception on the way out goes on
+            log.error("%s", exc if isinstance(exc, SaveFailed) else f"the checkpoint save in flight failed: {exc!r}")
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
@@ -807,12 +819,26 @@ class CheckpointManager:
         return kept_reasons(self.root, self.cfg)
 
     def _rotate(self) -> None:
+        """Delete the checkpoints no rule keeps. Each leaves the step_* names by a rename first, so a
+        delete cut short leaves a leftover for the next start, never a half checkpoint. A failure is
+        logged: the new checkpoint is committed, and an old one left on disk loses nothing."""
         if not self.world.main:
             return
         for name, reasons in self.kept().items():
             if not reasons:
                 log.info("rotating away checkpoint %s", name)
-                shutil.rmtree(self.root / name)
+                doomed = self.root / f"{TMP_PREFIX}rotated-{name}-{self._tmp_suffix}"
+                try:
+                    os.replace(self.root / name, doomed)
+                except OSError as exc:
+                    log.warning("could not rotate away checkpoint %s (%s); it stays", name, _describe_os_error(exc))
+                    continue
+                try:
+                    shutil.rmtree(doomed)
+                except OSError as exc:
+                    log.warning(
+                        "could not delete %s (%s); the next start removes it", doomed.name, _describe_os_error(exc)
+                    )
 
 
 # fields of the checkpoint's config.json that a scratch model's `model` config fixes

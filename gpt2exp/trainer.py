@@ -279,6 +279,7 @@ class Trainer:
         show = t.progress and self.world.main
         self.bar = tqdm(total=t.max_steps, disable=not show, dynamic_ncols=True, leave=False, delay=0.5)
         self.lr = 0.0  # the LR of the newest step
+        self.snapshot_reserved = False  # a background save's buffers, made after this process's first step
 
     # -- the run: start, loop, end -----------------------------------------------------------------
 
@@ -439,6 +440,9 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
+            if not self.snapshot_reserved:  # the optimizer's state exists from its first step on
+                self.checkpoints.reserve_snapshot(self.stateful)
+                self.snapshot_reserved = True
             loss_value = total.item()  # one device sync per step, not per micro-batch
             if self.world.size > 1:  # the mean over the ranks: each trained on as many sequences
                 loss_value = sum_over_ranks([loss_value])[0] / self.world.size
@@ -582,7 +586,12 @@ class Trainer:
         step = self.counters.step
         if step > 0:
             self.save_if_due()  # forced by the signal; a step already saved is not written again
-        done = f"saved step {step}" if step else "nothing trained yet, nothing to save"
+        if not step:
+            done = "nothing trained yet, nothing to save"
+        elif self.checkpoints.has(step):
+            done = f"saved step {step}"
+        else:  # checkpoint.on_save_error=warn let the save fail
+            done = f"step {step} was not saved, a resume goes on from the newest checkpoint"
         log.warning("%s received: %s, stopping (exit %d)", self.preemption.signal_name, done, EXIT_PREEMPTED)
         raise Preempted(self.preemption)
 

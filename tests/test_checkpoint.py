@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -460,6 +461,82 @@ def test_rotation_runs_only_once_latest_is_durable(run_dir, managers, monkeypatc
     monkeypatch.undo()
     manager.save(3, stateful, {}, force=True)
     assert steps(manager.root) == {"step_00000003"} and latest(manager.root) == "step_00000003\n"
+
+
+@pytest.mark.parametrize("async_save", [False, True])
+def test_a_delete_that_fails_in_rotation_leaves_no_half_checkpoint_and_the_run_goes_on(
+    run_dir, managers, monkeypatch, caplog, async_save
+):
+    """An old checkpoint whose delete fails partway (EBUSY; files held open on NFS): the new one is
+    committed, the old one is out of the step_* names, and the next start removes what is left."""
+    manager = managers(make_cfg(keep_last=1, async_save=async_save), run_dir)
+    stateful = make_stateful()
+    manager.save(1, stateful, {}, force=True).wait()
+
+    real_rmtree = shutil.rmtree
+
+    def fail_partway(path, *args, **kwargs):
+        if not Path(path).name.startswith(".tmp-rotated-"):
+            return real_rmtree(path, *args, **kwargs)
+        (Path(path) / "model.safetensors").unlink()  # some files went before the failure
+        raise OSError(errno.EBUSY, "Device or resource busy", str(path))
+
+    monkeypatch.setattr(ckpt.shutil, "rmtree", fail_partway)
+    with caplog.at_level(logging.WARNING, logger="gpt2exp.checkpoint"):
+        assert manager.save(2, stateful, {}, force=True).wait() == manager.root / "step_00000002"
+        manager.poll()
+        manager.flush()  # nothing raised: the failure is not the save's
+    monkeypatch.undo()
+    left = f".tmp-rotated-step_00000001-{manager._tmp_suffix}"
+    assert caplog.messages == [
+        f"could not delete {left} ([Errno 16] Device or resource busy: '{manager.root / left}'); "
+        "the next start removes it"
+    ]
+    assert steps(manager.root) == {"step_00000002"} and latest(manager.root) == "step_00000002\n"
+    assert leftovers(manager.root) == [left]
+    manager.close()
+    restarted = managers(make_cfg(keep_last=1), run_dir)
+    assert leftovers(restarted.root) == [] and verify_checkpoint(restarted.find_good()) is None
+
+
+def test_a_checkpoint_rotation_cannot_move_stays_and_the_run_goes_on(run_dir, managers, monkeypatch, caplog):
+    manager = managers(make_cfg(keep_last=1, async_save=True), run_dir)
+    stateful = make_stateful()
+    manager.save(1, stateful, {}, force=True).wait()
+
+    real_replace = os.replace
+
+    def refuse(source, destination):
+        if not Path(destination).name.startswith(".tmp-rotated-"):  # the commit's own renames work
+            return real_replace(source, destination)
+        raise OSError(errno.EACCES, "Permission denied", str(source))
+
+    monkeypatch.setattr(ckpt.os, "replace", refuse)
+    with caplog.at_level(logging.WARNING, logger="gpt2exp.checkpoint"):
+        manager.save(2, stateful, {}, force=True).wait()
+        manager.flush()
+    assert caplog.messages == [
+        "could not rotate away checkpoint step_00000001 (permission denied (Permission denied)); it stays"
+    ]
+    assert steps(manager.root) == {"step_00000001", "step_00000002"} and latest(manager.root) == "step_00000002\n"
+    monkeypatch.undo()
+    manager.save(3, stateful, {}, force=True).wait()  # the next rotation takes both
+    assert steps(manager.root) == {"step_00000003"} and leftovers(manager.root) == []
+
+
+def test_close_logs_whatever_the_save_in_flight_raised_and_never_masks_the_exception_on_the_way_out(
+    run_dir, managers, monkeypatch, caplog
+):
+    manager = managers(make_cfg(async_save=True), run_dir)
+
+    def broken_write(*args, **kwargs):
+        raise TypeError("a bug in a writer")
+
+    monkeypatch.setattr(manager.files, "write", broken_write)
+    manager.save(1, make_stateful(), {}, force=True)
+    with caplog.at_level(logging.ERROR, logger="gpt2exp.checkpoint"):
+        manager.close()  # in a `finally` after another exception: it must not replace that one
+    assert caplog.messages == ["the checkpoint save in flight failed: TypeError('a bug in a writer')"]
 
 
 FSDP_SCRIPT = textwrap.dedent(

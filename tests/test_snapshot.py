@@ -11,7 +11,7 @@ import threading
 import torch
 
 from gpt2exp.checkpoint import CheckpointManager, verify_checkpoint
-from gpt2exp.snapshot import HostSnapshot
+from gpt2exp.snapshot import HostMemory, HostSnapshot
 from tests.test_checkpoint import make_cfg, make_stateful
 
 
@@ -46,17 +46,93 @@ def test_the_snapshot_holds_each_tensor_exactly_whatever_its_dtype_shape_and_lay
                     tensor.logical_not_()
                 elif name != "conj":
                     tensor.add_(1)
-        tensors["weight"] = torch.randn(2, 3)  # a tensor of another shape gets a buffer of its own
-        pointers = {name: buffer.data_ptr() for name, buffer in buffers.items() if name != "weight"}
+        pointers = {name: buffer.data_ptr() for name, buffer in buffers.items()}
         again, copy = snapshot.start(tensors)
         copy.on_host()
-        assert {name: buffer.data_ptr() for name, buffer in again.items() if name != "weight"} == pointers
-        assert again["weight"].shape == (2, 3)
+        snapshot.wait_copied()
+        assert {name: buffer.data_ptr() for name, buffer in again.items()} == pointers  # reused
         for name, tensor in tensors.items():
             assert torch.equal(again[name], tensor.detach()), name
             assert not torch.equal(again[name], expected[name]) or tensor.numel() == 0 or name == "conj", name
+
+        tensors["weight"] = torch.randn(2, 3)  # a tensor of another shape: buffers for the new layout
+        changed, copy = snapshot.start(tensors)
+        copy.on_host()
+        assert changed["weight"].shape == (2, 3)
+        for name, tensor in tensors.items():
+            assert torch.equal(changed[name], tensor.detach()), name
     finally:
         snapshot.close()
+
+
+def test_the_buffers_are_views_of_one_allocation_of_the_exact_size_each_on_a_cache_line():
+    tensors = {
+        "weight": torch.randn(5, 7),  # 140 bytes: padded to 192
+        "step": torch.tensor(3.0),  # 4 bytes: 64
+        "empty": torch.empty(0, 3),  # 0 bytes: 0
+        "half": torch.randn(3).to(torch.bfloat16),  # 6 bytes: 64
+        "ids": torch.arange(16, dtype=torch.int64),  # 128 bytes: 128
+    }
+    snapshot = HostSnapshot()
+    try:
+        snapshot.reserve(tensors)  # the buffers exist before the first save
+        reserved = {name: buffer.data_ptr() for name, buffer in snapshot._buffers.items()}
+        buffers, copy = snapshot.start(tensors)
+        copy.on_host()
+        assert {name: buffer.data_ptr() for name, buffer in buffers.items()} == reserved
+        base = snapshot._host.memory.ctypes.data
+        assert snapshot._host.memory.nbytes == 192 + 64 + 0 + 64 + 128
+        assert {name: buffer.data_ptr() - base for name, buffer in buffers.items() if name != "empty"} == {
+            "weight": 0, "step": 192, "half": 256, "ids": 320,
+        }  # fmt: skip
+        # each its own storage of its own bytes: torch.save writes no neighbour's, and none looks tied
+        assert {name: buffer.untyped_storage().nbytes() for name, buffer in buffers.items()} == {
+            "weight": 140, "step": 4, "empty": 0, "half": 6, "ids": 128,
+        }  # fmt: skip
+        for name, tensor in tensors.items():
+            assert buffers[name].shape == tensor.shape and torch.equal(buffers[name], tensor), name
+    finally:
+        snapshot.close()
+
+
+class FakeCudart:
+    """CUDA runtime's host-registration calls as this CPU machine can check them: which calls, which bytes."""
+
+    def __init__(self, status: int):
+        self.status, self.calls = status, []
+
+    def cudaHostRegister(self, pointer, size, flags):
+        self.calls.append(("register", pointer, size, flags))
+        return self.status
+
+    def cudaHostUnregister(self, pointer):
+        self.calls.append(("unregister", pointer))
+        return 0
+
+
+def test_pinned_buffers_page_lock_exactly_their_bytes_once_and_unlock_them_on_release(monkeypatch):
+    cudart = FakeCudart(status=0)
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    host = HostMemory(1000, pin=True)
+    pointer = host.memory.ctypes.data
+    assert cudart.calls == [("register", pointer, 1000, 1)]  # 1000 bytes, not 1024: no power-of-two rounding
+    host.release()
+    host.release()  # once only
+    assert cudart.calls == [("register", pointer, 1000, 1), ("unregister", pointer)]
+    assert FakeCudart(0).calls == [] and HostMemory(1000, pin=False).registered is False
+
+
+def test_memory_the_driver_cannot_page_lock_still_holds_the_snapshot_and_says_so(monkeypatch, caplog):
+    cudart = FakeCudart(status=2)  # cudaErrorMemoryAllocation
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
+    host = HostMemory(64, pin=True)
+    host.release()
+    assert [call[0] for call in cudart.calls] == ["register"]  # nothing to unregister
+    assert host.views([("x", (4,), torch.float32)])["x"].shape == (4,)
+    assert caplog.messages == [
+        "could not page-lock 64 bytes for background checkpoint saves (CUDA error 2); "
+        "their copy from the GPU will block training"
+    ]
 
 
 def test_the_cpu_copy_thread_of_a_background_save_calls_no_torch_function(tmp_path):

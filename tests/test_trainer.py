@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gpt2exp.resume import fix_values_of_record
-from gpt2exp.trainer import Trainer
+from gpt2exp.trainer import Preempted, Trainer
 from tests.conftest import FAST
 
 
@@ -128,3 +131,48 @@ def test_the_model_pads_its_vocabulary_to_the_multiple(make_trainer):
     assert (trainer.data.vocab_size, trainer.model.config.vocab_size) == (300, 320)
     assert trainer.cfg.model.vocab_multiple == 64
     assert 5.0 < trainer.step() < 6.5  # ~ln(320): the extra rows take part in the softmax
+
+
+def test_the_first_step_makes_the_background_save_buffers_and_the_first_save_copies_into_them(make_trainer):
+    trainer = make_trainer("checkpoint.async_save=true")
+    snapshot = trainer.checkpoints._snapshot
+    assert snapshot._buffers == {}
+    trainer.step()
+    moments = sum(len(state) for state in trainer.optimizer.state.values())  # AdamW: step, exp_avg, exp_avg_sq
+    assert moments == 3 * len(list(trainer.model.parameters()))
+    weights = len(trainer.model.state_dict()) - 1  # lm_head.weight is wte's
+    assert len(snapshot._buffers) == weights + moments
+    reserved = {name: buffer.data_ptr() for name, buffer in snapshot._buffers.items()}
+    trainer.step()
+    assert {name: buffer.data_ptr() for name, buffer in snapshot._buffers.items()} == reserved  # made once
+    pending = trainer.checkpoints.save(2, trainer.stateful, {}, force=True)
+    trainer.step()
+    written = pending.wait()
+    assert {name: buffer.data_ptr() for name, buffer in snapshot._buffers.items()} == reserved
+    trainer.checkpoints.close()
+    saved = load_file(written / "model.safetensors")
+    assert saved.keys() == {k for k in trainer.model.state_dict() if k != "lm_head.weight"}
+
+
+@pytest.mark.parametrize("async_save", ["true", "false"])
+def test_a_signal_whose_save_fails_under_on_save_error_warn_says_the_step_was_not_saved(
+    make_trainer, monkeypatch, caplog, async_save
+):
+    trainer = make_trainer("checkpoint.on_save_error=warn", f"checkpoint.async_save={async_save}")
+    trainer.step()
+    trainer.step()
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(trainer.checkpoints.files, "write", disk_full)
+    trainer.preemption.signal_name = "SIGTERM"  # as its handler records a signal
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpt2exp"), pytest.raises(Preempted):
+        trainer.stop_if_asked()
+    trainer.checkpoints.close()
+    assert len(caplog.messages) == 2
+    assert caplog.messages[0].startswith("checkpoint step_00000002 was not saved: no space left on device (disk full)")
+    assert caplog.messages[1] == (
+        "SIGTERM received: step 2 was not saved, a resume goes on from the newest checkpoint, stopping (exit 75)"
+    )
