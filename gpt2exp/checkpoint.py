@@ -278,15 +278,18 @@ def find_verified(
     mode: str = "sha256",
     target: Path | None = None,
     on_corrupt: Callable[[Path], None] | None = None,
+    corrupt: Mapping[Path, str] | None = None,
 ) -> Path:
     """`target` if given (it must verify: a named checkpoint never silently becomes another one),
-    else the newest checkpoint under `root` that verifies.
+    else the newest checkpoint under `root` that verifies, leaving out those already found `corrupt`
+    (with the reason).
 
     Each one that fails is logged and handed to `on_corrupt`; if none verifies, the CheckpointError
     lists what was tried.
     """
-    candidates = [target] if target is not None else list(reversed(list_checkpoints(root)))
-    tried = []
+    corrupt = corrupt or {}
+    candidates = [target] if target is not None else [p for p in reversed(list_checkpoints(root)) if p not in corrupt]
+    tried = [f"{path.name} ({reason})" for path, reason in corrupt.items()]
     for path in candidates:
         reason = verify_checkpoint(path, mode)
         if reason is None:
@@ -738,52 +741,61 @@ class CheckpointManager:
         """Write, add the manifest, rename into place, point `latest` at it; whether `latest` was updated.
 
         Several ranks write into one temporary dir; rank 0 writes the manifest of every rank's files once
-        all reported, then commits. A rank's failure fails the save on every rank, and the dir goes.
+        all reported, then commits. A rank's failure fails the save on every rank, and the dir goes. Every
+        rank takes part in the same collectives wherever one fails: a failure of rank 0's own steps (the
+        dir, the manifest, the rename) reaches the others through them, none is left waiting for it.
         """
         tmp = self.root / f"{TMP_PREFIX}{final.name}-{self._tmp_suffix}"
         main = self.world.main
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
+        failure: BaseException | None = None
         try:
             if main:
-                tmp.mkdir()
-            distributed.barrier(self._group)
+                shutil.rmtree(tmp, ignore_errors=True)
+                failure = _attempt(tmp.mkdir)
+            _raise_first(failure, [distributed.broadcast(_failure_report(failure), group=self._group)])
             extra_json = {**self.identity, "metrics": metrics, "saved_at": time.time()}
-            failure: BaseException | None = None
+            files: dict[str, dict[str, Any]] = {}
             try:
                 files = self.files.write(tmp, step, stateful, extra_json)
             except (OSError, RuntimeError) as exc:
-                failure, files = exc, {}
+                failure = exc
             reports = distributed.gather_to_all((files, _failure_report(failure)), self._group)
-            if failure is not None:
-                raise failure
-            failed = next((report for _, report in reports if report is not None), None)
-            if failed is not None:
-                raise _failure_from_report(failed)
+            _raise_first(failure, [report for _, report in reports])
             if main:
-                files = {name: entry for rank_files, _ in reports for name, entry in rank_files.items()}
-                _check_reported(tmp, files)
-                manifest = {"version": MANIFEST_VERSION, "step": step, "metrics": metrics, "files": files}
-                manifest_text = json.dumps(manifest, indent=1).encode()
-                with open(tmp / MANIFEST, "wb") as f:
-                    f.write(manifest_text)
-                    f.flush()
-                    os.fsync(f.fileno())
-                _fsync_dir(tmp)
-                os.rename(tmp, final)
+                every_file = {name: entry for rank_files, _ in reports for name, entry in rank_files.items()}
+                failure = _attempt(lambda: self._place(tmp, final, step, metrics, every_file))
+            latest_updated = main and failure is None and self._point_latest_at(final)
+            failed, latest_updated = distributed.broadcast(
+                (_failure_report(failure), latest_updated), group=self._group
+            )
+            _raise_first(failure, [failed])
         except BaseException:
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
-        latest_updated = False
-        if main:
-            _fsync_dir(self.root)
-            try:
-                self._write_latest(final.name)
-                latest_updated = True
-            except OSError as exc:  # the checkpoint is committed; `latest` is only a pointer for people
-                log.warning("checkpoint %s is saved but %s was not updated: %s", final.name, LATEST, exc)
-        return distributed.broadcast(latest_updated, group=self._group)  # every rank returns once rank 0 committed
+        return latest_updated  # every rank returns once rank 0 committed
+
+    @staticmethod
+    def _place(tmp: Path, final: Path, step: int, metrics: dict[str, float], files: dict[str, Any]) -> None:
+        """Rank 0: the manifest of every rank's files, then the rename that commits the checkpoint."""
+        _check_reported(tmp, files)
+        manifest = {"version": MANIFEST_VERSION, "step": step, "metrics": metrics, "files": files}
+        with open(tmp / MANIFEST, "wb") as f:
+            f.write(json.dumps(manifest, indent=1).encode())
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_dir(tmp)
+        os.rename(tmp, final)
+
+    def _point_latest_at(self, final: Path) -> bool:
+        """Rank 0, once `final` is in place: whether `latest` names it now."""
+        try:
+            _fsync_dir(self.root)  # the rename, durable
+            self._write_latest(final.name)
+            return True
+        except OSError as exc:  # the checkpoint is in place; without `latest` no older one is rotated away
+            log.warning("checkpoint %s is saved but %s was not updated: %s", final.name, LATEST, exc)
+            return False
 
     def _write_latest(self, name: str) -> None:
         tmp = self.root / f"{TMP_PREFIX}{LATEST}-{os.getpid()}"
@@ -850,14 +862,34 @@ def check_loadable(root: Path, target: Path | None, model_cfg: Any) -> Path:
 
     Picks `target` or the newest checkpoint whose files have their manifest sizes (the job hashes
     them; a corrupt one found there is moved aside and the next used), then refuses one whose model
-    shape differs from `model_cfg` (the config of record's `model` section, for a scratch model) or
-    whose optimizer.pt holds anything but tensors. Cheap: the tensors themselves are not read.
+    shape differs from `model_cfg` (the config of record's `model` section, for a scratch model), whose
+    config.json does not read or whose optimizer state holds anything but tensors. Cheap: the tensors
+    themselves are not read. A newest checkpoint refused so whose sha256 fails too is corrupt behind
+    intact sizes: the job would move it aside and load the one before, which is checked in its place.
     """
+    corrupt: dict[Path, str] = {}
+    while True:
+        path = find_verified(root, "size", target, corrupt=corrupt)
+        try:
+            return _check_loadable(path, model_cfg)
+        except CheckpointError:
+            reason = verify_checkpoint(path)
+            if reason is None:
+                raise
+            if target is not None:  # a named checkpoint never silently becomes another one
+                raise CheckpointError(f"checkpoint {path} failed verification: {reason}") from None
+            log.warning("checkpoint %s failed verification: %s", path, reason)
+            corrupt[path] = reason
+
+
+def _check_loadable(path: Path, model_cfg: Any) -> Path:
     import torch
 
-    path = find_verified(root, "size", target)
     if model_cfg.init == "scratch":
-        saved = json.loads((path / "config.json").read_text())
+        try:
+            saved = json.loads((path / "config.json").read_text())
+        except (OSError, ValueError) as exc:  # ValueError: not UTF-8, not JSON
+            raise CheckpointError(f"checkpoint {path} has an unreadable config.json ({exc})") from None
         differ = [
             f"{key} {saved.get(field)} in the checkpoint, {model_cfg[key]} in config.yaml"
             for field, key in SHAPE_FIELDS.items()
@@ -891,6 +923,24 @@ def _failure_report(exc: BaseException | None) -> tuple[int | None, str] | None:
     if exc is None:
         return None
     return (exc.errno if isinstance(exc, OSError) else None, str(exc).splitlines()[0] if str(exc) else repr(exc))
+
+
+def _attempt(action: Callable[[], Any]) -> Exception | None:
+    """What `action` raised, if anything: kept until every rank has heard of it."""
+    try:
+        action()
+    except Exception as exc:  # noqa: BLE001 - reported to every rank, then raised
+        return exc
+    return None
+
+
+def _raise_first(own: BaseException | None, reports: list[tuple[int | None, str] | None]) -> None:
+    """Raise this rank's own failure, else the first other rank's, if any."""
+    if own is not None:
+        raise own
+    failed = next((report for report in reports if report is not None), None)
+    if failed is not None:
+        raise _failure_from_report(failed)
 
 
 def _failure_from_report(report: tuple[int | None, str]) -> Exception:

@@ -31,7 +31,13 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
 import gpt2exp.checkpoint as ckpt
-from gpt2exp.checkpoint import CheckpointError, CheckpointManager, HFCheckpointFiles, verify_checkpoint
+from gpt2exp.checkpoint import (
+    CheckpointError,
+    CheckpointManager,
+    HFCheckpointFiles,
+    check_loadable,
+    verify_checkpoint,
+)
 from gpt2exp.config import CheckpointConfig
 from gpt2exp.data import BatchSampler
 from gpt2exp.errors import EXIT_SAVE_FAILED, SaveFailed, UserError
@@ -461,6 +467,31 @@ def test_rotation_runs_only_once_latest_is_durable(run_dir, managers, monkeypatc
     monkeypatch.undo()
     manager.save(3, stateful, {}, force=True)
     assert steps(manager.root) == {"step_00000003"} and latest(manager.root) == "step_00000003\n"
+
+
+def test_a_failed_fsync_of_the_checkpoints_dir_after_the_rename_keeps_latest_and_rotates_nothing(
+    run_dir, managers, monkeypatch, caplog
+):
+    """The new checkpoint is in place but its rename may not be durable: the older one stays named by
+    `latest`, and every rank returns from the save alike (no rank is left waiting for rank 0)."""
+    manager = managers(make_cfg(keep_last=1), run_dir)
+    stateful = make_stateful()
+    manager.save(1, stateful, {}, force=True)
+    real_fsync_dir = ckpt._fsync_dir
+
+    def fail_on_root(path):
+        if Path(path) == manager.root:
+            raise OSError(errno.EIO, "Input/output error")
+        real_fsync_dir(path)
+
+    monkeypatch.setattr(ckpt, "_fsync_dir", fail_on_root)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpt2exp.checkpoint"):
+        assert manager.save(2, stateful, {}, force=True).wait() == manager.root / "step_00000002"
+    assert caplog.messages == [
+        "checkpoint step_00000002 is saved but latest was not updated: [Errno 5] Input/output error"
+    ]
+    assert steps(manager.root) == {"step_00000001", "step_00000002"} and latest(manager.root) == "step_00000001\n"
 
 
 @pytest.mark.parametrize("async_save", [False, True])
@@ -1098,3 +1129,57 @@ def test_shape_mismatch_is_a_checkpoint_error(run_dir, managers, overrides, deta
     assert f"checkpoint {path} does not match the model its config describes" in message
     assert detail in message
     assert steps(manager.root) == {"step_00000001"} and verify_checkpoint(path) is None
+
+
+def scratch_model_cfg(model):
+    """The `model` section of a config of record that describes `model` (a scratch GPT-2)."""
+    c = model.config
+    return OmegaConf.create(
+        {"init": "scratch", "n_layer": c.n_layer, "n_head": c.n_head, "n_embd": c.n_embd, "block_size": c.n_positions}
+    )
+
+
+def flip_first_byte(path: Path) -> None:
+    flip_byte(path, 0)
+
+
+def break_end_of_zip(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[data.rindex(b"PK\x05\x06")] ^= 0xFF  # the end-of-archive record: torch.load cannot open it
+    path.write_bytes(bytes(data))
+
+
+def set_n_layer_9(path: Path) -> None:
+    data = path.read_bytes()
+    assert b'"n_layer": 1,' in data
+    path.write_bytes(data.replace(b'"n_layer": 1,', b'"n_layer": 9,'))  # the same size, another shape
+
+
+@pytest.mark.parametrize(
+    ("file", "corrupt"),
+    [("config.json", flip_first_byte), ("config.json", set_n_layer_9), ("optimizer.pt", break_end_of_zip)],
+    ids=["config-not-utf8", "config-other-shape", "optimizer-zip-end"],
+)
+def test_a_launch_checks_the_checkpoint_before_the_newest_when_the_newest_is_corrupt_behind_intact_sizes(
+    run_dir, managers, caplog, file, corrupt
+):
+    """What the job would do (its sha256 moves the newest aside and loads the one before), the launch's
+    cheap check foresees: it neither refuses the run nor fails with a traceback."""
+    manager = managers(make_cfg(), run_dir)
+    stateful = make_stateful()
+    manager.save(1, stateful, {}, force=True)
+    newest = manager.save(2, stateful, {}, force=True).wait()
+    size = (newest / file).stat().st_size
+    corrupt(newest / file)
+    assert (newest / file).stat().st_size == size and verify_checkpoint(newest, "size") is None
+    model_cfg = scratch_model_cfg(stateful["model"])
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gpt2exp.checkpoint"):
+        assert check_loadable(manager.root, None, model_cfg) == manager.root / "step_00000001"
+    assert caplog.messages == [f"checkpoint {newest} failed verification: {file} fails its sha256 check"]
+    assert steps(manager.root) == {"step_00000001", "step_00000002"}  # the launch moves nothing
+    with pytest.raises(CheckpointError) as refused:  # named, it is refused: never another one
+        check_loadable(manager.root, newest, model_cfg)
+    assert str(refused.value) == f"checkpoint {newest} failed verification: {file} fails its sha256 check"
+    loaded = manager.load(make_stateful(seed=3))  # the job: the newest moves aside, the one before loads
+    assert loaded.step == 1 and steps(manager.root) == {"step_00000001"}

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from tests.conftest import FAST, REPO, run_cli
+from tests.test_checkpoint import rewrite_manifest_entry
 
 pytestmark = pytest.mark.slow
 
@@ -280,6 +281,51 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_the_straight
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
+RANK0_DISK_FULL = """
+import errno, os, sys
+import gpt2exp.checkpoint as checkpoint
+reported = checkpoint._check_reported
+
+def disk_full_on_rank_0(tmp, files):  # the manifest of step 4, on rank 0 alone: the other rank never sees it
+    if "step_00000004" in str(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    return reported(tmp, files)
+
+checkpoint._check_reported = disk_full_on_rank_0
+from gpt2exp.train import main
+sys.exit(main())
+"""
+
+
+@pytest.mark.parametrize(("on_save_error", "async_save"), [("warn", True), ("stop", False)])
+def test_a_save_that_fails_on_rank_0_alone_ends_alike_on_every_rank(tmp_path, on_save_error, async_save):
+    """Rank 0's own steps of a commit (the manifest here) fail on no other rank: the others hear of it
+    through the commit's collectives, where they used to wait for rank 0 until the group's timeout."""
+    script = tmp_path / "disk_full_on_rank_0.py"
+    script.write_text(RANK0_DISK_FULL)
+    run = tmp_path / "run"
+    args = [
+        *RUN,
+        "trainer.max_steps=6",
+        f"checkpoint.on_save_error={on_save_error}",
+        f"checkpoint.async_save={async_save}",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    result = subprocess.run(
+        [*command, *args, f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env
+    )
+    checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
+    if on_save_error == "warn":
+        ok(result)
+        assert checkpoints == ["step_00000002", "step_00000006"]
+        assert rows(run)[-1]["step"] == 6 and json.loads((run / "run.json").read_text())["status"] == "completed"
+    else:
+        assert rank_exit_codes(result) == [74, 74]
+        assert checkpoints == ["step_00000002"] and rows(run)[-1]["step"] == 4
+    assert [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith(".tmp-")] == []
+
+
 # -- bad input: one line, exit 2, nothing written ----------------------------------------------------------
 
 
@@ -318,7 +364,8 @@ def test_resuming_a_sharded_checkpoint_into_another_shape_is_refused_with_nothin
     _, _, cut, _ = pair
     run = shutil.copytree(cut, tmp_path / "run")
     for config in (run / "checkpoints").glob("step_*/config.json"):
-        config.write_text(config.read_text().replace('"n_embd": 32', '"n_embd": 64'))  # the same size
+        config.write_text(config.read_text().replace('"n_embd": 32', '"n_embd": 64'))
+        rewrite_manifest_entry(config.parent, "config.json")  # not corruption: a checkpoint of another shape
     before = snapshot(run)
     result = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=6", "distributed=auto", cwd=tmp_path)
     assert result.returncode == 2
