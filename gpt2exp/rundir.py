@@ -70,11 +70,17 @@ def write_config_of_record(run_dir: Path, cfg: DictConfig) -> None:
 
 
 def read_config_of_record(run_dir: Path) -> DictConfig:
+    import yaml
     from omegaconf import OmegaConf
 
     from gpt2exp.config import typed
 
-    return typed(OmegaConf.load(run_dir / CONFIG_OF_RECORD))
+    path = run_dir / CONFIG_OF_RECORD
+    try:
+        return typed(OmegaConf.load(path))
+    except (yaml.YAMLError, UnicodeDecodeError, UserError) as exc:
+        raise UserError(f"{path} does not read as the run's config of record ({_first_line(exc)}); restore it "
+                        "(a resume rebuilds the run from it)") from None  # fmt: skip
 
 
 # -- run.json ------------------------------------------------------------------------------------
@@ -115,7 +121,21 @@ def package_versions() -> dict[str, str]:
 
 def read_run_json(run_dir: Path) -> dict[str, Any]:
     path = run_dir / RUN_JSON
-    return json.loads(path.read_text()) if path.exists() else {}
+    if not path.exists():
+        return {}
+    try:
+        info = json.loads(path.read_text())
+        problem = None if isinstance(info, dict) else "not a JSON object"
+    except ValueError as exc:  # not UTF-8, not JSON
+        problem = _first_line(exc)
+    if problem is not None:
+        raise UserError(f"{path} does not read as the run's record ({problem}); restore it "
+                        "(it holds the run's id, W&B id and status)")  # fmt: skip
+    return info
+
+
+def _first_line(what: object) -> str:
+    return str(what).splitlines()[0][:160] if str(what) else type(what).__name__
 
 
 def update_run_json(run_dir: Path, **fields: Any) -> dict[str, Any]:

@@ -306,6 +306,28 @@ def test_a_checkpoint_that_does_not_match_its_config(tmp_path, finished):
     assert "does not match the model its config describes" in error
 
 
+@pytest.mark.parametrize(
+    ("name", "damage", "problem", "fix"),
+    [
+        ("run.json", b'{"run_id": "ab', "Unterminated string starting at: line 1 column 12 (char 11)",
+         "(it holds the run's id, W&B id and status)"),
+        ("run.json", b"[]", "not a JSON object", "(it holds the run's id, W&B id and status)"),
+        ("config.yaml", b"model: [unclosed\n", "while parsing a flow sequence",
+         "(a resume rebuilds the run from it)"),
+    ],
+    ids=["run.json-cut", "run.json-list", "config.yaml-bad-yaml"],
+)  # fmt: skip
+def test_a_damaged_record_is_refused_in_one_line(tmp_path, finished, name, damage, problem, fix):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished, copy)
+    (copy / name).write_bytes(damage)
+    error = resume_fails(tmp_path, copy, f"resume={copy}", "trainer.max_steps=9")
+    record = "the run's record" if name == "run.json" else "the run's config of record"
+    assert error == f"error: {copy / name} does not read as {record} ({problem}); restore it {fix}"
+
+
 def test_a_data_cache_whose_tokenizer_gives_other_ids_is_refused(tmp_path, finished):
     """The run's own tokenizer (its copy in the run dir) is what the cache must match on resume."""
     import shutil
