@@ -10,6 +10,7 @@ torch) happen inside functions: checkpoint.py imports this module, and the CLIs 
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import random
 from collections.abc import Iterator, Mapping
@@ -128,6 +129,15 @@ class RngState:
         torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
         if "cuda" in state and torch.cuda.is_available():
             torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+
+    def load_forked(self, state: dict[str, Any], rank: int) -> None:
+        """For a rank that has no state of its own (a run resumed on more processes than saved it):
+        every generator seeded from `state` and `rank` together, so no two ranks draw the same dropout
+        masks and a second resume from the same checkpoint draws what the first did."""
+        import hashlib
+
+        digest = hashlib.sha256(json.dumps([state, rank]).encode()).digest()
+        seed_everything(int.from_bytes(digest[:8], "little") % 2**63)
 
 
 def seed_everything(seed: int) -> None:

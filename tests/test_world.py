@@ -10,7 +10,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from gpt2exp.checkpoint import CheckpointError
+from gpt2exp.checkpoint import CheckpointError, CheckpointManager
 from gpt2exp.checkpoint_sharded import optimizer_state_by_name, read_dcp_metadata
 from gpt2exp.distributed import World, check_world, strategy_of, world_from_env
 from gpt2exp.errors import UserError
@@ -120,3 +120,30 @@ def test_a_one_process_optimizer_state_is_keyed_by_parameter_name_in_its_group_o
     assert by_name["param_groups"][1]["weight_decay"] == 0.0
     assert torch.equal(by_name["state"]["1.weight"]["exp_avg"], saved["state"][2]["exp_avg"])
     assert set(by_name["state"]) == {"0.weight", "0.bias", "1.weight", "1.bias"}
+
+
+def test_a_rank_the_saving_run_did_not_have_draws_its_own_random_stream_and_the_same_one_each_resume(tmp_path):
+    """A one-process checkpoint read by the ranks of a 2- or 3-process resume: rank 0 goes on with the
+    saved generators, each other rank with a stream of its own (not rank 0's dropout masks again)."""
+    from gpt2exp.checkpoint_sharded import read_checkpoint
+    from tests.test_checkpoint import make_cfg, make_stateful
+
+    manager = CheckpointManager(make_cfg(), tmp_path / "run")
+    try:
+        path = manager.save(1, make_stateful(), {}, force=True).wait()
+        saved = torch.get_rng_state()
+    finally:
+        manager.close()
+
+    def draws_after_reading_as(rank: int) -> torch.Tensor:
+        torch.manual_seed(1234)  # whatever the process drew before the resume
+        read_checkpoint(path, make_stateful(seed=5), rank)
+        return torch.rand(8)
+
+    torch.set_rng_state(saved)
+    rank0_expected = torch.rand(8)
+    draws = {rank: draws_after_reading_as(rank) for rank in (0, 1, 2)}
+    assert torch.equal(draws[0], rank0_expected)
+    assert not torch.equal(draws[1], draws[0]) and not torch.equal(draws[2], draws[1])
+    assert not torch.equal(draws[2], draws[0])
+    assert torch.equal(draws_after_reading_as(1), draws[1])  # a second resume draws the same
