@@ -227,6 +227,8 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
     check_plugins(overrides)
     job_overrides = [o.input_line for o in overrides if not is_hydra(o)]
     resume = last_value(overrides, "resume")
+    if resume is not None and not resume.strip():
+        raise UserError("resume= names nothing; pass resume=<run dir>, a checkpoint dir, a sweep dir or resume=auto")
     if resume not in (None, "auto"):
         resume_dir = Path(os.path.expanduser(resume))
         if is_sweep_dir(resume_dir):

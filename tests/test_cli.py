@@ -109,6 +109,8 @@ def test_help_lists_the_groups(tmp_path):
         (["optimizer.lr=abc"], "could not be converted to Float (key optimizer.lr)"),
         (["data=text_files", "data.files=[missing.txt]"], "data file not found: missing.txt"),
         (["model.init=no-such-model-xyz"], "model 'no-such-model-xyz' is not a local path"),
+        (["resume="], "resume= names nothing; pass resume=<run dir>, a checkpoint dir, a sweep dir or resume=auto"),
+        (["resume=''"], "resume= names nothing; pass resume=<run dir>"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
