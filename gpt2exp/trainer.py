@@ -568,6 +568,9 @@ class Trainer:
         self.checkpoints.save(c.step, self.stateful, metrics, force=final or asked)
         if end or asked:
             self.checkpoints.flush()
+            if final and not asked and not self.checkpoints.has(c.step):  # on_save_error=warn let it fail
+                log.warning("the run ends at step %d without its checkpoint: a resume with a larger "
+                            "trainer.max_steps goes on from the newest one", c.step)  # fmt: skip
 
     # -- stop conditions ---------------------------------------------------------------------------
 

@@ -176,3 +176,22 @@ def test_a_signal_whose_save_fails_under_on_save_error_warn_says_the_step_was_no
     assert caplog.messages[1] == (
         "SIGTERM received: step 2 was not saved, a resume goes on from the newest checkpoint, stopping (exit 75)"
     )
+
+
+def test_a_final_save_that_on_save_error_warn_let_fail_is_said_at_the_end(make_trainer, caplog):
+    trainer = make_trainer("checkpoint.on_save_error=warn", "checkpoint.every_steps=2", "trainer.num_samples=0")
+    write = trainer.checkpoints.files.write
+
+    def disk_full_at_step_4(tmp_dir, step, *args):
+        if step == 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write(tmp_dir, step, *args)
+
+    trainer.checkpoints.files.write = disk_full_at_step_4
+    with caplog.at_level(logging.WARNING, logger="gpt2exp"):
+        trainer.run(None)
+    assert sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]
+    assert caplog.messages[-1] == (
+        "the run ends at step 4 without its checkpoint: a resume with a larger trainer.max_steps goes on from the "
+        "newest one"
+    )
