@@ -192,10 +192,11 @@ class Batches:
         return iter(self.inputs)
 
 
-def blocked_per_save(trainer, saves: int, sync) -> tuple[dict[str, list[float]], float]:
+def blocked_per_save(trainer, saves: int, sync) -> tuple[dict[str, list[float]], tuple[float, float]]:
     """Seconds the loop stands still per save of the trainer's state, sync against background: the
-    first save of each manager, then `saves` more; and the seconds the background manager took to make
-    its snapshot buffers, which a run does once, after its first step (Trainer.step).
+    first save of each manager, then `saves` more; and for the background manager's snapshot buffers,
+    which a run makes once, after its first step (Trainer.step): the seconds the loop was held, and
+    until they were page-locked (CUDA: in the background).
 
     Each round times a save followed by one training step (to the device's end) and takes off the
     median time of a step without a save: what the save added to the loop, however it was spent
@@ -214,15 +215,18 @@ def blocked_per_save(trainer, saves: int, sync) -> tuple[dict[str, list[float]],
 
     plain = statistics.median(one_step() for _ in range(3))
     blocked: dict[str, list[float]] = {"sync": [], "async": []}
-    reserve = 0.0
+    reserve = (0.0, 0.0)
     for mode in ("sync", "async"):
         cfg = OmegaConf.merge(trainer.cfg.checkpoint, {"async_save": mode == "async", "every_minutes": 0.0})
         manager = CheckpointManager(cfg, trainer.run_dir / f"bench-{mode}", trainer.data.tokenizer_dir)
         trainer.checkpoints = manager  # Trainer.step waits on this manager's snapshot
         try:
             start = time.perf_counter()
-            manager.reserve_snapshot(trainer.stateful)  # as the trainer's first step does it
-            reserve = time.perf_counter() - start if mode == "async" else reserve
+            pinning = manager.reserve_snapshot(trainer.stateful)  # as the trainer's first step does it
+            held = time.perf_counter() - start
+            if pinning is not None:  # page-locked in the background, long before a run's first save
+                pinning.result()
+            reserve = (held, time.perf_counter() - start) if mode == "async" else reserve
             for i in range(1 + saves):
                 sync()
                 start = time.perf_counter()
@@ -280,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"loop blocked per save, async_save={mode == 'async'}: median {statistics.median(values):.3f} s; "
                   + " ".join(f"{v:.3f}" for v in values) + f" (the run's first save: {first:.3f} s)")  # fmt: skip
             blocked[mode] = values
-        print(f"background save buffers made after the run's first step in {reserve:.3f} s, once")
+        print(f"background save buffers, made once after the run's first step: the loop held {reserve[0]:.3f} s, "
+              f"page-locked after {reserve[1]:.3f} s")  # fmt: skip
         ratio = statistics.median(blocked["async"]) / statistics.median(blocked["sync"])
         print(f"blocked async / sync = {ratio:.3f} (target <= {BLOCKED_TARGET} on a GPU)")
     trainer.checkpoints.close()

@@ -643,13 +643,14 @@ class CheckpointManager:
         """Whether the checkpoint of `step` is committed."""
         return is_checkpoint_dir(self.root / step_dir_name(step))
 
-    def reserve_snapshot(self, stateful: Mapping[str, Any]) -> None:
+    def reserve_snapshot(self, stateful: Mapping[str, Any]) -> Future[None] | None:
         """Make a background save's host buffers now, for the state as it is: call it once the optimizer
-        has its state (after its first step), so that the run's first save does not wait for them."""
+        has its state (after its first step), so that the run's first save does not wait for them.
+        On CUDA their page-locking goes on in the background: returns it."""
         if self._snapshot is None or self._in_flight is not None:  # a save in flight made them already
-            return
+            return None
         model, groups = split_stateful(stateful)
-        self._snapshot.reserve(state_tensors(MODEL_KEY, model_tensors(model, on_cpu=False), groups)[0])
+        return self._snapshot.reserve(state_tensors(MODEL_KEY, model_tensors(model, on_cpu=False), groups)[0])
 
     def wait_snapshot(self) -> None:
         """Call before the state changes (the optimizer update): waits until a background save has its copy."""
@@ -757,7 +758,7 @@ class CheckpointManager:
             files: dict[str, dict[str, Any]] = {}
             try:
                 files = self.files.write(tmp, step, stateful, extra_json)
-            except (OSError, RuntimeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - every rank hears of it, then it is raised
                 failure = exc
             reports = distributed.gather_to_all((files, _failure_report(failure)), self._group)
             _raise_first(failure, [report for _, report in reports])
@@ -857,15 +858,16 @@ class CheckpointManager:
 SHAPE_FIELDS = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "n_positions": "block_size"}
 
 
-def check_loadable(root: Path, target: Path | None, model_cfg: Any) -> Path:
+def check_loadable(root: Path, target: Path | None, model_cfg: Any, verify: str = "sha256") -> Path:
     """Before anything is written: the checkpoint a resume would load, refused if it cannot load.
 
     Picks `target` or the newest checkpoint whose files have their manifest sizes (the job hashes
     them; a corrupt one found there is moved aside and the next used), then refuses one whose model
     shape differs from `model_cfg` (the config of record's `model` section, for a scratch model), whose
     config.json does not read or whose optimizer state holds anything but tensors. Cheap: the tensors
-    themselves are not read. A newest checkpoint refused so whose sha256 fails too is corrupt behind
-    intact sizes: the job would move it aside and load the one before, which is checked in its place.
+    themselves are not read. A newest checkpoint refused so that fails `verify` (checkpoint.verify) too
+    is corrupt behind intact sizes: the job would move it aside and load the one before, which is
+    checked in its place (with verify=size the job loads it, and fails: it is refused here).
     """
     corrupt: dict[Path, str] = {}
     while True:
@@ -873,7 +875,7 @@ def check_loadable(root: Path, target: Path | None, model_cfg: Any) -> Path:
         try:
             return _check_loadable(path, model_cfg)
         except CheckpointError:
-            reason = verify_checkpoint(path)
+            reason = verify_checkpoint(path, verify)
             if reason is None:
                 raise
             if target is not None:  # a named checkpoint never silently becomes another one
@@ -918,11 +920,20 @@ def _check_loadable(path: Path, model_cfg: Any) -> Path:
     return path
 
 
-def _failure_report(exc: BaseException | None) -> tuple[int | None, str] | None:
-    """What another rank needs to fail a save the same way: the errno and the message."""
+class RankFailed(Exception):
+    """Another rank's save failed with something other than an I/O error (a bug, raised there with its
+    traceback): this rank stops as well, rather than go on as after a failed save."""
+
+
+Report = tuple[int | None, str, bool]  # a failure as another rank hears of it: errno, message, an I/O error
+
+
+def _failure_report(exc: BaseException | None) -> Report | None:
+    """What another rank needs to fail a save the same way."""
     if exc is None:
         return None
-    return (exc.errno if isinstance(exc, OSError) else None, str(exc).splitlines()[0] if str(exc) else repr(exc))
+    message = str(exc).splitlines()[0] if str(exc) else repr(exc)
+    return exc.errno if isinstance(exc, OSError) else None, message, isinstance(exc, (OSError, RuntimeError))
 
 
 def _attempt(action: Callable[[], Any]) -> Exception | None:
@@ -934,7 +945,7 @@ def _attempt(action: Callable[[], Any]) -> Exception | None:
     return None
 
 
-def _raise_first(own: BaseException | None, reports: list[tuple[int | None, str] | None]) -> None:
+def _raise_first(own: BaseException | None, reports: list[Report | None]) -> None:
     """Raise this rank's own failure, else the first other rank's, if any."""
     if own is not None:
         raise own
@@ -943,8 +954,10 @@ def _raise_first(own: BaseException | None, reports: list[tuple[int | None, str]
         raise _failure_from_report(failed)
 
 
-def _failure_from_report(report: tuple[int | None, str]) -> Exception:
-    code, message = report
+def _failure_from_report(report: Report) -> Exception:
+    code, message, io_error = report
+    if not io_error:
+        return RankFailed(f"another rank failed: {message}")
     return OSError(code, os.strerror(code)) if code is not None else RuntimeError(f"another rank failed: {message}")
 
 

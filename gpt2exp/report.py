@@ -114,7 +114,7 @@ def load_run(run_dir: Path) -> Run:
     try:
         info = read_run_json(run_dir)
         info["status"] = run_status(run_dir)  # a killed run reads `interrupted`, not `running`
-    except (OSError, ValueError):
+    except (OSError, ValueError, UserError):  # UserError: a damaged run.json; the report lists the dir without it
         info = {}
     return Run(
         path=run_dir,

@@ -233,7 +233,7 @@ def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str]
     cfg = config_for_resume(record, current, job_overrides)
     refuse_complete(target.run_dir, cfg.trainer.max_steps)
     if not target.restart:
-        check_loadable(checkpoints_root(target.run_dir), target.checkpoint, cfg.model)
+        check_loadable(checkpoints_root(target.run_dir), target.checkpoint, cfg.model, cfg.checkpoint.verify)
     return RunPlan(target.run_dir, target, cfg)
 
 

@@ -249,7 +249,7 @@ def run_of_checkpoints(root: Path) -> Path | None:
         try:
             if is_run_dir(run_dir) and checkpoints_root(run_dir).resolve() == root:
                 return run_dir
-        except (OSError, ValueError):  # an unreadable run.json claims nothing
+        except (OSError, ValueError, UserError):  # an unreadable run.json claims nothing
             continue
     return None
 

@@ -13,9 +13,11 @@ The next optimizer update, the first thing to change those tensors, waits for th
 (`HostSnapshot.wait_copied`); the writer waits for it too (`Copy.on_host`). So the checkpoint
 holds exactly the state of its step while the loop goes on.
 
-The buffers are views of one host allocation of the state's exact size. On CUDA it is pinned with
-`cudaHostRegister`: torch's pinned allocator rounds each allocation up to a power of two, which made
-gpt2_124m's 1.49 GB of weights and AdamW moments take 2.48 GB of page-locked memory as 148 buffers.
+The buffers are views of one host allocation of the state's exact size. On CUDA it is page-locked
+with `cudaHostRegister`: torch's pinned allocator rounds each allocation up to a power of two, which
+made gpt2_124m's 1.49 GB of weights and AdamW moments take 2.48 GB of page-locked memory as 148
+buffers. The copy thread registers it (and unregisters it), so the training thread neither waits for
+it nor inherits the CUDA runtime's record of a failed call, which its next kernel launch would raise.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-ALIGNMENT = 64  # each buffer starts on a cache line of the shared allocation, so any dtype can view it
+ALIGNMENT = 64  # each buffer starts on a cache line, so any dtype can view it
 
 
 class Copy:
@@ -53,6 +55,7 @@ class HostSnapshot:
         self._buffers: dict[str, Any] = {}
         self._layout: tuple[Any, ...] = ()  # the (name, shape, dtype, pinned) the buffers were made for
         self._host: HostMemory | None = None  # the one allocation the buffers are views of
+        self._pinning: Future[None] | None = None  # its page-locking on the copy thread (CUDA)
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-copy")
         self._stream: Any = None
         self._copy: Copy | None = None  # the newest copy, until the training side has waited for it
@@ -68,6 +71,8 @@ class HostSnapshot:
         event = None
         on_cuda = [name for name, tensor in tensors.items() if tensor.is_cuda]
         if on_cuda:
+            if self._pinning is not None:  # made after the first step: long done by the first save
+                self._pinning.result()
             if self._stream is None:
                 self._stream = torch.cuda.Stream()
             self._stream.wait_stream(torch.cuda.current_stream())  # after the step that made this state
@@ -102,50 +107,51 @@ class HostSnapshot:
         if copy._future is not None:
             copy._future.result()
 
-    def reserve(self, tensors: Mapping[str, Any]) -> None:
+    def reserve(self, tensors: Mapping[str, Any]) -> Future[None] | None:
         """Make the buffers for `tensors` now, so that the first save does not wait for them (pinning
-        gpt2_124m's state blocked its first save on an H100 for 1.6 s). No copy may be running."""
+        gpt2_124m's state blocked its first save on an H100 for 1.6 s); on CUDA, the page-locking that
+        goes on in the background. No copy may be running."""
         self._buffers_for(tensors)
+        return self._pinning
 
     def close(self) -> None:
-        self._copier.shutdown(wait=True)
         self._release()
+        self._copier.shutdown(wait=True)
 
     def _buffers_for(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
         """The buffers for `tensors`: the same ones again while the state keeps its layout."""
-        layout = tuple((name, tuple(t.shape), t.dtype, t.is_cuda) for name, t in tensors.items())
+        layout = tuple((name, tuple(t.shape), t.dtype, t.device) for name, t in tensors.items())
         if layout != self._layout:
             self._release()
             entries = [(name, shape, dtype) for name, shape, dtype, _ in layout]
-            size = sum(_padded(_nbytes(shape, dtype)) for _, shape, dtype in entries)
-            self._host = HostMemory(size, pin=any(on_cuda for *_, on_cuda in layout))
+            self._host = HostMemory(sum(_padded(_nbytes(shape, dtype)) for _, shape, dtype in entries))
             self._buffers, self._layout = self._host.views(entries), layout
+            gpu = next((device for *_, device in layout if device.type == "cuda"), None)
+            if gpu is not None:
+                self._pinning = self._copier.submit(self._host.pin, gpu)
         return dict(self._buffers)
 
     def _release(self) -> None:
-        if self._host is not None:
-            self._host.release()
-        self._host, self._buffers, self._layout = None, {}, ()
+        """Let go of the buffers, once no copy into them can still be running."""
+        if self._copy is not None:
+            self._copy.on_host()
+        if self._pinning is not None:
+            self._pinning.result()
+            self._copier.submit(self._host.unpin).result()
+        self._host, self._pinning, self._buffers, self._layout = None, None, {}, ()
 
 
 class HostMemory:
-    """One host allocation of `size` bytes, page-locked for CUDA copies when `pin` (exactly `size` bytes:
-    torch's pinned allocator would round it up to a power of two)."""
+    """One host allocation of `size` bytes, starting on a multiple of ALIGNMENT; page-locked for CUDA
+    copies by `pin` (exactly `size` bytes: torch's pinned allocator would round it up to a power of two)."""
 
-    def __init__(self, size: int, pin: bool):
+    def __init__(self, size: int):
         import numpy as np
 
-        self.memory = np.empty(size, dtype=np.uint8)
+        raw = np.empty(size + ALIGNMENT, dtype=np.uint8)  # numpy aligns large arrays to 16 bytes only
+        start = -raw.ctypes.data % ALIGNMENT
+        self.memory = raw[start : start + size]
         self.registered = False
-        if pin and size:
-            import torch
-
-            status = int(torch.cuda.cudart().cudaHostRegister(self.memory.ctypes.data, size, 1))  # 1: portable
-            self.registered = status == 0
-            if not self.registered:
-                # pageable memory still holds a correct snapshot; the device-to-host copy is then synchronous
-                log.warning("could not page-lock %d bytes for background checkpoint saves (CUDA error %d); "
-                            "their copy from the GPU will block training", size, status)  # fmt: skip
 
     def views(self, entries: list[tuple[str, tuple[int, ...], Any]]) -> dict[str, Any]:
         """A tensor of each (name, shape, dtype), one after another, each at a multiple of ALIGNMENT.
@@ -165,7 +171,21 @@ class HostMemory:
             offset += _padded(nbytes)
         return views
 
-    def release(self) -> None:
+    def pin(self, device: Any) -> None:
+        """Page-lock the memory for copies from `device` (run on the copy thread). A failure leaves it
+        pageable: the snapshot is as correct, but its copy from the GPU blocks training."""
+        import torch
+
+        if not self.memory.nbytes:
+            return
+        with torch.cuda.device(device):  # this thread's current GPU: no CUDA context is made on another
+            status = int(torch.cuda.cudart().cudaHostRegister(self.memory.ctypes.data, self.memory.nbytes, 1))
+        self.registered = status == 0  # flags 1: cudaHostRegisterPortable
+        if not self.registered:
+            log.warning("could not page-lock %d bytes for background checkpoint saves (CUDA error %d); "
+                        "their copy from the GPU will block training", self.memory.nbytes, status)  # fmt: skip
+
+    def unpin(self) -> None:
         """Unlock the pages (the memory itself goes with the last tensor over it)."""
         if self.registered:
             import torch

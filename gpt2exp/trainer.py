@@ -279,7 +279,7 @@ class Trainer:
         show = t.progress and self.world.main
         self.bar = tqdm(total=t.max_steps, disable=not show, dynamic_ncols=True, leave=False, delay=0.5)
         self.lr = 0.0  # the LR of the newest step
-        self.snapshot_reserved = False  # a background save's buffers, made after this process's first step
+        self.snapshot_reserved = False  # a background save's buffers, made once the optimizer has its state
 
     # -- the run: start, loop, end -----------------------------------------------------------------
 
@@ -440,12 +440,14 @@ class Trainer:
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.optimizer.zero_grad(set_to_none=True)
-            if not self.snapshot_reserved:  # the optimizer's state exists from its first step on
-                self.checkpoints.reserve_snapshot(self.stateful)
-                self.snapshot_reserved = True
             loss_value = total.item()  # one device sync per step, not per micro-batch
             if self.world.size > 1:  # the mean over the ranks: each trained on as many sequences
                 loss_value = sum_over_ranks([loss_value])[0] / self.world.size
+        # a background save's buffers, once the optimizer has made its state (a step fp16's scaler skips
+        # makes none); outside the step's timing
+        if not self.snapshot_reserved and self.optimizer.state:
+            self.checkpoints.reserve_snapshot(self.stateful)
+            self.snapshot_reserved = True
         c.step += 1
         c.tokens_seen += self.tokens_per_step
         self.bar.update(1)

@@ -1181,5 +1181,7 @@ def test_a_launch_checks_the_checkpoint_before_the_newest_when_the_newest_is_cor
     with pytest.raises(CheckpointError) as refused:  # named, it is refused: never another one
         check_loadable(manager.root, newest, model_cfg)
     assert str(refused.value) == f"checkpoint {newest} failed verification: {file} fails its sha256 check"
+    with pytest.raises(CheckpointError):  # checkpoint.verify=size: the job would load the newest, so it is refused
+        check_loadable(manager.root, None, model_cfg, verify="size")
     loaded = manager.load(make_stateful(seed=3))  # the job: the newest moves aside, the one before loads
     assert loaded.step == 1 and steps(manager.root) == {"step_00000001"}

@@ -281,28 +281,34 @@ def test_a_killed_rank_is_restarted_by_torchrun_and_the_run_ends_as_the_straight
     assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
 
 
-RANK0_DISK_FULL = """
+RANK0_FAILS = """
 import errno, os, sys
 import gpt2exp.checkpoint as checkpoint
 reported = checkpoint._check_reported
 
-def disk_full_on_rank_0(tmp, files):  # the manifest of step 4, on rank 0 alone: the other rank never sees it
+def fail_on_rank_0(tmp, files):  # the manifest of step 4, on rank 0 alone: the other rank never sees it
     if "step_00000004" in str(tmp):
-        raise OSError(errno.ENOSPC, "No space left on device")
+        raise {error}
     return reported(tmp, files)
 
-checkpoint._check_reported = disk_full_on_rank_0
+checkpoint._check_reported = fail_on_rank_0
 from gpt2exp.train import main
 sys.exit(main())
 """
+DISK_FULL = 'OSError(errno.ENOSPC, "No space left on device")'
+BUG = 'ValueError("a bug in the manifest")'
 
 
-@pytest.mark.parametrize(("on_save_error", "async_save"), [("warn", True), ("stop", False)])
-def test_a_save_that_fails_on_rank_0_alone_ends_alike_on_every_rank(tmp_path, on_save_error, async_save):
+@pytest.mark.parametrize(
+    ("error", "on_save_error", "async_save"),
+    [(DISK_FULL, "warn", True), (DISK_FULL, "stop", False), (BUG, "warn", True)],
+)
+def test_a_save_that_fails_on_rank_0_alone_ends_alike_on_every_rank(tmp_path, error, on_save_error, async_save):
     """Rank 0's own steps of a commit (the manifest here) fail on no other rank: the others hear of it
-    through the commit's collectives, where they used to wait for rank 0 until the group's timeout."""
-    script = tmp_path / "disk_full_on_rank_0.py"
-    script.write_text(RANK0_DISK_FULL)
+    through the commit's collectives, where they used to wait for rank 0 until the group's timeout. An I/O
+    error is a failed save on every rank; a bug stops every rank, whatever on_save_error says."""
+    script = tmp_path / "fail_on_rank_0.py"
+    script.write_text(RANK0_FAILS.format(error=error))
     run = tmp_path / "run"
     args = [
         *RUN,
@@ -316,7 +322,12 @@ def test_a_save_that_fails_on_rank_0_alone_ends_alike_on_every_rank(tmp_path, on
         [*command, *args, f"hydra.run.dir={run}"], cwd=tmp_path, capture_output=True, text=True, timeout=240, env=env
     )
     checkpoints = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
-    if on_save_error == "warn":
+    if error == BUG:
+        assert rank_exit_codes(result) == [1, 1]
+        assert "ValueError: a bug in the manifest" in result.stderr
+        assert "RankFailed: another rank failed: a bug in the manifest" in result.stderr
+        assert checkpoints == ["step_00000002"]
+    elif on_save_error == "warn":
         ok(result)
         assert checkpoints == ["step_00000002", "step_00000006"]
         assert rows(run)[-1]["step"] == 6 and json.loads((run / "run.json").read_text())["status"] == "completed"

@@ -206,6 +206,16 @@ def test_a_run_marked_running_that_nobody_trains_reads_interrupted(tmp_path, cap
     assert [table[j]["status"] for j in "01"] == ["completed", "interrupted"]
 
 
+def test_a_run_with_a_damaged_run_json_is_listed_without_its_record(tmp_path, capsys):
+    write_run(tmp_path / "sweep" / "0", curve([6.0, 5.0, 4.0]))
+    write_run(tmp_path / "sweep" / "1", curve([6.0, 4.5, 3.0]))
+    (tmp_path / "sweep" / "1" / "run.json").write_text('{"run_id": "1", "sta')  # cut off mid-write
+    main([str(tmp_path / "sweep")])
+    table = parse_table((tmp_path / "sweep" / "report.md").read_text())
+    assert table["0"]["status"] == "completed" and table["1"]["final val loss"] == "3.0000"
+    assert table["1"]["status"] == "-"
+
+
 def test_a_diverged_run_is_never_best(tmp_path, capsys):
     write_run(tmp_path / "sweep" / "0", curve([6.0, 2.0, float("nan")]))
     write_run(tmp_path / "sweep" / "1", curve([6.0, 5.0, 4.0]))

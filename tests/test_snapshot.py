@@ -6,6 +6,7 @@ starts a second intra-op thread team, which slowed every later training step by 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 
 import torch
@@ -95,39 +96,63 @@ def test_the_buffers_are_views_of_one_allocation_of_the_exact_size_each_on_a_cac
         snapshot.close()
 
 
-class FakeCudart:
-    """CUDA runtime's host-registration calls as this CPU machine can check them: which calls, which bytes."""
+class FakeCuda:
+    """The CUDA calls page-locking makes, as this CPU machine can check them: which call, on which
+    thread, for which GPU and which bytes."""
 
-    def __init__(self, status: int):
-        self.status, self.calls = status, []
+    def __init__(self, monkeypatch, status: int):
+        self.status, self.calls, self.device = status, [], None
+        monkeypatch.setattr(torch.cuda, "cudart", lambda: self)
+        monkeypatch.setattr(torch.cuda, "device", self.current)
+
+    @contextlib.contextmanager
+    def current(self, device):
+        self.device = device
+        yield
+        self.device = None
 
     def cudaHostRegister(self, pointer, size, flags):
-        self.calls.append(("register", pointer, size, flags))
+        self.calls.append(("register", threading.current_thread().name, self.device, pointer, size, flags))
         return self.status
 
     def cudaHostUnregister(self, pointer):
-        self.calls.append(("unregister", pointer))
+        self.calls.append(("unregister", threading.current_thread().name, pointer))
         return 0
 
 
-def test_pinned_buffers_page_lock_exactly_their_bytes_once_and_unlock_them_on_release(monkeypatch):
-    cudart = FakeCudart(status=0)
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
-    host = HostMemory(1000, pin=True)
-    pointer = host.memory.ctypes.data
-    assert cudart.calls == [("register", pointer, 1000, 1)]  # 1000 bytes, not 1024: no power-of-two rounding
-    host.release()
-    host.release()  # once only
-    assert cudart.calls == [("register", pointer, 1000, 1), ("unregister", pointer)]
-    assert FakeCudart(0).calls == [] and HostMemory(1000, pin=False).registered is False
+class OnGpu:
+    """What the snapshot reads of a tensor to lay out its buffers, for a tensor on a GPU."""
+
+    def __init__(self, *shape: int, index: int = 1):
+        self.shape, self.dtype, self.device = shape, torch.float32, torch.device("cuda", index)
+
+
+def test_buffers_for_a_gpu_are_page_locked_on_the_copy_thread_exactly_their_bytes_and_unlocked_on_close(
+    monkeypatch,
+):
+    cuda = FakeCuda(monkeypatch, status=0)
+    snapshot = HostSnapshot()
+    pinning = snapshot.reserve({"weight": OnGpu(5, 7), "step": OnGpu()})  # 140 + 4 bytes, laid out as 192 + 64
+    pinning.result()  # in the background
+    pointer = snapshot._host.memory.ctypes.data
+    assert pointer % 64 == 0
+    # 256 bytes, not 512: no power-of-two rounding; on the copy thread, with the tensors' GPU current
+    ((call, thread, device, registered, size, flags),) = cuda.calls
+    assert (call, device, registered, size, flags) == ("register", torch.device("cuda", 1), pointer, 256, 1)
+    assert thread.startswith("ckpt-copy")
+    assert snapshot.reserve({"weight": OnGpu(5, 7), "step": OnGpu()}) is pinning  # the same layout: nothing new
+    assert len(cuda.calls) == 1
+    snapshot.close()
+    assert cuda.calls[1][0] == "unregister" and cuda.calls[1][1].startswith("ckpt-copy") and cuda.calls[1][2] == pointer
+    assert len(cuda.calls) == 2
 
 
 def test_memory_the_driver_cannot_page_lock_still_holds_the_snapshot_and_says_so(monkeypatch, caplog):
-    cudart = FakeCudart(status=2)  # cudaErrorMemoryAllocation
-    monkeypatch.setattr(torch.cuda, "cudart", lambda: cudart)
-    host = HostMemory(64, pin=True)
-    host.release()
-    assert [call[0] for call in cudart.calls] == ["register"]  # nothing to unregister
+    cuda = FakeCuda(monkeypatch, status=2)  # cudaErrorMemoryAllocation
+    host = HostMemory(64)
+    host.pin(torch.device("cuda", 0))
+    host.unpin()
+    assert [call[0] for call in cuda.calls] == ["register"]  # nothing to unregister
     assert host.views([("x", (4,), torch.float32)])["x"].shape == (4,)
     assert caplog.messages == [
         "could not page-lock 64 bytes for background checkpoint saves (CUDA error 2); "

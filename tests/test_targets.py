@@ -70,6 +70,13 @@ def test_a_loose_checkpoint_has_no_run(tmp_path):
     assert resolve_target(aside) == Target(run_dir=None, checkpoint=aside)
 
 
+def test_a_checkpoint_whose_run_json_is_damaged_is_a_loose_checkpoint(tmp_path):
+    run = make_run_dir(tmp_path / "run")
+    ckpt = make_checkpoint(run / "checkpoints" / "step_00000020")
+    (run / "run.json").write_text("[]")  # not a run's record: it claims nothing
+    assert resolve_target(ckpt) == Target(run_dir=None, checkpoint=ckpt)
+
+
 def test_paths_come_back_absolute_with_home_expanded(tmp_path, monkeypatch):
     run = make_run_dir(tmp_path / "home" / "outputs" / "run")
     ckpt = make_checkpoint(run / "checkpoints" / "step_00000003")
