@@ -115,8 +115,10 @@ class HostSnapshot:
         return self._pinning
 
     def close(self) -> None:
-        self._release()
-        self._copier.shutdown(wait=True)
+        try:
+            self._release()
+        finally:
+            self._copier.shutdown(wait=True)
 
     def _buffers_for(self, tensors: Mapping[str, Any]) -> dict[str, Any]:
         """The buffers for `tensors`: the same ones again while the state keeps its layout."""
