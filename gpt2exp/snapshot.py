@@ -14,8 +14,8 @@ The next optimizer update, the first thing to change those tensors, waits for th
 holds exactly the state of its step while the loop goes on.
 
 The buffers are views of one host allocation of the state's exact size. On CUDA it is page-locked
-with `cudaHostRegister`: torch's pinned allocator rounds each allocation up to a power of two, which
-made gpt2_124m's 1.49 GB of weights and AdamW moments take 2.48 GB of page-locked memory as 148
+with `cudaHostRegister`: torch's pinned allocator rounds each allocation up to a power of two, by
+which gpt2_124m's 1.49 GB of weights and AdamW moments took 2.48 GB of page-locked memory as 148
 buffers. The copy thread registers it (and unregisters it), so the training thread neither waits for
 it nor inherits the CUDA runtime's record of a failed call, which its next kernel launch would raise.
 """
@@ -53,7 +53,7 @@ class HostSnapshot:
 
     def __init__(self) -> None:
         self._buffers: dict[str, Any] = {}
-        self._layout: tuple[Any, ...] = ()  # the (name, shape, dtype, pinned) the buffers were made for
+        self._layout: tuple[Any, ...] = ()  # the (name, shape, dtype, device) the buffers were made for
         self._host: HostMemory | None = None  # the one allocation the buffers are views of
         self._pinning: Future[None] | None = None  # its page-locking on the copy thread (CUDA)
         self._copier = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckpt-copy")
