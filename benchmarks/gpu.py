@@ -214,6 +214,7 @@ def blocked_per_save(trainer, saves: int, sync) -> tuple[dict[str, list[float]],
         return time.perf_counter() - start
 
     plain = statistics.median(one_step() for _ in range(3))
+    trainer.checkpoints.close()  # the run's own manager and its page-locked buffers: each mode brings its own
     blocked: dict[str, list[float]] = {"sync": [], "async": []}
     reserve = (0.0, 0.0)
     for mode in ("sync", "async"):

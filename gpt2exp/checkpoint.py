@@ -707,9 +707,11 @@ class CheckpointManager:
         finally:
             if self._writer is not None:
                 self._writer.shutdown(wait=True)
-            if self._snapshot is not None:
-                self._snapshot.close()
-            self.files.close()
+            try:
+                if self._snapshot is not None:
+                    self._snapshot.close()
+            finally:
+                self.files.close()
 
     # -- finding a good checkpoint
 
@@ -765,7 +767,12 @@ class CheckpointManager:
             if main:
                 every_file = {name: entry for rank_files, _ in reports for name, entry in rank_files.items()}
                 failure = _attempt(lambda: self._place(tmp, final, step, metrics, every_file))
-            latest_updated = main and failure is None and self._point_latest_at(final)
+            latest_updated = False
+            if main and failure is None:
+                try:
+                    latest_updated = self._point_latest_at(final)
+                except Exception as exc:  # noqa: BLE001 - a bug: every rank hears of it
+                    failure = exc
             failed, latest_updated = distributed.broadcast(
                 (_failure_report(failure), latest_updated), group=self._group
             )
@@ -946,12 +953,14 @@ def _attempt(action: Callable[[], Any]) -> Exception | None:
 
 
 def _raise_first(own: BaseException | None, reports: list[Report | None]) -> None:
-    """Raise this rank's own failure, else the first other rank's, if any."""
-    if own is not None:
+    """Fail the save on this rank as on every other: a bug on any rank (not an I/O error) stops them all
+    (raised where it happened, RankFailed elsewhere); else an I/O failure, this rank's own first."""
+    failed = [report for report in reports if report is not None]
+    bug = next((report for report in failed if not report[2]), None)
+    if own is not None and (bug is None or not isinstance(own, (OSError, RuntimeError))):
         raise own
-    failed = next((report for report in reports if report is not None), None)
-    if failed is not None:
-        raise _failure_from_report(failed)
+    if bug is not None or failed:
+        raise _failure_from_report(bug or failed[0])
 
 
 def _failure_from_report(report: Report) -> Exception:

@@ -180,12 +180,16 @@ class HostMemory:
 
         if not self.memory.nbytes:
             return
-        with torch.cuda.device(device):  # this thread's current GPU: no CUDA context is made on another
-            status = int(torch.cuda.cudart().cudaHostRegister(self.memory.ctypes.data, self.memory.nbytes, 1))
-        self.registered = status == 0  # flags 1: cudaHostRegisterPortable
-        if not self.registered:
-            log.warning("could not page-lock %d bytes for background checkpoint saves (CUDA error %d); "
-                        "their copy from the GPU will block training", self.memory.nbytes, status)  # fmt: skip
+        try:
+            with torch.cuda.device(device):  # this thread's current GPU: no CUDA context is made on another
+                status = int(torch.cuda.cudart().cudaHostRegister(self.memory.ctypes.data, self.memory.nbytes, 1))
+            problem = None if status == 0 else f"CUDA error {status}"  # flags 1: cudaHostRegisterPortable
+        except Exception as exc:  # noqa: BLE001 - pageable memory still does
+            problem = repr(exc)
+        self.registered = problem is None
+        if problem is not None:
+            log.warning("could not page-lock %d bytes for background checkpoint saves (%s); "
+                        "their copy from the GPU will block training", self.memory.nbytes, problem)  # fmt: skip
 
     def unpin(self) -> None:
         """Unlock the pages (the memory itself goes with the last tensor over it)."""

@@ -1185,3 +1185,22 @@ def test_a_launch_checks_the_checkpoint_before_the_newest_when_the_newest_is_cor
         check_loadable(manager.root, None, model_cfg, verify="size")
     loaded = manager.load(make_stateful(seed=3))  # the job: the newest moves aside, the one before loads
     assert loaded.step == 1 and steps(manager.root) == {"step_00000001"}
+
+
+def test_every_rank_fails_a_save_alike_whatever_each_rank_hit():
+    """What each rank raises from the reports of all ranks (one per rank, None where it went well)."""
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    io, bug = ckpt._failure_report(disk_full), ckpt._failure_report(ValueError("a bug"))
+    with pytest.raises(OSError) as own:  # an I/O failure everywhere: this rank's own
+        ckpt._raise_first(disk_full, [io, io])
+    assert own.value is disk_full
+    with pytest.raises(OSError) as other:  # a rank that went well fails with the other rank's
+        ckpt._raise_first(None, [None, io])
+    assert other.value.errno == errno.ENOSPC
+    with pytest.raises(ckpt.RankFailed, match=r"^another rank failed: a bug$"):  # a bug elsewhere outranks I/O
+        ckpt._raise_first(disk_full, [io, bug])
+    with pytest.raises(ckpt.RankFailed, match=r"^another rank failed: a bug$"):
+        ckpt._raise_first(None, [io, None, bug])
+    with pytest.raises(ValueError, match=r"^a bug$"):  # where it happened, with its traceback
+        ckpt._raise_first(ValueError("a bug"), [io, bug])
+    ckpt._raise_first(None, [None, None])  # nothing failed

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import threading
 
+import pytest
 import torch
 
 from gpt2exp.checkpoint import CheckpointManager, verify_checkpoint
@@ -147,15 +148,23 @@ def test_buffers_for_a_gpu_are_page_locked_on_the_copy_thread_exactly_their_byte
     assert len(cuda.calls) == 2
 
 
-def test_memory_the_driver_cannot_page_lock_still_holds_the_snapshot_and_says_so(monkeypatch, caplog):
+@pytest.mark.parametrize("fails", ["registration", "device"])
+def test_memory_that_cannot_be_page_locked_still_holds_the_snapshot_and_says_so(monkeypatch, caplog, fails):
     cuda = FakeCuda(monkeypatch, status=2)  # cudaErrorMemoryAllocation
+    if fails == "device":
+
+        def no_such_gpu(device):
+            raise RuntimeError("CUDA error: invalid device ordinal")
+
+        monkeypatch.setattr(torch.cuda, "device", no_such_gpu)
     host = HostMemory(64)
     host.pin(torch.device("cuda", 0))
     host.unpin()
-    assert [call[0] for call in cuda.calls] == ["register"]  # nothing to unregister
+    assert [call[0] for call in cuda.calls] == (["register"] if fails == "registration" else [])  # none unregistered
     assert host.views([("x", (4,), torch.float32)])["x"].shape == (4,)
+    problem = "CUDA error 2" if fails == "registration" else "RuntimeError('CUDA error: invalid device ordinal')"
     assert caplog.messages == [
-        "could not page-lock 64 bytes for background checkpoint saves (CUDA error 2); "
+        f"could not page-lock 64 bytes for background checkpoint saves ({problem}); "
         "their copy from the GPU will block training"
     ]
 
