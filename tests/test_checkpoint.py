@@ -303,7 +303,7 @@ def test_round_trip_restores_model_optimizer_and_state_exactly(run_dir, managers
 
     assert dst["trainer"] == src["trainer"]
     assert dst["trainer"].step == 7 and dst["trainer"].last_eval == {"val/loss": 2.5, "step": 7}
-    assert dst["sampler"].state_dict() == saved_sampler == {"seed": 1, "epoch": 0, "offset": 4}
+    assert dst["sampler"].state_dict() == saved_sampler == {"seed": 1, "epoch": 0, "offset": 4, "windows": 255}
     assert dst["sampler"].next_batch()[0].tolist() == src["sampler"].next_batch()[0].tolist()
     after = (random.random(), float(np.random.rand()), torch.rand(3))
     assert after[:2] == draws[:2] and torch.equal(after[2], draws[2])

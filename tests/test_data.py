@@ -179,6 +179,27 @@ def test_sampler_state_round_trip_gives_the_same_next_batches():
         assert np.array_equal(x1, x2) and np.array_equal(y1, y2)
 
 
+def test_a_sampler_position_in_other_data_is_refused_and_one_saved_without_its_count_is_taken():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    saved = data.BatchSampler(tokens, block_size=16, batch_size=8, seed=3)
+    for _ in range(70):
+        saved.next_batch()
+    state = saved.state_dict()
+    assert state == {"seed": 3, "epoch": 0, "offset": 560, "windows": 624}
+    fewer = data.BatchSampler(tokens[:2000], block_size=16, batch_size=8, seed=3)  # 124 windows: 560 is past them
+    with pytest.raises(UserError) as refused:
+        fewer.load_state_dict(state)
+    assert str(refused.value) == (
+        "the checkpoint's data position is one in 624 training windows, and this run's data holds 124: the data "
+        "changed since the run started; resume with the data it trained on (the same files, dataset revision and "
+        "data.cache_dir)"
+    )
+    assert fewer.state_dict() == {"seed": 3, "epoch": 0, "offset": 0, "windows": 124}  # untouched
+    older = data.BatchSampler(tokens, block_size=16, batch_size=8, seed=99)
+    older.load_state_dict({"seed": 3, "epoch": 0, "offset": 560})  # a checkpoint from before the count
+    assert np.array_equal(older.next_batch()[0], saved.next_batch()[0])
+
+
 def test_sampler_targets_are_inputs_shifted_by_one_and_epochs_cover_every_window():
     tokens = np.arange(1000, dtype=np.uint16)
     sampler = data.BatchSampler(tokens, block_size=10, batch_size=7, seed=0)
