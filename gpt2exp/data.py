@@ -304,8 +304,9 @@ def prepare_data(cfg: Any, tokenizer_of_run: Path | None = None) -> TokenData:
         if not isinstance(exc, DiskFull) and not folder.exists():  # bad input: take back the lock file too
             if new_lock:
                 lock_file.unlink(missing_ok=True)
-            if new_root:
-                shutil.rmtree(root, ignore_errors=True)
+            if new_root:  # unless another process made an entry there meanwhile
+                with contextlib.suppress(OSError):
+                    root.rmdir()
         raise
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
     check_token_ids_of_run(tokenizer, folder / "tokenizer", tokenizer_of_run)

@@ -249,7 +249,7 @@ def _columns_of(path: Path) -> list[str] | None:
     if kind == "csv":
         import pyarrow.csv as pacsv
 
-        return list(pacsv.open_csv(path).schema.names)
+        return list(pacsv.open_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True)).schema.names)
     if kind == "json":
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -299,7 +299,10 @@ def _rows_of(path: Path, column: str, start: int) -> Iterator[list[str]]:
     else:
         import pyarrow.csv as pacsv
 
-        batches, skip = pacsv.open_csv(path, convert_options=pacsv.ConvertOptions(include_columns=[column])), start
+        # web text holds newlines inside its quoted values; without this, pyarrow loses its place past the first block
+        parse = pacsv.ParseOptions(newlines_in_values=True)
+        convert = pacsv.ConvertOptions(include_columns=[column])
+        batches, skip = pacsv.open_csv(path, parse_options=parse, convert_options=convert), start
     for batch in batches:
         texts = [t or "" for t in batch.column(0).to_pylist()]
         if skip:
@@ -360,6 +363,13 @@ def data_files_source(cfg: Any, paths: list[Path]) -> Source:
         )
     if val_paths:
         _check_column(val_paths, column, cfg.val_split)
+        both = sorted({p.resolve() for p in paths} & {p.resolve() for p in val_paths})
+        if both:
+            raise UserError(
+                f"data.val_split={cfg.val_split} names {len(both)} of data.dataset's own files ({both[0].name}"
+                f"{', ...' if len(both) > 1 else ''}): validation documents would be trained on; point "
+                "data.dataset at the training files alone (their folder or a glob)"
+            )
 
     def open_streams() -> list[Stream]:
         read, count = files_reader(paths, column)

@@ -307,6 +307,49 @@ def test_a_single_parquet_file_and_a_named_validation_set_of_local_files(tmp_pat
     assert np.array_equal(np.asarray(prepared.val), expected_tokens(tokenizer_dir, documents(10, seed=3)))
 
 
+def test_validation_files_among_the_training_files_are_refused(tmp_path, tokenizer_dir):
+    write_parquet(documents(60), tmp_path / "owt" / "train", per_file=30)
+    write_parquet(documents(10, seed=3), tmp_path / "owt" / "val", per_file=10)
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(tmp_path / "owt"), val_split=str(tmp_path / "owt" / "val"))
+    with pytest.raises(UserError) as refused:
+        data.prepare_data(cfg)
+    assert str(refused.value) == (
+        f"data.val_split={tmp_path / 'owt' / 'val'} names 1 of data.dataset's own files (part-000.parquet): "
+        "validation documents would be trained on; point data.dataset at the training files alone (their folder "
+        "or a glob)"
+    )
+    assert not (tmp_path / "cache").exists()
+
+
+def test_csv_values_that_span_lines_are_read_past_the_first_block(tmp_path, tokenizer_dir):
+    """pyarrow reads a CSV in blocks of 1 MB: a value with newlines must not lose its place between them."""
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+
+    docs = [("\n".join(documents(4, seed=i))) for i in range(400)]  # ~2 MB, every value over several lines
+    pacsv.write_csv(pa.table({"text": docs}), tmp_path / "web.csv")
+    assert (tmp_path / "web.csv").stat().st_size > 2**20
+    read, _ = sources.files_reader([tmp_path / "web.csv"], "text")
+    assert [doc for batch in read(0) for doc in batch] == docs
+
+
+def test_a_failed_preparation_leaves_an_entry_another_process_made_meanwhile(tmp_path, tokenizer_dir, monkeypatch):
+    """The cache root did not exist when this process looked; another one made its own entry there before
+    this one failed on bad input: only this one's lock file goes, the root and the other entry stay."""
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(write_parquet(documents(30), tmp_path / "docs")))
+    root = tmp_path / "cache"
+
+    def another_process_meanwhile(*args, **kwargs):  # then this one fails on its input, inside its lock
+        (root / "hf_dataset-0123456789abcdef").mkdir()
+        (root / "hf_dataset-0123456789abcdef" / "manifest.json").write_text("{}")
+        raise UserError("this process's input is bad")
+
+    monkeypatch.setattr(data, "read_manifest", another_process_meanwhile)
+    with pytest.raises(UserError):
+        data.prepare_data(cfg)
+    assert sorted(p.name for p in root.iterdir()) == ["hf_dataset-0123456789abcdef"]
+
+
 def test_resuming_a_stream_mid_way_reads_the_same_documents(tmp_path):
     docs = documents(200)
     write_parquet(docs, tmp_path / "p", per_file=70)
@@ -495,7 +538,7 @@ def test_the_shard_sampler_resumes_to_the_exact_batch_across_shard_and_epoch_bou
         a.next_batch()
     state = a.state_dict()
     expected = [a.next_batch() for _ in range(4)]
-    assert state == {"seed": 2, "epoch": 0, "offset": 84} and a.epoch == 1
+    assert state == {"seed": 2, "epoch": 0, "offset": 84, "windows": 89} and a.epoch == 1
     b = data.BatchSampler(sharded, block_size=100, batch_size=7, seed=0)
     b.load_state_dict(json.loads(json.dumps(state)))
     for (x1, y1), (x2, y2) in zip(expected, (b.next_batch() for _ in range(4)), strict=True):
