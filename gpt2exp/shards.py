@@ -384,7 +384,14 @@ def read_manifest(folder: Path) -> dict[str, Any] | None:
     path = folder / "manifest.json"
     if not path.exists():
         return None
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:  # damaged: the entry cannot be trusted
+        raise UserError(
+            f"the token cache's manifest {path} does not read ({exc}); delete that folder to build it again"
+        ) from None
+    if not isinstance(manifest, dict):
+        raise UserError(f"the token cache's manifest {path} is not a manifest; delete that folder to build it again")
     if manifest.get("format") != FORMAT:
         raise UserError(
             f"the token cache {folder} was written in format {manifest.get('format')} and this gpt2exp reads "
@@ -478,11 +485,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _read_stamps(path: Path) -> dict[str, Any]:
+    """verified.json's stamps; none when it is missing or damaged (every shard is then hashed again)."""
+    try:
+        stamps = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return stamps if isinstance(stamps, dict) else {}
+
+
 def corrupt_shards(folder: Path, manifest: dict[str, Any]) -> list[tuple[str, int]]:
     """(split, index) of each shard whose sha256 differs from the manifest's. A shard is hashed only if
     it changed (size, mtime or inode) since its checksum last matched: start-up reads no token."""
     stamps_file = folder / "verified.json"
-    stamps = json.loads(stamps_file.read_text()) if stamps_file.exists() else {}
+    stamps = _read_stamps(stamps_file)
     bad, changed = [], False
     for split in SPLITS:
         for index, entry in enumerate(manifest["splits"][split]["shards"]):
@@ -523,6 +539,6 @@ def rebuild(folder: Path, source: Source, tokenizing: Tokenizing, manifest: dict
             f"({entry['file']} came out different); delete that folder to build it again"
         )
     stamps_file = folder / "verified.json"
-    stamps = json.loads(stamps_file.read_text()) if stamps_file.exists() else {}
+    stamps = _read_stamps(stamps_file)
     stamps[entry["file"]] = _stamp(folder / entry["file"])
     _write_json(stamps_file, stamps)

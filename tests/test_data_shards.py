@@ -206,6 +206,27 @@ def test_a_corrupted_shard_is_detected_and_built_again_before_any_read(tmp_path,
     assert np.array_equal(np.asarray(prepared.train), expected_tokens(tokenizer_dir, train_docs))
 
 
+def test_damaged_stamps_rehash_every_shard_and_a_damaged_manifest_is_one_line(tmp_path, built, tokenizer_dir, corpus):
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"))
+    folder = tmp_path / "cache" / built.name
+    shutil.copytree(built, folder)
+    reference = shard_files(folder)
+    with open(folder / "train_000002.bin", "r+b") as f:  # corrupt, with its stamp forgotten as well
+        f.seek(100)
+        f.write(b"\xff\xff")
+    (folder / "verified.json").write_text('{"train_000000.bin": [1')  # cut off
+    data.prepare_data(cfg)
+    assert shard_files(folder) == reference  # hashed again, the corrupt shard found and rebuilt
+    assert set(json.loads((folder / "verified.json").read_text())) == {p.name for p in folder.glob("*.bin")}
+    (folder / "manifest.json").write_text('{"format": ')
+    with pytest.raises(UserError) as refused:
+        data.prepare_data(cfg)
+    assert str(refused.value) == (
+        f"the token cache's manifest {folder / 'manifest.json'} does not read (Expecting value: line 1 column 12 "
+        "(char 11)); delete that folder to build it again"
+    )
+
+
 def test_a_shard_that_comes_out_different_when_rebuilt_is_refused_not_trained_on(
     tmp_path, built, tokenizer_dir, corpus
 ):
