@@ -29,6 +29,8 @@ class TokenShards:
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Tokens [start, stop) as an array (a view when they lie in one shard)."""
+        if start >= stop:
+            return np.zeros(0, self.dtype)
         first = int(np.searchsorted(self.bounds, start, side="right")) - 1
         pieces = []
         while start < stop:
@@ -40,9 +42,14 @@ class TokenShards:
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
     def __getitem__(self, index):
-        if isinstance(index, slice):
-            start, stop, step = index.indices(len(self))
-            return self.read(start, max(start, stop))[::step]
+        if isinstance(index, slice):  # what a numpy array gives, negative steps included
+            picked = range(*index.indices(len(self)))
+            if not picked:
+                return np.zeros(0, self.dtype)
+            low, high = min(picked[0], picked[-1]), max(picked[0], picked[-1]) + 1
+            return (
+                self.read(low, high)[:: picked.step] if picked.step > 0 else self.read(low, high)[::-1][:: -picked.step]
+            )
         if isinstance(index, int | np.integer):
             index = int(index) + (len(self) if index < 0 else 0)
             return self.read(index, index + 1)[0]

@@ -530,6 +530,22 @@ def test_a_full_disk_removes_the_partial_shards_keeps_the_finished_ones_and_a_re
 # -- the sampler over shards --------------------------------------------------------------------------------
 
 
+def test_shards_slice_as_the_flat_array_does_empty_and_backwards_slices_included(tmp_path):
+    import itertools
+
+    flat = np.arange(23, dtype=np.uint16)
+    paths = []
+    for i, (a, b) in enumerate([(0, 7), (7, 8), (8, 20), (20, 23)]):  # one shard of a single token
+        flat[a:b].tofile(tmp_path / f"s{i}.bin")
+        paths.append(tmp_path / f"s{i}.bin")
+    stream = data.TokenShards(paths, np.uint16)
+    ends, steps = [None, -30, -5, 0, 3, 7, 8, 22, 23, 30], [None, 1, 2, 5, -1, -3]
+    for start, stop, step in itertools.product(ends, ends, steps):
+        part = slice(start, stop, step)
+        assert np.array_equal(stream[part], flat[part]) and stream[part].dtype == flat.dtype, part
+    assert stream[5:5].shape == (0,) and stream[-1] == 22
+
+
 def test_shards_read_as_one_stream_give_the_flat_arrays_batches(tmp_path):
     tokens = np.arange(20_000, dtype=np.uint32).astype(np.uint16)
     paths = []
