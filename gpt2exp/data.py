@@ -62,6 +62,7 @@ __all__ = [
     "tokenize",
     "train_bpe",
     "val_batches",
+    "validation_texts",
     "windows",
 ]
 
@@ -92,9 +93,20 @@ def load_corpus(cfg: Any) -> Corpus:
     return Corpus(split["train"], split["val"], source.fingerprint)
 
 
-def _documents(source: Source) -> Iterator[list[tuple[str, str]]]:
-    """(split, text) of each document, in reading order, a batch at a time."""
+def validation_texts(cfg: Any) -> list[str]:
+    """The validation documents of the `data` section, split as prepare_data splits them. Training
+    documents are read past where held-out ones lie among them, never kept; a training split of its own
+    is not read."""
+    source = open_source(cfg)
+    return [text for docs in _documents(source, skip="train") for route, text in docs if route == "val"]
+
+
+def _documents(source: Source, skip: str | None = None) -> Iterator[list[tuple[str, str]]]:
+    """(split, text) of each document, in reading order, a batch at a time (a stream routed to `skip`
+    left unread)."""
     for stream in source.streams():
+        if stream.route == skip:
+            continue
         for first, texts in batches(stream.read, 0):
             if stream.route == "holdout":
                 val = held_out(np.arange(first, first + len(texts)), source.val_fraction)

@@ -80,9 +80,9 @@ def data_config(record: Any, overrides: list[str]) -> Any:
 def val_tokens(data_cfg: Any, tokenizer) -> np.ndarray:
     """The validation text of `data_cfg` encoded with `tokenizer`, each document followed by its
     end-of-text token: the layout of the trainer's token cache (data.prepare_data), built in memory."""
-    from gpt2exp.data import load_corpus, tokenize
+    from gpt2exp.data import tokenize, validation_texts
 
-    return tokenize(tokenizer, load_corpus(data_cfg).val)
+    return tokenize(tokenizer, validation_texts(data_cfg))
 
 
 def token_bytes(tokenizer) -> np.ndarray | None:

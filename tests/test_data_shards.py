@@ -328,6 +328,26 @@ def test_a_single_parquet_file_and_a_named_validation_set_of_local_files(tmp_pat
     assert np.array_equal(np.asarray(prepared.val), expected_tokens(tokenizer_dir, documents(10, seed=3)))
 
 
+def test_validation_texts_are_the_corpus_validation_split_without_keeping_or_reading_training_files(
+    tmp_path, tokenizer_dir, monkeypatch
+):
+    held = data_cfg(tmp_path, tokenizer_dir, str(write_parquet(documents(200), tmp_path / "all")), val_fraction=0.1)
+    assert data.validation_texts(held) == data.load_corpus(held).val and len(data.validation_texts(held)) > 0
+    write_parquet(documents(60), tmp_path / "train", per_file=30)
+    write_parquet(documents(10, seed=3), tmp_path / "val", per_file=10)
+    named = data_cfg(tmp_path, tokenizer_dir, str(tmp_path / "train"), val_split=str(tmp_path / "val"))
+    expected = data.load_corpus(named).val
+    assert expected == documents(10, seed=3)
+    rows_of = sources._rows_of
+
+    def refuse_training_files(path, *args):
+        assert "train" not in path.parts, f"{path} was read"
+        return rows_of(path, *args)
+
+    monkeypatch.setattr(sources, "_rows_of", refuse_training_files)
+    assert data.validation_texts(named) == expected
+
+
 def test_validation_files_among_the_training_files_are_refused(tmp_path, tokenizer_dir):
     write_parquet(documents(60), tmp_path / "owt" / "train", per_file=30)
     write_parquet(documents(10, seed=3), tmp_path / "owt" / "val", per_file=10)
