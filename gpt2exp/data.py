@@ -305,8 +305,12 @@ def prepare_data(cfg: Any, tokenizer_of_run: Path | None = None) -> TokenData:
     try:
         with cache_lock(lock_file):
             manifest = read_manifest(folder)
+            if manifest is None and source.unsound_split:
+                raise UserError(source.unsound_split)
             if manifest is None:
                 manifest = _build_entry(cfg, source, folder, tokenizer_of_run)
+            elif source.unsound_split:  # a run that started so goes on as it began
+                log.warning("%s (the token cache %s was built so; it is used as it is)", source.unsound_split, folder)
             bad = corrupt_shards(folder, manifest)
             if bad:
                 tokenizing = _tokenizing(cfg, folder, manifest)

@@ -59,6 +59,7 @@ class Source:
     fingerprint: str  # changes when the documents may have: stat (paths, sizes, mtimes), bytes, a data set's id
     open: Callable[[], list[Stream]]  # the streams, opened only when tokens are built
     val_fraction: float = 0.0
+    unsound_split: str | None = None  # why validation documents would also be trained on: a new cache is refused
     _streams: list[Stream] | None = None
 
     def streams(self) -> list[Stream]:
@@ -363,13 +364,12 @@ def data_files_source(cfg: Any, paths: list[Path]) -> Source:
         )
     if val_paths:
         _check_column(val_paths, column, cfg.val_split)
-        both = sorted({p.resolve() for p in paths} & {p.resolve() for p in val_paths})
-        if both:
-            raise UserError(
-                f"data.val_split={cfg.val_split} names {len(both)} of data.dataset's own files ({both[0].name}"
-                f"{', ...' if len(both) > 1 else ''}): validation documents would be trained on; point "
-                "data.dataset at the training files alone (their folder or a glob)"
-            )
+    both = sorted({p.resolve() for p in paths} & {p.resolve() for p in val_paths or []})
+    unsound = (
+        f"data.val_split={cfg.val_split} names {len(both)} of data.dataset's own files ({both[0]}"
+        f"{', ...' if len(both) > 1 else ''}): validation documents are trained on; point data.dataset at the "
+        "training files alone (their folder or a glob)"
+    ) if both else None  # fmt: skip
 
     def open_streams() -> list[Stream]:
         read, count = files_reader(paths, column)
@@ -379,7 +379,7 @@ def data_files_source(cfg: Any, paths: list[Path]) -> Source:
         return tail_or_holdout(cfg, read, count)
 
     fingerprint = _stat_fingerprint(paths + (val_paths or []), column)
-    return Source(cfg.dataset, fingerprint, open_streams, cfg.val_fraction)
+    return Source(cfg.dataset, fingerprint, open_streams, cfg.val_fraction, unsound)
 
 
 def tail_or_holdout(cfg: Any, read: Reader, count: int | None) -> list[Stream]:

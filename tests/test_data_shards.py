@@ -22,6 +22,8 @@ from gpt2exp import data, shards, sources
 from gpt2exp.config import CONF_DIR, DataConfig
 from gpt2exp.errors import UserError
 
+DATA_FILES_SOURCE = sources.data_files_source
+
 WORDS = (
     "the of and to in is was for that with as his on be at by it from had he not are but or this an which you".split()
 )
@@ -348,18 +350,35 @@ def test_validation_texts_are_the_corpus_validation_split_without_keeping_or_rea
     assert data.validation_texts(named) == expected
 
 
-def test_validation_files_among_the_training_files_are_refused(tmp_path, tokenizer_dir):
+def test_validation_files_among_the_training_files_are_refused_for_a_new_cache_and_warned_of_for_an_old_one(
+    tmp_path, tokenizer_dir, caplog, monkeypatch
+):
     write_parquet(documents(60), tmp_path / "owt" / "train", per_file=30)
     write_parquet(documents(10, seed=3), tmp_path / "owt" / "val", per_file=10)
     cfg = data_cfg(tmp_path, tokenizer_dir, str(tmp_path / "owt"), val_split=str(tmp_path / "owt" / "val"))
+    unsound = (
+        f"data.val_split={tmp_path / 'owt' / 'val'} names 1 of data.dataset's own files "
+        f"({tmp_path / 'owt' / 'val' / 'part-000.parquet'}): validation documents are trained on; point "
+        "data.dataset at the training files alone (their folder or a glob)"
+    )
     with pytest.raises(UserError) as refused:
         data.prepare_data(cfg)
-    assert str(refused.value) == (
-        f"data.val_split={tmp_path / 'owt' / 'val'} names 1 of data.dataset's own files (part-000.parquet): "
-        "validation documents would be trained on; point data.dataset at the training files alone (their folder "
-        "or a glob)"
-    )
+    assert str(refused.value) == unsound
     assert not (tmp_path / "cache").exists()
+    # a run prepared before this check existed goes on with its cache (its resume must not be refused)
+    with monkeypatch.context() as patched:
+        patched.setattr(sources, "data_files_source", sound_files_source)
+        built_before = entry_of(data.prepare_data(cfg))
+    caplog.clear()
+    assert entry_of(data.prepare_data(cfg)) == built_before
+    assert caplog.messages == [f"{unsound} (the token cache {built_before} was built so; it is used as it is)"]
+
+
+def sound_files_source(cfg, paths):
+    """data_files_source as it was before the overlap check: the same key, nothing flagged."""
+    source = DATA_FILES_SOURCE(cfg, paths)
+    source.unsound_split = None
+    return source
 
 
 def test_csv_values_that_span_lines_are_read_past_the_first_block(tmp_path, tokenizer_dir):
