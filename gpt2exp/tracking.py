@@ -138,7 +138,9 @@ class Tracker:
             self._file = open(self.run_dir / METRICS_FILE, "a", encoding="utf-8")
         self._file.write(json.dumps(row) + "\n")
         self._file.flush()
-        if self._wandb_run is not None:  # committed now: W&B would hold the row until a later step's came
+        # committed now: W&B would hold the row until a later step's came. One row per step: W&B ignores a
+        # second one at a step it has committed
+        if self._wandb_run is not None:
             self._wandb_run.log(metrics, step=step, commit=True)
         if self._tensorboard is not None:
             for key, value in metrics.items():
