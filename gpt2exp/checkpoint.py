@@ -437,6 +437,7 @@ class HFCheckpointFiles:
         weights = load_file(path / MODEL_FILE)
         tensor_state = load_tensor_state(path / OPTIMIZER_FILE)
         state = json.loads((path / STATE_FILE).read_text())
+        check_json_state(groups, state)
         _restore_model(path, model, weights)
         for kind, saved in (("tensors", tensor_state), ("json", state)):
             for key, obj in groups[kind].items():
@@ -446,6 +447,16 @@ class HFCheckpointFiles:
 
     def close(self) -> None:
         self._io.shutdown(wait=True)
+
+
+def check_json_state(groups: Mapping[str, Mapping[str, Any]], state: Mapping[str, Any]) -> None:
+    """Before anything is restored: each "json" object that checks a saved state (`check_state_dict`:
+    the sampler's position, against its data) refuses one that is not its own, so a refused checkpoint
+    leaves every object as it was and costs no restore."""
+    for key, obj in groups["json"].items():
+        check = getattr(obj, "check_state_dict", None)
+        if check is not None and key in state:
+            check(state[key])
 
 
 def _restore_model(path: Path, model, weights: dict[str, Any]) -> None:

@@ -36,6 +36,7 @@ from gpt2exp.checkpoint import (
     _restore_model,
     _write_file,
     build_trainer_state,
+    check_json_state,
     io_pool,
     load_tensor_state,
     model_tensors,
@@ -290,6 +291,7 @@ def read_checkpoint(path: Path, stateful: Mapping[str, Any], rank: int) -> dict[
         rng_state = json.loads((own if own.is_file() else path / rng_file(0)).read_text())
     # a rank the saving run did not have: its own stream, not a copy of rank 0's
     forked = rank > 0 and not (sharded and (path / rng_file(rank)).is_file())
+    check_json_state(groups, state)
     restore_weights(path, model, weights)
     optimizer = groups["tensors"].get(OPTIMIZER_KEY)
     if optimizer is not None:

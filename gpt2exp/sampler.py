@@ -125,9 +125,10 @@ class BatchSampler:
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset, "windows": self.num_windows}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """The saved position; refused when it is a position in other data (other tokens give another
-        count of windows: the resumed run would train on other batches, or none at all)."""
+    def check_state_dict(self, state: dict[str, int]) -> None:
+        """Refuse a saved position in other data (other tokens give another count of windows: the resumed
+        run would train on other batches, or none at all). A checkpoint reader calls it before it restores
+        anything."""
         saved = state.get("windows")  # checkpoints before the count was saved have none
         if saved is not None and int(saved) != self.num_windows:
             raise UserError(
@@ -135,6 +136,9 @@ class BatchSampler:
                 f"holds {self.num_windows}: the data changed since the run started; resume with the data it "
                 "trained on (the same files, dataset revision and data.cache_dir)"
             )
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.check_state_dict(state)
         self.seed, self.epoch, self.offset = int(state["seed"]), int(state["epoch"]), int(state["offset"])
         self._order_epoch = None  # the cached order belonged to the old position
 

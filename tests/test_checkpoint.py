@@ -1204,3 +1204,22 @@ def test_every_rank_fails_a_save_alike_whatever_each_rank_hit():
     with pytest.raises(ValueError, match=r"^a bug$"):  # where it happened, with its traceback
         ckpt._raise_first(ValueError("a bug"), [io, bug])
     ckpt._raise_first(None, [None, None])  # nothing failed
+
+
+def test_a_data_position_in_other_data_is_refused_before_anything_is_restored(run_dir, managers):
+    manager = managers(make_cfg(), run_dir)
+    manager.save(1, make_stateful(), {}, force=True)
+    other = make_stateful(seed=3)
+    other["sampler"] = BatchSampler(np.arange(512, dtype=np.uint16), block_size=8, batch_size=2, seed=0)
+    optimizer = other["optimizer"].obj
+
+    def moments() -> list[torch.Tensor]:
+        return [state[name].clone() for state in optimizer.state.values() for name in ("exp_avg", "exp_avg_sq")]
+
+    weights, before = clone_weights(other["model"]), moments()
+    with pytest.raises(UserError, match=r"^the checkpoint's data position is one in 255 training windows, and this"):
+        manager.load(other)
+    assert_weights_equal(other["model"], weights)  # refused before the weights were restored
+    assert all(torch.equal(a, b) for a, b in zip(moments(), before, strict=True))
+    assert len(before) == 2 * len(list(other["model"].parameters()))
+    assert other["sampler"].state_dict() == {"seed": 0, "epoch": 0, "offset": 0, "windows": 63}
