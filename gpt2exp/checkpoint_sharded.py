@@ -285,12 +285,12 @@ def read_checkpoint(path: Path, stateful: Mapping[str, Any], rank: int) -> dict[
         tensor_state = load_tensor_state(path / OTHER_TENSORS)
     elif not sharded:
         tensor_state = load_tensor_state(path / OPTIMIZER_FILE)
-    rng_state = state.get(RNG_KEY)
+    own_rng = sharded and (path / rng_file(rank)).is_file()
     if sharded:
-        own = path / rng_file(rank)
-        rng_state = json.loads((own if own.is_file() else path / rng_file(0)).read_text())
-    # a rank the saving run did not have: its own stream, not a copy of rank 0's
-    forked = rank > 0 and not (sharded and (path / rng_file(rank)).is_file())
+        rng_state = json.loads((path / rng_file(rank if own_rng else 0)).read_text())
+    else:
+        rng_state = state.get(RNG_KEY)
+    forked = rank > 0 and not own_rng  # a rank the saving run did not have: its own stream, not rank 0's
     check_json_state(groups, state)
     restore_weights(path, model, weights)
     optimizer = groups["tensors"].get(OPTIMIZER_KEY)
@@ -303,10 +303,11 @@ def read_checkpoint(path: Path, stateful: Mapping[str, Any], rank: int) -> dict[
         if key != OPTIMIZER_KEY and key in tensor_state:
             obj.load_state_dict(tensor_state[key])
     for key, obj in groups["json"].items():
-        if key == RNG_KEY and rng_state is not None and forked:
-            obj.load_forked(rng_state, rank)
-        elif key == RNG_KEY and rng_state is not None:
-            obj.load_state_dict(rng_state)
+        if key == RNG_KEY and rng_state is not None:
+            if forked:
+                obj.load_forked(rng_state, rank)
+            else:
+                obj.load_state_dict(rng_state)
         elif key in state:
             obj.load_state_dict(state[key])
     return state
