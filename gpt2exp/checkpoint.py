@@ -651,8 +651,8 @@ class CheckpointManager:
         return self._in_flight
 
     def has(self, step: int) -> bool:
-        """Whether the checkpoint of `step` is committed."""
-        return is_checkpoint_dir(self.root / step_dir_name(step))
+        """Whether the checkpoint of `step` is committed (as rank 0 sees it, on every rank)."""
+        return distributed.broadcast(is_checkpoint_dir(self.root / step_dir_name(step)))
 
     def reserve_snapshot(self, stateful: Mapping[str, Any]) -> Future[None] | None:
         """Make a background save's host buffers now, for the state as it is: call it once the optimizer

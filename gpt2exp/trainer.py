@@ -27,7 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from gpt2exp.config import Activation
 from gpt2exp.distributed import gradient_sync, sum_over_ranks
-from gpt2exp.errors import Diverged, RunStopped, UserError
+from gpt2exp.errors import Diverged, RunStopped, SaveFailed, UserError
 from gpt2exp.mfu import flops_per_token, mfu, peak_flops
 from gpt2exp.preemption import EXIT_PREEMPTED, PreemptionFlag
 from gpt2exp.pruning import TrialLink, TrialPruned
@@ -570,9 +570,13 @@ class Trainer:
         self.checkpoints.save(c.step, self.stateful, metrics, force=final or asked)
         if end or asked:
             self.checkpoints.flush()
-            if final and not asked and not self.checkpoints.has(c.step):  # on_save_error=warn let it fail
-                log.warning("the run ends at step %d without its checkpoint: a resume with a larger "
-                            "trainer.max_steps goes on from the newest one", c.step)  # fmt: skip
+            if final and not asked and not self.checkpoints.has(c.step):
+                # on_save_error=warn let it fail, but no training follows it: the run is not complete
+                # until a resume has trained these steps again from the newest checkpoint and saved them
+                raise SaveFailed(
+                    f"the final checkpoint (step {c.step}) was not saved; earlier checkpoints are intact: "
+                    f"free space or fix permissions, then resume={self.run_dir} finishes the run from the newest one"
+                )
 
     # -- stop conditions ---------------------------------------------------------------------------
 

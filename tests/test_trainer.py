@@ -11,7 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from gpt2exp.resume import fix_values_of_record
+from gpt2exp.errors import SaveFailed
+from gpt2exp.resume import ResumeTarget, fix_values_of_record, refuse_complete
 from gpt2exp.trainer import Preempted, Trainer
 from tests.conftest import FAST
 
@@ -178,8 +179,13 @@ def test_a_signal_whose_save_fails_under_on_save_error_warn_says_the_step_was_no
     )
 
 
-def test_a_final_save_that_on_save_error_warn_let_fail_is_said_at_the_end(make_trainer, caplog):
-    trainer = make_trainer("checkpoint.on_save_error=warn", "checkpoint.every_steps=2", "trainer.num_samples=0")
+def test_a_final_save_that_on_save_error_warn_let_fail_fails_the_run_and_a_resume_finishes_it(make_trainer, tmp_path):
+    """warn lets training go on past a failed save; after the last step none follows, so the run is not complete."""
+    overrides = ("checkpoint.on_save_error=warn", "checkpoint.every_steps=2", "trainer.num_samples=0")
+    make_trainer(*overrides).run(None)
+    (tmp_path / "run").rename(tmp_path / "whole")
+    (tmp_path / "run").mkdir()
+    trainer = make_trainer(*overrides)
     write = trainer.checkpoints.files.write
 
     def disk_full_at_step_4(tmp_dir, step, *args):
@@ -188,10 +194,20 @@ def test_a_final_save_that_on_save_error_warn_let_fail_is_said_at_the_end(make_t
         return write(tmp_dir, step, *args)
 
     trainer.checkpoints.files.write = disk_full_at_step_4
-    with caplog.at_level(logging.WARNING, logger="gpt2exp"):
+    with pytest.raises(SaveFailed) as failed:
         trainer.run(None)
-    assert sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]
-    assert caplog.messages[-1] == (
-        "the run ends at step 4 without its checkpoint: a resume with a larger trainer.max_steps goes on from the "
-        "newest one"
+    assert str(failed.value) == (
+        "the final checkpoint (step 4) was not saved; earlier checkpoints are intact: free space or fix "
+        f"permissions, then resume={trainer.run_dir} finishes the run from the newest one"
     )
+    assert failed.value.exit_code == 74
+    assert sorted(p.name for p in (trainer.run_dir / "checkpoints").glob("step_*")) == ["step_00000002"]
+    assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "failed"
+
+    refuse_complete(trainer.run_dir, 4)  # not complete: a resume goes on from step 2
+    make_trainer(*overrides).run(ResumeTarget(trainer.run_dir, None))
+    assert json.loads((trainer.run_dir / "run.json").read_text())["status"] == "completed"
+    final = load_file(trainer.run_dir / "checkpoints" / "step_00000004" / "model.safetensors")
+    reference = load_file(tmp_path / "whole" / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert final.keys() == reference.keys()
+    assert all(final[k].equal(reference[k]) for k in reference)
