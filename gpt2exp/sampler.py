@@ -7,6 +7,7 @@ however it is sharded (one array or many shards give the same batches).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,6 +66,18 @@ class TokenShards:
 
 Tokens = np.ndarray | TokenShards
 
+SAMPLED_SPANS, SPAN_TOKENS = 256, 256  # what a data position's content digest reads: 64K tokens, wherever they lie
+
+
+def sampled_digest(tokens: Tokens) -> str:
+    """A digest of the token ids in SAMPLED_SPANS evenly spaced spans (of any dtype, any sharding):
+    other data is told from the run's own without reading all of it (FineWeb: billions of tokens)."""
+    digest = hashlib.sha256()
+    span = min(SPAN_TOKENS, len(tokens))
+    for start in np.linspace(0, len(tokens) - span, num=SAMPLED_SPANS).astype(np.int64):
+        digest.update(np.asarray(tokens[int(start) : int(start) + span], dtype="<i8").tobytes())
+    return digest.hexdigest()[:16]
+
 
 def windows(tokens: Tokens, starts: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     """Inputs and next-token targets (int64) for windows beginning at `starts`."""
@@ -97,6 +110,7 @@ class BatchSampler:
             )
         self.seed, self.epoch, self.offset = seed, 0, 0
         self._order_epoch: int | None = None
+        self._digest: str | None = None  # sampled_digest(tokens), read at the first save or resume
 
     def _starts(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
@@ -122,20 +136,34 @@ class BatchSampler:
                 self.epoch, self.offset = self.epoch + 1, 0
         return windows(self.tokens, np.concatenate(starts), self.block_size)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset, "windows": self.num_windows}
+    def state_dict(self) -> dict[str, int | str]:
+        return {"seed": self.seed, "epoch": self.epoch, "offset": self.offset, **self.data_identity()}
 
-    def check_state_dict(self, state: dict[str, int]) -> None:
-        """Refuse a saved position in other data (other tokens give another count of windows: the resumed
-        run would train on other batches, or none at all). A checkpoint reader calls it before it restores
-        anything."""
-        saved = state.get("windows")  # checkpoints before the count was saved have none
-        if saved is not None and int(saved) != self.num_windows:
-            raise UserError(
-                f"the checkpoint's data position is one in {saved} training windows, and this run's data "
-                f"holds {self.num_windows}: the data changed since the run started; resume with the data it "
-                "trained on (the same files, dataset revision and data.cache_dir)"
+    def data_identity(self) -> dict[str, int | str]:
+        """What the position is a position in, saved beside it and compared on resume (not restored)."""
+        if self._digest is None:
+            self._digest = sampled_digest(self.tokens)
+        return {"windows": self.num_windows, "tokens": len(self.tokens), "digest": self._digest}
+
+    def check_state_dict(self, state: dict[str, int | str]) -> None:
+        """Refuse a saved position in other data: the resumed run would train on other batches, or none
+        at all (an offset past the windows there are). A checkpoint reader calls it before it restores
+        anything. Checkpoints before a field was saved have none of it."""
+        own = self.data_identity()
+        saved = {key: state[key] for key in own if key in state}
+        if saved.get("windows", own["windows"]) != own["windows"]:
+            differ = f"one in {saved['windows']} training windows, and this run's data holds {own['windows']}"
+        elif saved != {key: own[key] for key in saved}:
+            differ = (
+                f"one in {saved.get('tokens', '?')} training tokens with digest {saved.get('digest', '?')}, and this "
+                f"run's data is {own['tokens']} tokens with digest {own['digest']}"
             )
+        else:
+            return
+        raise UserError(
+            f"the checkpoint's data position is {differ}: the data changed since the run started; resume with "
+            "the data it trained on (the same files, dataset revision and data.cache_dir)"
+        )
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.check_state_dict(state)

@@ -303,7 +303,8 @@ def test_round_trip_restores_model_optimizer_and_state_exactly(run_dir, managers
 
     assert dst["trainer"] == src["trainer"]
     assert dst["trainer"].step == 7 and dst["trainer"].last_eval == {"val/loss": 2.5, "step": 7}
-    assert dst["sampler"].state_dict() == saved_sampler == {"seed": 1, "epoch": 0, "offset": 4, "windows": 255}
+    assert saved_sampler == {"seed": 1, "epoch": 0, "offset": 4, **src["sampler"].data_identity()}
+    assert dst["sampler"].state_dict() == saved_sampler and saved_sampler["windows"] == 255
     assert dst["sampler"].next_batch()[0].tolist() == src["sampler"].next_batch()[0].tolist()
     after = (random.random(), float(np.random.rand()), torch.rand(3))
     assert after[:2] == draws[:2] and torch.equal(after[2], draws[2])
@@ -1222,4 +1223,4 @@ def test_a_data_position_in_other_data_is_refused_before_anything_is_restored(ru
     assert_weights_equal(other["model"], weights)  # refused before the weights were restored
     assert all(torch.equal(a, b) for a, b in zip(moments(), before, strict=True))
     assert len(before) == 2 * len(list(other["model"].parameters()))
-    assert other["sampler"].state_dict() == {"seed": 0, "epoch": 0, "offset": 0, "windows": 63}
+    assert (other["sampler"].seed, other["sampler"].epoch, other["sampler"].offset) == (0, 0, 0)

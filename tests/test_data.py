@@ -9,6 +9,7 @@ from omegaconf import OmegaConf
 from gpt2exp import data
 from gpt2exp.config import CONF_DIR, DataConfig
 from gpt2exp.errors import UserError
+from gpt2exp.sampler import SAMPLED_SPANS, SPAN_TOKENS, sampled_digest
 from tests.conftest import trade_two_token_ids
 
 
@@ -185,7 +186,8 @@ def test_a_sampler_position_in_other_data_is_refused_and_one_saved_without_its_c
     for _ in range(70):
         saved.next_batch()
     state = saved.state_dict()
-    assert state == {"seed": 3, "epoch": 0, "offset": 560, "windows": 624}
+    identity = {"windows": 624, "tokens": 10_000, "digest": sampled_digest(tokens)}
+    assert state == {"seed": 3, "epoch": 0, "offset": 560, **identity}
     fewer = data.BatchSampler(tokens[:2000], block_size=16, batch_size=8, seed=3)  # 124 windows: 560 is past them
     with pytest.raises(UserError) as refused:
         fewer.load_state_dict(state)
@@ -194,10 +196,44 @@ def test_a_sampler_position_in_other_data_is_refused_and_one_saved_without_its_c
         "changed since the run started; resume with the data it trained on (the same files, dataset revision and "
         "data.cache_dir)"
     )
-    assert fewer.state_dict() == {"seed": 3, "epoch": 0, "offset": 0, "windows": 124}  # untouched
+    assert (fewer.seed, fewer.epoch, fewer.offset) == (3, 0, 0)  # untouched
     older = data.BatchSampler(tokens, block_size=16, batch_size=8, seed=99)
     older.load_state_dict({"seed": 3, "epoch": 0, "offset": 560})  # a checkpoint from before the count
     assert np.array_equal(older.next_batch()[0], saved.next_batch()[0])
+
+
+def test_a_sampler_position_in_data_of_as_many_windows_but_other_tokens_is_refused():
+    tokens = np.arange(10_000, dtype=np.uint16)
+    state = data.BatchSampler(tokens, block_size=16, batch_size=8, seed=3).state_dict()
+    longer = np.arange(10_001, dtype=np.uint16)  # one token more: still 624 windows
+    edited = tokens.copy()
+    edited[SPAN_TOKENS // 2] = 7  # a token inside the first sampled span
+    for other, count in ((longer, 10_001), (edited, 10_000)):
+        resumed = data.BatchSampler(other, block_size=16, batch_size=8, seed=3)
+        assert resumed.num_windows == 624
+        with pytest.raises(UserError) as refused:
+            resumed.load_state_dict(state)
+        assert str(refused.value) == (
+            f"the checkpoint's data position is one in 10000 training tokens with digest {state['digest']}, and "
+            f"this run's data is {count} tokens with digest {sampled_digest(other)}: the data changed since the run "
+            "started; resume with the data it trained on (the same files, dataset revision and data.cache_dir)"
+        )
+    same = data.BatchSampler(tokens.astype(np.uint32), block_size=16, batch_size=8, seed=0)  # ids, not bytes
+    same.load_state_dict(state)
+    assert same.seed == 3
+
+
+def test_the_sampled_digest_reads_spans_evenly_spread_over_the_stream():
+    tokens = np.arange(1_000_000, dtype=np.uint32)
+    assert sampled_digest(tokens) == sampled_digest(tokens.astype(np.int64))
+    spans = np.linspace(0, len(tokens) - SPAN_TOKENS, num=SAMPLED_SPANS).astype(np.int64)
+    inside, between = tokens.copy(), tokens.copy()
+    inside[spans[-1] + SPAN_TOKENS - 1] = 0  # the last token: in the last span
+    between[spans[1] - 1] = 0  # just before the second span: not read
+    assert sampled_digest(inside) != sampled_digest(tokens)
+    assert sampled_digest(between) == sampled_digest(tokens)
+    short = np.arange(100, dtype=np.uint16)  # fewer tokens than a span: the whole stream, spans overlapping
+    assert sampled_digest(short) != sampled_digest(short[:99])
 
 
 def test_sampler_targets_are_inputs_shifted_by_one_and_epochs_cover_every_window():

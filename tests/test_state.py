@@ -24,6 +24,7 @@ from gpt2exp.checkpoint import IDENTITY_KEYS, METADATA_KEYS, CheckpointManager
 from gpt2exp.config import CheckpointConfig, SchedulerConfig
 from gpt2exp.data import BatchSampler
 from gpt2exp.optim import LRSchedule
+from gpt2exp.sampler import sampled_digest
 from gpt2exp.state import RngState, TensorState, TrainerCounters, group_by_kind
 
 TINY = {"n_layer": 1, "n_head": 2, "n_embd": 16, "n_positions": 16, "vocab_size": 64, "bos_token_id": 63}
@@ -182,7 +183,8 @@ def test_sampler_round_trip():
     dst = BatchSampler(TOKENS, block_size=8, batch_size=2, seed=1)
     dst.next_batch()
     dst.load_state_dict(as_json(src.state_dict()))
-    assert dst.state_dict() == src.state_dict() == {"seed": 0, "epoch": 1, "offset": 5, "windows": 255}
+    identity = {"windows": 255, "tokens": 2048, "digest": sampled_digest(TOKENS)}
+    assert dst.state_dict() == src.state_dict() == {"seed": 0, "epoch": 1, "offset": 5, **identity}
 
 
 @pytest.mark.parametrize("key", sorted(TENSOR_KEYS))
@@ -211,7 +213,7 @@ def manager(tmp_path):
 
 
 # fields saved to be compared, not restored: a checkpoint whose value differs from the run's own is refused
-CHECKED_FIELDS = {("sampler", "windows")}  # the training windows the data position counts in
+CHECKED_FIELDS = {("sampler", "windows"), ("sampler", "tokens"), ("sampler", "digest")}  # what the data position is in
 
 
 def test_every_key_of_trainer_state_json_is_restored_or_metadata(manager):
