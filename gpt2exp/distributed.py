@@ -17,6 +17,7 @@ taken from values the ranks agree on (`any_rank`, `mean_over_ranks`).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import pickle
 import subprocess
@@ -26,6 +27,8 @@ from datetime import timedelta
 from typing import Any, TypeVar
 
 from gpt2exp.errors import UserError
+
+log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -170,12 +173,20 @@ def exit_together() -> None:
 
 @contextlib.contextmanager
 def own_exit_code():
-    """Around a launched rank's whole life: however it ends, the end is its own (`_keep_own_exit_code`)."""
+    """Around a launched rank's whole life: however it ends, the end is its own (`_keep_own_exit_code`),
+    and its process groups are torn down before the interpreter exits. Left to the exit's destructors,
+    a rank sometimes aborted (SIGABRT, 'terminate called without an active exception') instead of
+    ending with its code, and NCCL warns that the group was not destroyed. A peer still waiting in a
+    collective sees this rank's connections close, as it would when the process ends."""
     try:
         yield
     finally:
         if world_from_env().launched:
             _keep_own_exit_code()
+            try:
+                destroy_process_group()
+            except Exception as exc:  # noqa: BLE001 - the rank's own exit code and error go on
+                log.warning("could not tear down the process group: %r", exc)
 
 
 def _keep_own_exit_code() -> None:
