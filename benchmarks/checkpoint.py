@@ -153,8 +153,8 @@ def fsync_write(path: Path, data: bytes | memoryview) -> None:
 
 
 def compose_cfg(overrides: list[str], threads: int):
+    from gpt2exp.composing import compose
     from gpt2exp.config import CONF_DIR
-    from gpt2exp.launch import compose
     from gpt2exp.resume import fix_values_of_record
 
     return fix_values_of_record(compose(CONF_DIR, ["logger=none", "device=cpu", *overrides]), threads)

@@ -78,7 +78,7 @@ SAMPLER = r"""
 import json, resource, sys, time
 start = time.perf_counter()
 from gpt2exp.data import BatchSampler, prepare_data
-from gpt2exp.launch import compose
+from gpt2exp.composing import compose
 from gpt2exp.config import CONF_DIR
 cfg = compose(CONF_DIR, sys.argv[1:])
 data = prepare_data(cfg.data)
@@ -97,7 +97,7 @@ STARTUP = r"""
 import json, sys, time
 start = time.perf_counter()
 from gpt2exp.config import CONF_DIR
-from gpt2exp.launch import compose
+from gpt2exp.composing import compose
 from gpt2exp.data import BatchSampler, prepare_data, val_batches
 cfg = compose(CONF_DIR, [f"data.cache_dir={sys.argv[1]}"])
 data = prepare_data(cfg.data)

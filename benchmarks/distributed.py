@@ -142,8 +142,8 @@ def tree_bytes(path: Path) -> tuple[int, int]:
 
 
 def compose_cfg(overrides: list[str], threads: int):
+    from gpt2exp.composing import compose
     from gpt2exp.config import CONF_DIR, register_schemas
-    from gpt2exp.launch import compose
     from gpt2exp.resume import fix_values_of_record
 
     register_schemas()

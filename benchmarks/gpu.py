@@ -80,8 +80,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def compose_cfg(args, run_steps: int, extra: list[str] = ()):
+    from gpt2exp.composing import compose
     from gpt2exp.config import CONF_DIR, register_schemas
-    from gpt2exp.launch import compose
     from gpt2exp.resume import fix_values_of_record
 
     register_schemas()

@@ -81,9 +81,9 @@ class Setup:
     def __init__(self, args: argparse.Namespace):
         from transformers import GPT2Config
 
+        from gpt2exp.composing import compose
         from gpt2exp.config import CONF_DIR, register_schemas
         from gpt2exp.data import BatchSampler, prepare_data
-        from gpt2exp.launch import compose
         from gpt2exp.model import quiet_transformers, scratch_config
         from gpt2exp.resume import fix_values_of_record
 

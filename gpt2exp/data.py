@@ -437,9 +437,9 @@ def _check_split_tokens(cfg: Any, source: Source, manifest: dict[str, Any]) -> N
 
 
 def main(argv: list[str] | None = None) -> None:
+    from gpt2exp.composing import compose
     from gpt2exp.config import CONF_DIR
     from gpt2exp.errors import fail
-    from gpt2exp.launch import compose
 
     parser = argparse.ArgumentParser(
         prog="python -m gpt2exp.data", description="Prepare the token shards of a data config without training."

@@ -48,12 +48,12 @@ def data_config(record: Any, overrides: list[str]) -> Any:
 
     `data=OPTION` starts from that option's file, as on the train command line; `data.KEY=VALUE`
     changes one key. The overrides are composed and checked with the rest of the config at its
-    defaults (launch.compose: types, ranges, a key of another option), so a bad one is one UserError.
+    defaults (composing.compose: types, ranges, a key of another option), so a bad one is one UserError.
     """
     from omegaconf import OmegaConf
 
+    from gpt2exp.composing import compose
     from gpt2exp.config import CONF_DIR
-    from gpt2exp.launch import compose
     from gpt2exp.overrides import key_of, last_value, parse
 
     parsed = parse(overrides)
@@ -197,8 +197,8 @@ def build_parser() -> cli.ArgumentParser:
 
 def run_config(target) -> tuple[Any, bool]:
     """The config of record of the run `target` belongs to, or the defaults for a loose checkpoint."""
+    from gpt2exp.composing import compose
     from gpt2exp.config import CONF_DIR
-    from gpt2exp.launch import compose
     from gpt2exp.rundir import read_config_of_record
 
     if target.run_dir is not None:

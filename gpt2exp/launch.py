@@ -25,6 +25,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from gpt2exp.composing import compose, one_line
 from gpt2exp.distributed import check_world, world_from_env
 from gpt2exp.errors import UserError, fail
 from gpt2exp.overrides import INFO_FLAGS, MULTIRUN_FLAGS, is_hydra, key_of, last_value, parse, split_argv
@@ -41,27 +42,6 @@ PLUGINS = {
     ("hydra/sweeper", "gpt2exp_optuna"): ("optuna", "optuna"),  # the sweeper itself ships in hydra_plugins
     ("hparams_search", "*"): ("optuna", "optuna"),
 }
-
-
-def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
-    """The job config for `overrides`, typed and validated; composition errors become UserError."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
-    from gpt2exp.config import check_applicable, register_schemas, typed, validate
-
-    register_schemas()
-    try:
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
-            cfg = hydra_compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException, ValueError) as exc:
-        raise UserError(_one_line(exc)) from None
-    typed(OmegaConf.to_container(cfg))  # catches keys added with `+group.key=...`, which slip past Hydra's own check
-    validate(cfg)
-    check_applicable(cfg)
-    return cfg
 
 
 def check_available(cfg: DictConfig) -> None:
@@ -105,25 +85,6 @@ def cuda_may_be_available() -> bool:
     if built.get("cuda", "None") != "None" and sys.platform == "linux":
         return any(Path(p).exists() for p in ("/proc/driver/nvidia", "/dev/nvidiactl", "/dev/dxg"))
     return True
-
-
-def _one_line(exc: BaseException) -> str:
-    """Hydra's composition errors as one line: what failed, the key, and the choices if any."""
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    message = lines[0] if lines else type(exc).__name__
-    if "Available options" in str(exc):
-        start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
-        choices = [ln for ln in lines[start + 1 :] if not ln.startswith(("Config search path", "provider="))]
-        return f"{message}; available: {', '.join(choices)}"
-    detail = lines[1:]
-    if exc.__cause__ is not None:
-        detail = [ln.strip() for ln in str(exc.__cause__).splitlines() if ln.strip()] + detail
-    key = next((ln.split(":", 1)[1].strip() for ln in detail if ln.startswith("full_key:")), None)
-    noise = ("reference_type", "object_type")
-    reason = next((ln for ln in detail if ":" not in ln[:12] and not ln.startswith(noise)), None)
-    if reason:
-        message = f"{message.rstrip(':')}: {reason}"
-    return message + (f" (key {key})" if key else "")
 
 
 def prepare_argv(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]:
@@ -305,7 +266,7 @@ def check_sweep_values(conf_dir: str, overrides: list) -> None:
                 key = override.get_key_element()
                 choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
     except HydraException as exc:
-        raise UserError(_one_line(exc)) from None
+        raise UserError(one_line(exc)) from None
     tried: set[tuple[str, ...]] = set()
     for i, values in enumerate(choices):
         for value in values:

@@ -258,7 +258,7 @@ def trial_overrides(space: SearchSpace, params: dict[str, Any], number: int, stu
 
 def outcome(run_dir: Path | None, returned: float | None) -> tuple[str, float | None]:
     """(`complete` | `pruned` | `fail`, value) for a trial whose job ended: run.json says how."""
-    from gpt2exp.train import recorded_val_loss
+    from gpt2exp.tracking import recorded_val_loss
 
     status = read_run_json(run_dir).get("status") if run_dir is not None else None
     if status == RunStatus.pruned:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,12 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
         except ValueError:
             continue  # a line torn by a kill mid-write carries nothing worth keeping
     return rows
+
+
+def recorded_val_loss(run_dir: Path) -> float:
+    """The last val/loss a run logged (+inf if none), what a sweeper scores a completed job by."""
+    values = [row["val/loss"] for row in read_metrics(run_dir) if isinstance(row.get("val/loss"), int | float)]
+    return float(values[-1]) if values and math.isfinite(values[-1]) else float("inf")
 
 
 def truncate_metrics(run_dir: Path, last_step: int) -> int:

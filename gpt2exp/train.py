@@ -180,6 +180,8 @@ def run_job(cfg: DictConfig, plan: RunPlan | None = None) -> float:
     except UserError as exc:
         fail(str(exc))  # one line; nothing is logged to the run dir, which keeps no trace of this launch
     except RunComplete as done:  # a job of `-m ... resume=auto` that completed before: left as it is
+        from gpt2exp.tracking import recorded_val_loss
+
         print(done, flush=True)
         return recorded_val_loss(done.run_dir) if in_sweep else float("nan")
     except Diverged as exc:
@@ -198,14 +200,6 @@ def run_job(cfg: DictConfig, plan: RunPlan | None = None) -> float:
     if in_sweep and not math.isfinite(val_loss):
         return float("inf")  # no evaluation ran; Optuna refuses NaN, and +inf scores the trial worst
     return val_loss
-
-
-def recorded_val_loss(run_dir: Path) -> float:
-    """The last val/loss a run logged (+inf if none), what a sweeper scores a completed job by."""
-    from gpt2exp.tracking import read_metrics
-
-    values = [row["val/loss"] for row in read_metrics(run_dir) if isinstance(row.get("val/loss"), int | float)]
-    return float(values[-1]) if values and math.isfinite(values[-1]) else float("inf")
 
 
 def main() -> None:

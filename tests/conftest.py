@@ -62,8 +62,8 @@ def run_cli(module: str, *args: str, cwd: Path, timeout: float = 300, env: dict 
 @pytest.fixture
 def compose():
     """compose(overrides) -> the typed, validated job config (as the CLI would build it)."""
+    from gpt2exp.composing import compose as compose_config
     from gpt2exp.config import register_schemas
-    from gpt2exp.launch import compose as compose_config
 
     register_schemas()
     return lambda overrides=(): compose_config(CONF_DIR, list(overrides))

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpt2exp.composing import compose as compose_config
 from gpt2exp.errors import UserError
-from gpt2exp.launch import compose as compose_config
 from gpt2exp.model import scratch_config
 from gpt2exp.optim import build_optimizer, lr_at
 from tests.conftest import CONF_DIR

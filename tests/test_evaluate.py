@@ -26,8 +26,8 @@ STORY = "".join(f"Line {i}: the quick brown fox jumps over the lazy dog, again a
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A finished tiny run with checkpoints at steps 3 and 6, each evaluated when saved."""
+    from gpt2exp.composing import compose
     from gpt2exp.config import register_schemas
-    from gpt2exp.launch import compose
 
     register_schemas()
     threads = torch.get_num_threads()

@@ -169,15 +169,15 @@ class OptunaSweeper(Sweeper):
         from omegaconf import open_dict
         from omegaconf.errors import OmegaConfBaseException
 
+        from gpt2exp.composing import one_line
         from gpt2exp.config import check_applicable, typed, validate
         from gpt2exp.errors import UserError
-        from gpt2exp.launch import _one_line
 
         assert self.hydra_context is not None and self.config is not None
         try:
             cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         except (HydraException, OmegaConfBaseException, ValueError) as exc:
-            raise UserError(_one_line(exc)) from None
+            raise UserError(one_line(exc)) from None
         with open_dict(cfg):
             del cfg["hydra"]
         cfg = typed(OmegaConf.to_container(cfg))

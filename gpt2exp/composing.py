@@ -1,0 +1,48 @@
+"""The job config for a command line's overrides, composed by Hydra from conf/, typed and validated
+as `python -m gpt2exp.train` would; Hydra's composition errors become one-line UserErrors."""
+
+from __future__ import annotations
+
+from omegaconf import DictConfig, OmegaConf
+
+from gpt2exp.errors import UserError
+
+
+def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
+    """The job config for `overrides`, typed and validated; composition errors become UserError."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from gpt2exp.config import check_applicable, register_schemas, typed, validate
+
+    register_schemas()
+    try:
+        with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
+            cfg = hydra_compose(config_name="config", overrides=overrides)
+    except (HydraException, OmegaConfBaseException, ValueError) as exc:
+        raise UserError(one_line(exc)) from None
+    typed(OmegaConf.to_container(cfg))  # catches keys added with `+group.key=...`, which slip past Hydra's own check
+    validate(cfg)
+    check_applicable(cfg)
+    return cfg
+
+
+def one_line(exc: BaseException) -> str:
+    """Hydra's composition errors as one line: what failed, the key, and the choices if any."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    message = lines[0] if lines else type(exc).__name__
+    if "Available options" in str(exc):
+        start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
+        choices = [ln for ln in lines[start + 1 :] if not ln.startswith(("Config search path", "provider="))]
+        return f"{message}; available: {', '.join(choices)}"
+    detail = lines[1:]
+    if exc.__cause__ is not None:
+        detail = [ln.strip() for ln in str(exc.__cause__).splitlines() if ln.strip()] + detail
+    key = next((ln.split(":", 1)[1].strip() for ln in detail if ln.startswith("full_key:")), None)
+    noise = ("reference_type", "object_type")
+    reason = next((ln for ln in detail if ":" not in ln[:12] and not ln.startswith(noise)), None)
+    if reason:
+        message = f"{message.rstrip(':')}: {reason}"
+    return message + (f" (key {key})" if key else "")
