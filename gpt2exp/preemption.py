@@ -9,7 +9,8 @@ same process starts clean.
 Where nothing can be lost by stopping at once (start-up: data preparation, model build), the flag
 is `interrupting()`: the handler then raises `Interrupted` (a KeyboardInterrupt, which libraries
 already clean up after) instead of waiting for a step boundary. A flag entered while another one is
-installed takes over a signal the outer one already received, and hands a signal over past it.
+installed takes over a signal the outer one already received, and hands a signal over past it; one
+it received that nothing inside acted on (the work ended normally) goes to the outer one on exit.
 
 SIGUSR2 is the signal submitit (the SLURM launcher) sends before a time limit or preemption. Its
 own handler requeues the job at once; here the run saves first and then hands the signal over to
@@ -105,7 +106,13 @@ class PreemptionFlag:
         if outer.requested and not self.requested:
             self.signal_name, self._signum, self._handover = outer.signal_name, outer._signum, outer._handover
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        previous = self._previous.get(self._signum) if self._signum is not None else None
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        outer = getattr(previous, "__self__", None)
+        if exc_type is None and self.requested and isinstance(outer, PreemptionFlag):
+            # received after the work inside last looked (a job's end: W&B finish, the last record):
+            # the flag around it gets the signal, as if it came now (a sweep stops before its next job)
+            outer._handle(self._signum, None)

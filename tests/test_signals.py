@@ -107,6 +107,21 @@ def test_interrupting_raises_once_and_a_nested_flag_takes_over_and_hands_over_pa
         signal.signal(signal.SIGUSR1, before)
 
 
+def test_a_signal_nothing_inside_acted_on_goes_to_the_outer_flag_when_the_inner_one_ends():
+    """A sweep's job that got a signal after its last look (while it finished) stops the sweep."""
+    with PreemptionFlag() as sweep:
+        with pytest.raises(Interrupted) as stopped, sweep.interrupting():
+            with PreemptionFlag() as job:
+                os.kill(os.getpid(), signal.SIGUSR1)
+                assert job.requested and not sweep.requested
+        assert stopped.value.flag is sweep and sweep.signal_name == "SIGUSR1"
+    with PreemptionFlag() as sweep:
+        with pytest.raises(RuntimeError), PreemptionFlag():  # the job ended by an exception: the signal was its
+            os.kill(os.getpid(), signal.SIGUSR1)
+            raise RuntimeError("the job stopped")
+        assert not sweep.requested
+
+
 # -- in the launcher: nothing written, 128 + the signal ------------------------------------------
 
 
