@@ -212,7 +212,7 @@ def main() -> None:
     import hydra
 
     from gpt2exp.completion import module_install_script
-    from gpt2exp.distributed import init_process_group, own_exit_code, world_from_env
+    from gpt2exp.distributed import end_refused_launch, init_process_group, own_exit_code, world_from_env
     from gpt2exp.launch import prepare_argv_on_ranks
 
     completion = module_install_script(sys.argv, sys.orig_argv)
@@ -232,7 +232,11 @@ def main() -> None:
         try:
             with interrupts.interrupting():
                 init_process_group(world_from_env())  # under torchrun: rank 0 plans for all ranks
-                sys.argv, plan = prepare_argv_on_ranks(sys.argv, CONF_DIR)
+                try:
+                    sys.argv, plan = prepare_argv_on_ranks(sys.argv, CONF_DIR)
+                except SystemExit as refused:
+                    end_refused_launch(refused)
+                    raise
                 prepared = True
             # a single run: a signal from here on waits for its job, which records it (preempted, exit 75)
             with interrupts.interrupting() if plan is None else contextlib.nullcontext():
