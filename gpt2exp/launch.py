@@ -28,7 +28,16 @@ from omegaconf import DictConfig, OmegaConf
 from gpt2exp.composing import compose, one_line
 from gpt2exp.distributed import check_world, world_from_env
 from gpt2exp.errors import UserError, fail
-from gpt2exp.overrides import INFO_FLAGS, MULTIRUN_FLAGS, is_hydra, key_of, last_value, parse, split_argv
+from gpt2exp.overrides import (
+    INFO_FLAGS,
+    MULTIRUN_FLAGS,
+    is_hydra,
+    key_of,
+    last_value,
+    parse,
+    quoted,
+    split_argv,
+)
 from gpt2exp.resume import RunComplete, RunPlan, allowed_keys_text, is_resumable_key, plan_run
 from gpt2exp.rundir import Footprint, RunLock, RunStatus, check_checkpoints_dir, timestamp
 from gpt2exp.sweep import holds_job_dirs, is_sweep_dir
@@ -143,6 +152,13 @@ def _with_shared_run_dir(argv: list[str], conf_dir: str) -> list[str]:
     resume = last_value(overrides, "resume")
     if last_value(overrides, "hydra.run.dir") is not None or resume not in (None, "auto"):
         return argv  # named on the command line, or the resumed run's own dir
+    run_dir = hydra_setting(conf_dir, override_args, "hydra.run.dir")
+    return argv if run_dir is None else [*argv, f"hydra.run.dir={quoted(run_dir)}"]
+
+
+def hydra_setting(conf_dir: str, override_args: list[str], key: str) -> str | None:
+    """A `hydra.*` setting as Hydra will resolve it for these overrides (its `${now:}` read now); None
+    where they do not compose: the same command then fails with its one line in prepare_argv."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -152,10 +168,9 @@ def _with_shared_run_dir(argv: list[str], conf_dir: str) -> list[str]:
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
             cfg = hydra_compose(config_name="config", overrides=override_args, return_hydra_config=True)
-            run_dir = str(OmegaConf.select(cfg, "hydra.run.dir"))
-    except Exception:  # the same command fails again, with its one line, in prepare_argv
-        return argv
-    return [*argv, f"hydra.run.dir={run_dir}"]
+            return str(OmegaConf.select(cfg, key))
+    except Exception:  # noqa: BLE001 - see above
+        return None
 
 
 def check_plugins(overrides: list) -> None:
@@ -206,6 +221,7 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
                 "or use -m ... resume=auto to let each job continue its own dir"
             )
         # resume=auto: each job resumes its own dir when it holds a checkpoint (a requeued SLURM job)
+        refuse_existing_sweep(conf_dir, overrides)
         check_sweep_values(conf_dir, overrides)
         return argv, None
     plan = plan_run(resume, last_value(overrides, "hydra.run.dir"), job_overrides, lambda o: compose(conf_dir, o))
@@ -216,7 +232,7 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
     kept = [a for a in args if a not in override_args]
     kept += [o.input_line for o in overrides if key_of(o) not in ("hydra.run.dir", "hydra.output_subdir")]
     subdir = f".hydra/resume-{timestamp(for_name=True)}"
-    hydra_args = [f"hydra.run.dir={plan.run_dir}", f"hydra.output_subdir={subdir}"]
+    hydra_args = [f"hydra.run.dir={quoted(str(plan.run_dir))}", f"hydra.output_subdir={subdir}"]
     return [argv[0], *kept, *hydra_args], claim_run_dir(plan, subdir)
 
 
@@ -243,6 +259,20 @@ def claim_run_dir(plan: RunPlan, hydra_subdir: str | None = None) -> RunPlan:
         if isinstance(exc, OSError):
             raise UserError(f"cannot create the run dir {plan.run_dir}: {exc.strerror or exc}") from None
         raise
+
+
+def refuse_existing_sweep(conf_dir: str, overrides: list) -> None:
+    """A sweep started in a sweep dir that holds one already would overwrite its record (multirun.yaml,
+    each job's .hydra/ files) before any job could refuse: refused here, before Hydra writes."""
+    if last_value(overrides, "hydra.sweep.dir") is None:  # Hydra's own new dir (a timestamp)
+        return
+    hydra_args = [o.input_line for o in overrides if is_hydra(o)]  # a swept value does not compose alone
+    named = hydra_setting(conf_dir, hydra_args, "hydra.sweep.dir")
+    if named is not None and (is_sweep_dir(Path(named)) or holds_job_dirs(Path(named))):
+        raise UserError(
+            f"{named} already holds a sweep; continue it with resume={named}, or start this one in another "
+            "hydra.sweep.dir"
+        )
 
 
 def check_sweep_values(conf_dir: str, overrides: list) -> None:
@@ -332,8 +362,8 @@ def _resume_sweep(program: str, flags: list[str], overrides: list, conf_dir: str
         "--multirun",
         *recorded_hydra_overrides(plan.record, hydra_args),
         *hydra_args,
-        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweep.dir={quoted(str(sweep_dir))}",
         f"hydra/sweeper={RESUME_SWEEPER}",
-        f"resume={sweep_dir}",
+        f"resume={quoted(str(sweep_dir))}",
         *extra,
     ]

@@ -67,3 +67,9 @@ def last_value(overrides: list[Override], key: str) -> str | None:
             value = override.value()
             return None if value is None else str(value)
     return None
+
+
+def quoted(value: str) -> str:
+    """A Hydra override value that may hold `=`, `,`, spaces or non-ASCII letters (a path, a dir named by
+    its overrides), quoted: Hydra's grammar takes unquoted values of a narrower alphabet."""
+    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"

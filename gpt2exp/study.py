@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt2exp.errors import UserError
-from gpt2exp.overrides import key_of, parse
+from gpt2exp.overrides import key_of, parse, quoted
 from gpt2exp.rundir import RunStatus, read_run_json
 
 DB_NAME = "optuna.db"
@@ -244,8 +244,6 @@ def check_params(space: SearchSpace, compose: Any) -> Any:
 
 def trial_overrides(space: SearchSpace, params: dict[str, Any], number: int, study: str, storage: str | None) -> list:
     """A trial's job overrides: the fixed ones, its sampled values, and its place in the study (trial.*)."""
-    from gpt2exp.sweep import quoted
-
     sampled = [f"{key}={value}" for key, value in params.items()]
     place = [f"trial.number={number}", f"trial.study={quoted(study)}"]
     if storage:
@@ -391,9 +389,9 @@ def resume_argv(program: str, flags: list[str], overrides: list, record: Any) ->
         "--multirun",
         *recorded,
         *hydra_args,
-        f"hydra.sweep.dir={sweep_dir}",
+        f"hydra.sweep.dir={quoted(str(sweep_dir))}",
         *record.task_overrides,
-        f"resume={sweep_dir}",
+        f"resume={quoted(str(sweep_dir))}",
         *extra,
     ]
 

@@ -21,7 +21,7 @@ import yaml
 from omegaconf import DictConfig
 
 from gpt2exp.errors import UserError
-from gpt2exp.overrides import is_hydra, key_of, parse
+from gpt2exp.overrides import is_hydra, key_of, parse, quoted
 from gpt2exp.resume import is_resumable_key
 from gpt2exp.rundir import RunStatus, check_unlocked, checkpoints_root, existing_checkpoints_root, run_status
 
@@ -195,11 +195,6 @@ class SweepPlan:
                 state += f" at step {job.checkpoint_step}"
             lines.append(f"  job {job.num:>3}  {name:<{width}}  {state:<24}  -> {job.action}")
         return lines
-
-
-def quoted(value: str) -> str:
-    """A Hydra override value that may hold `=`, `,` or spaces (a dir named by its overrides)."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def expected_jobs(record: SweepRecord) -> list[list[str]] | None:

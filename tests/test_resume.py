@@ -189,6 +189,21 @@ def test_raising_max_steps_continues_at_the_final_lr(tmp_path):
     assert [lrs[s] for s in (9, 10, 11, 12)] == pytest.approx([1e-4] * 4)  # min_lr_ratio 0.1 x peak
 
 
+def test_a_run_under_a_path_with_spaces_and_accents_resumes(tmp_path):
+    """The launcher hands the resolved run dir to Hydra quoted: its grammar takes neither unquoted."""
+    cwd = tmp_path / "José's runs"
+    cwd.mkdir()
+    first = run_cli("gpt2exp.train", *EXACT, "trainer.max_steps=4", "hydra.run.dir=runs/a", cwd=cwd)
+    assert first.returncode == 0, first.stderr[-3000:]
+    more = run_cli("gpt2exp.train", "resume=runs/a", "trainer.max_steps=6", cwd=cwd)
+    assert more.returncode == 0, more.stderr[-3000:]
+    again = run_cli("gpt2exp.train", *EXACT, "trainer.max_steps=8", "hydra.run.dir=runs/a", "resume=auto", cwd=cwd)
+    assert again.returncode == 0, again.stderr[-3000:]
+    run = cwd / "runs" / "a"
+    assert [r["step"] for r in json.loads((run / "run.json").read_text())["resumes"]] == [4, 6]
+    assert [r["step"] for r in rows(run)] == list(range(0, 9))
+
+
 def test_resume_auto_starts_fresh_after_a_kill_before_the_first_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = ["trainer.max_steps=300", "checkpoint.every_steps=0", "resume=auto"]
