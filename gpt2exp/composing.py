@@ -8,10 +8,13 @@ from omegaconf import DictConfig, OmegaConf
 from gpt2exp.errors import UserError
 
 
-def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
-    """The job config for `overrides`, typed and validated; composition errors become UserError."""
+def compose(conf_dir: str, overrides: list[str], validated: bool = True) -> DictConfig:
+    """The job config for `overrides`, typed and validated (`validated=False`: typed only, for a caller
+    that completes it first); composition errors become UserError. Inside a job (Hydra running) it is
+    composed by the running app, which has `conf_dir` as its config path."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
@@ -19,13 +22,17 @@ def compose(conf_dir: str, overrides: list[str]) -> DictConfig:
 
     register_schemas()
     try:
-        with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
+        if GlobalHydra.instance().is_initialized():  # inside a job: Hydra runs gpt2exp's conf/ already
             cfg = hydra_compose(config_name="config", overrides=overrides)
+        else:
+            with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
+                cfg = hydra_compose(config_name="config", overrides=overrides)
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(one_line(exc)) from None
     typed(OmegaConf.to_container(cfg))  # catches keys added with `+group.key=...`, which slip past Hydra's own check
-    validate(cfg)
-    check_applicable(cfg)
+    if validated:
+        validate(cfg)
+        check_applicable(cfg)
     return cfg
 
 

@@ -15,6 +15,7 @@ record.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -168,6 +169,21 @@ def refuse_complete(run_dir: Path, max_steps: int) -> None:
         raise RunComplete(run_dir, step)
 
 
+def refuse_max_steps_behind(target: ResumeTarget, max_steps: int) -> None:
+    """An unfinished run resumed with trainer.max_steps below its checkpoint's step would end at once,
+    recorded completed without training or evaluating (a typo, 5 for 500): refused."""
+    from gpt2exp.checkpoint import newest_step, step_of
+
+    if target.restart:
+        return
+    step = step_of(target.checkpoint) if target.checkpoint else newest_step(checkpoints_root(target.run_dir))
+    if step is not None and max_steps < step:
+        raise UserError(
+            f"trainer.max_steps={max_steps} is below step {step}, where the run resumes; resume with "
+            f"trainer.max_steps={step} or more"
+        )
+
+
 def refuse_existing_run(run_dir: Path) -> None:
     """A fresh start must not overwrite another run's record, metrics or checkpoints."""
     if is_run_dir(run_dir):
@@ -222,7 +238,48 @@ def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str]
     current = compose(job_overrides)
     without = compose([o.input_line for o in parse(job_overrides) if key_of(o) == "resume"])
     refuse_moved_checkpoints(target.run_dir, record, current, without)
-    changed = forbidden_changes(record, current, without, first_launch(target.run_dir))
+    refuse_forbidden_changes(target.run_dir, record, current, without, job_overrides)
+    cfg = config_for_resume(record, current, job_overrides)
+    refuse_complete(target.run_dir, cfg.trainer.max_steps)
+    refuse_max_steps_behind(target, cfg.trainer.max_steps)
+    if not target.restart:
+        check_loadable(checkpoints_root(target.run_dir), target.checkpoint, cfg.model, cfg.checkpoint.verify)
+    return RunPlan(target.run_dir, target, cfg)
+
+
+def plan_job(cfg: DictConfig, run_dir: Path, job_overrides: list[str], in_sweep: bool = False) -> RunPlan:
+    """The plan of a job whose dir is known only once Hydra made it: a sweep's job, or a call from Python.
+
+    A sweep job resumes its dir when that holds a checkpoint, as `resume=auto` does: a job requeued
+    after a signal (SLURM, submitit), a trial among them, reruns its first attempt's command in the
+    dir that attempt made. A dir of another sweep is not taken: the launcher refuses a sweep dir that
+    holds one, and a job whose config differs from the record is refused here.
+    Raises RunComplete for a job that already completed its steps.
+    """
+    from gpt2exp.composing import compose
+    from gpt2exp.config import CONF_DIR
+
+    auto = in_sweep or cfg.resume == "auto"
+    target = resume_target("auto", run_dir) if auto else None
+    if target is None:
+        if not auto:
+            refuse_existing_run(run_dir)
+        return RunPlan(run_dir, None, None)
+    record = read_config_of_record(run_dir)
+    refuse_forbidden_changes(run_dir, record, cfg, compose(CONF_DIR, ["resume=auto"]), job_overrides)
+    resumed = config_for_resume(record, cfg, job_overrides)
+    refuse_complete(run_dir, resumed.trainer.max_steps)
+    refuse_max_steps_behind(target, resumed.trainer.max_steps)
+    return RunPlan(run_dir, target, resumed)
+
+
+def refuse_forbidden_changes(
+    run_dir: Path, record: DictConfig, current: DictConfig, without: DictConfig, job_overrides: list[str]
+) -> None:
+    """A resume is rebuilt from its config of record: a command line that changes a value outside the
+    whitelist is refused (`current` is composed with its overrides, `without` without them)."""
+    named = [key_of(o) for o in parse(job_overrides)]
+    changed = forbidden_changes(record, current, without, first_launch(run_dir), named)
     if changed:
         recorded = leaves(record)
         details = ", ".join(f"{k} (recorded {recorded.get(k)!r})" for k in changed)
@@ -230,26 +287,6 @@ def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str]
             f"resume cannot change {details}: the run is rebuilt from its config of record; "
             f"allowed on resume: {allowed_keys_text()}"
         )
-    cfg = config_for_resume(record, current, job_overrides)
-    refuse_complete(target.run_dir, cfg.trainer.max_steps)
-    if not target.restart:
-        check_loadable(checkpoints_root(target.run_dir), target.checkpoint, cfg.model, cfg.checkpoint.verify)
-    return RunPlan(target.run_dir, target, cfg)
-
-
-def plan_job(cfg: DictConfig, run_dir: Path, job_overrides: list[str]) -> RunPlan:
-    """The plan of a sweep job (`-m ... resume=auto`), whose dir is known only once Hydra made it.
-
-    Raises RunComplete for a job that already completed its steps.
-    """
-    target = resume_target("auto", run_dir) if cfg.resume == "auto" else None
-    if target is None:
-        if cfg.resume != "auto":
-            refuse_existing_run(run_dir)
-        return RunPlan(run_dir, None, None)
-    resumed = config_for_resume(read_config_of_record(run_dir), cfg, job_overrides)
-    refuse_complete(run_dir, resumed.trainer.max_steps)
-    return RunPlan(run_dir, target, resumed)
 
 
 # -- configs -------------------------------------------------------------------------------------
@@ -268,24 +305,31 @@ def leaves(cfg: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def forbidden_changes(
-    record: DictConfig, with_overrides: DictConfig, without_overrides: DictConfig, first: dict[str, Any] | None = None
+    record: DictConfig,
+    with_overrides: DictConfig,
+    without_overrides: DictConfig,
+    first: dict[str, Any] | None = None,
+    named: Sequence[str] = (),
 ) -> list[str]:
     """Keys the command line's overrides touch, outside the whitelist, whose value differs from the record.
 
-    A key the Trainer rewrites to what ran (config.RECORDED_AS_RUN) may also equal `first`, the
-    first launch's composed values: the original command, requeued, asks for what it asked then.
+    Touched: a key whose value the overrides change, and every key they name (`named`: `optimizer.lr`,
+    or a group such as `model`, its keys), even set to the default (the record may hold another value).
+    A value may also equal `first`, the first launch's composed values, where the record holds what the
+    run resolved or ran instead (trainer.config_as_run, the schedule's horizon): the original command,
+    requeued, asks for what it asked then.
     """
-    from gpt2exp.config import RECORDED_AS_RUN
-
     record_leaves, new, old = leaves(record), leaves(with_overrides), leaves(without_overrides)
     first = first or {}
     touched = {k for k in new.keys() | old.keys() if new.get(k) != old.get(k)}
+    touched |= {k for k in new for name in named if k == name or k.startswith(f"{name}.")}
     return sorted(
         key
         for key in touched
         if not is_resumable_key(key)
         and new.get(key) != record_leaves.get(key)
-        and not (key in RECORDED_AS_RUN and key in first and new.get(key) == first[key])
+        and not (key in first and new.get(key) == first[key])
+        and not (key in RESOLVED_AT_FIRST_LAUNCH and new.get(key) is None)  # "derive it": the record did
     )
 
 
@@ -332,6 +376,9 @@ def config_digest(cfg: DictConfig) -> str:
         if not is_resumable_key(k) and not (k in ADDED_KEYS and v == ADDED_KEYS[k])
     }
     return hashlib.sha256(json.dumps(fixed, sort_keys=True, default=str).encode()).hexdigest()
+
+
+RESOLVED_AT_FIRST_LAUNCH = ("scheduler.decay_steps", "trainer.num_threads")  # null: derived, then recorded
 
 
 def fix_values_of_record(cfg: DictConfig, num_threads: int) -> DictConfig:

@@ -99,7 +99,7 @@ def train(cfg: DictConfig, run_dir: str | Path | None = None, plan: RunPlan | No
         run_dir = Path((plan and plan.run_dir) or run_dir or hydra_dir or ".").resolve()
         planned_before = plan is not None
         if plan is None:  # rank 0 plans (it may move a corrupt checkpoint aside); the others follow
-            plan = rank0_decides(lambda: plan_job(cfg, run_dir, overrides))
+            plan = rank0_decides(lambda: plan_job(cfg, run_dir, overrides, in_sweep=sweep is not None))
         also = (hydra_subdir,) if hydra_subdir and hydra_subdir.startswith(".hydra/resume-") else ()
         footprint = plan.footprint or Footprint.at_job_start(run_dir, Path.cwd(), also)
         if world.main:

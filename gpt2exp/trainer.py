@@ -135,8 +135,8 @@ def config_as_run(cfg: DictConfig, device_type: str, model_config: Any) -> DictC
     shape, vocabulary and activation, which replace the preset's. A warm-up longer than the run is
     said too (the LR never peaks), and so is early stopping without periodic evaluations (it cannot
     trigger).
-    On resume the record already holds these values, so nothing changes. The keys it may change are
-    config.RECORDED_AS_RUN (a requeued original command is checked against them).
+    On resume the record already holds these values, so nothing changes (a requeued original command
+    is checked against the first launch's values: resume.forbidden_changes).
     """
     import copy
 

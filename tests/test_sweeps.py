@@ -138,14 +138,16 @@ def test_the_submitit_local_launcher_runs_each_job_as_a_submitted_job(tmp_path):
 def test_slurm_signal_under_submitit_saves_then_requeues_and_resume_auto_continues_bit_exact(tmp_path, signum):
     """SLURM's pre-timeout signal: checkpoint at the step boundary, submitit requeues, the job resumes.
 
-    submitit listens for SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL names another (USR1 here)."""
+    submitit listens for SIGUSR2 unless SUBMITIT_PREEMPT_SIGNAL names another (USR1 here). A sweep's job
+    resumes its dir with or without resume=auto on the command line (USR1 runs without it)."""
     name = signal.Signals(signum).name
+    auto = ["resume=auto"] if signum == signal.SIGUSR2 else []
     args = [*EXACT, "trainer.max_steps=120"]
     sweep_dir = tmp_path / "sweep"
     job = sweep_dir / "0"
     command = [sys.executable, "-m", "gpt2exp.train", "-m", f"hydra.sweep.dir={sweep_dir}"]
     proc = subprocess.Popen(
-        [*command, "hydra/launcher=submitit_local", "resume=auto", *args],
+        [*command, "hydra/launcher=submitit_local", *auto, *args],
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,

@@ -1,0 +1,78 @@
+"""How a sweep job (`-m ... resume=auto`, a requeued job, a trial) plans itself once Hydra made its dir:
+resumed from its config of record, with the command line held to what a resume may change."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gpt2exp.errors import UserError
+from gpt2exp.resume import fix_values_of_record, plan_job
+from gpt2exp.rundir import start_run_json, write_config_of_record
+from tests.conftest import FAST
+
+JOB = [*FAST, "trainer.max_steps=6", "optimizer.lr=0.001"]
+
+
+@pytest.fixture
+def job_dir(tmp_path: Path, compose) -> Path:
+    """A job dir as its first attempt left it: the config of record, run.json and a committed checkpoint."""
+    run_dir = tmp_path / "sweep" / "0"
+    run_dir.mkdir(parents=True)
+    write_config_of_record(run_dir, fix_values_of_record(compose(JOB), 1))
+    start_run_json(run_dir)
+    (run_dir / "checkpoints" / "step_00000002").mkdir(parents=True)
+    (run_dir / "checkpoints" / "step_00000002" / "manifest.json").write_text("{}")
+    return run_dir
+
+
+def test_a_requeued_job_resumes_from_its_record_with_what_a_resume_may_change(job_dir, compose):
+    overrides = [*JOB, "trainer.max_steps=9", "resume=auto"]
+    plan = plan_job(compose(overrides), job_dir, overrides)
+    assert plan.resume_from is not None and plan.resume_from.run_dir == job_dir.resolve()
+    assert (plan.config.trainer.max_steps, plan.config.optimizer.lr) == (9, 0.001)
+
+
+def test_a_job_whose_command_line_changes_a_value_of_record_is_refused(job_dir, compose):
+    overrides = [*JOB, "optimizer.lr=0.01", "resume=auto"]
+    with pytest.raises(UserError) as refused:
+        plan_job(compose(overrides), job_dir, overrides)
+    assert str(refused.value).startswith(
+        "resume cannot change optimizer.lr (recorded 0.001): the run is rebuilt from its config of record; "
+        "allowed on resume: "
+    )
+
+
+def test_a_sweep_job_resumes_its_dir_without_resume_auto_and_a_call_from_python_refuses_it(job_dir, compose):
+    """A requeued sweep job reruns its first attempt's command, which need not hold resume=auto."""
+    plan = plan_job(compose(JOB), job_dir, JOB, in_sweep=True)
+    assert plan.resume_from is not None and plan.resume_from.run_dir == job_dir.resolve()
+    with pytest.raises(UserError, match=r"already holds a run; continue it with resume="):
+        plan_job(compose(JOB), job_dir, JOB)
+
+
+def test_an_override_to_the_default_value_is_held_to_the_record_too(job_dir, compose):
+    """optimizer.lr=0.002 is adamw's default, so it composes as it would without the override."""
+    overrides = [*JOB, "optimizer.lr=0.002", "resume=auto"]
+    with pytest.raises(UserError, match=r"^resume cannot change optimizer.lr \(recorded 0.001\): "):
+        plan_job(compose(overrides), job_dir, overrides)
+
+
+def test_the_original_command_naming_groups_and_derived_values_is_accepted(job_dir, compose):
+    """`scheduler=cosine` names scheduler.decay_steps, which the command leaves to be derived (null) and the
+    record holds resolved (6): the same request, with or without the first launch's .hydra/config.yaml."""
+    overrides = [*JOB, "scheduler=cosine", "optimizer=adamw", "resume=auto"]
+    plan = plan_job(compose(overrides), job_dir, overrides)
+    assert plan.config.scheduler.decay_steps == 6 and plan.config.optimizer.lr == 0.001
+
+
+def test_max_steps_below_the_checkpoint_of_an_unfinished_run_is_refused(job_dir, compose):
+    overrides = [*JOB, "trainer.max_steps=1", "resume=auto"]
+    with pytest.raises(UserError) as refused:
+        plan_job(compose(overrides), job_dir, overrides)
+    assert str(refused.value) == (
+        "trainer.max_steps=1 is below step 2, where the run resumes; resume with trainer.max_steps=2 or more"
+    )
+    overrides = [*JOB, "trainer.max_steps=2", "resume=auto"]  # ends at its step: saved, evaluated, completed
+    assert plan_job(compose(overrides), job_dir, overrides).config.trainer.max_steps == 2
