@@ -53,7 +53,7 @@ def data_config(record: Any, overrides: list[str]) -> Any:
     from omegaconf import OmegaConf
 
     from gpt2exp.composing import compose
-    from gpt2exp.config import CONF_DIR
+    from gpt2exp.config import CONF_DIR, check_applicable, validate
     from gpt2exp.overrides import key_of, last_value, parse
 
     parsed = parse(overrides)
@@ -67,14 +67,16 @@ def data_config(record: Any, overrides: list[str]) -> Any:
             raise UserError(f"{line}: the text is encoded with the checkpoint's own tokenizer, which cannot change")
     choice = last_value(parsed, "data")
     keys = [o.input_line for o in parsed if key_of(o) != "data"]
-    checked = compose(CONF_DIR, [f"data={choice or record.data.source}", *keys])
-    if choice is not None:
-        return checked.data
-    data = record.data.copy()
-    for override in parsed:
-        key = key_of(override)
-        OmegaConf.update(data, key.removeprefix("data."), OmegaConf.select(checked, key), merge=False)
-    return data
+    composed = compose(CONF_DIR, [f"data={choice or record.data.source}", *keys], validated=False)
+    check_applicable(composed)  # a key of another option than the data's
+    if choice is None:  # the record's data (its files, its dataset) with these keys changed
+        data = record.data.copy()
+        for override in parsed:
+            key = key_of(override)
+            OmegaConf.update(data, key.removeprefix("data."), OmegaConf.select(composed, key), merge=False)
+        composed.data = data
+    validate(composed)  # what is required (data.files, data.dataset) is checked once the record filled it in
+    return composed.data
 
 
 def val_tokens(data_cfg: Any, tokenizer) -> np.ndarray:

@@ -159,6 +159,23 @@ def test_a_data_key_override_keeps_the_rest_of_the_runs_data(run, capsys):
     assert out["val_tokens"] > 1.9 * evaluate_json(capsys, str(run))["val_tokens"]  # twice the default 0.05
 
 
+def test_a_run_on_text_files_is_evaluated_on_its_own_files(capsys, tmp_path):
+    """data.files is required for data=text_files: the record's own fills it in."""
+    from gpt2exp.composing import compose
+
+    story = tmp_path / "story.txt"
+    story.write_text(STORY)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    overrides = [*FAST, "data=text_files", f"data.files=[{story}]", "trainer.max_steps=2", "trainer.num_samples=0"]
+    Trainer(fix_values_of_record(compose(CONF_DIR, overrides), 1), run_dir).run(None)
+    out = evaluate_json(capsys, str(run_dir))
+    assert out["own_data"] is True and out["data"]["files"] == [str(story)]
+    assert out["loss"] == pytest.approx(logged_val_loss(run_dir, 2), rel=1e-6)
+    again = evaluate_json(capsys, str(run_dir), "data.val_fraction=0.5")  # a key changed, the files kept
+    assert again["data"]["files"] == [str(story)] and again["own_data"] is False
+
+
 def test_token_bytes_count_the_utf8_bytes_of_any_text_exactly(run):
     from transformers import AutoTokenizer
 
