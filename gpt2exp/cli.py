@@ -38,6 +38,16 @@ def non_negative_int(text: str) -> int:
     return _int_at_least(text, 0)
 
 
+def seed(text: str) -> int:
+    """An argparse type: a seed, an integer in [0, 2**32) (config.SEED_LIMIT, as the config's `seed`)."""
+    from gpt2exp.config import SEED_LIMIT
+
+    value = _int_at_least(text, 0)
+    if value >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be < 2**32 ({SEED_LIMIT}), got {value}")
+    return value
+
+
 def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)

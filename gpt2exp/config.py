@@ -324,6 +324,9 @@ def typed(cfg: Any) -> DictConfig:
     return merged
 
 
+CHECKPOINT_METRICS = ("val/loss",)  # what a checkpoint's manifest holds of the evaluation at its step
+
+
 def validate(cfg: DictConfig) -> None:
     """Checks that types alone cannot express; each failure names the key and the fix."""
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -334,6 +337,11 @@ def validate(cfg: DictConfig) -> None:
     if cfg.data.source == "hf_dataset" and not cfg.data.dataset:
         raise UserError("data.dataset is required for data=hf_dataset; add data.dataset=<hub name or local path>")
     check_ranges(cfg)
+    if cfg.checkpoint.best_metric not in CHECKPOINT_METRICS:
+        raise UserError(
+            f"checkpoint.best_metric={cfg.checkpoint.best_metric} is not a metric a checkpoint records; "
+            f"use {' or '.join(CHECKPOINT_METRICS)}"
+        )
     m = cfg.model
     if m.init == "scratch" and m.n_embd % m.n_head:
         raise UserError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}")
@@ -415,12 +423,13 @@ def _no_val_split(cfg: Any) -> bool:
 
 
 AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(low=0), Range(low=1), Range(low=0, low_open=True)
+SEED_LIMIT = 2**32  # seeds are below it: numpy's legacy seeding takes no more, and torch's stays clear of overflow
 FRACTION = Range(low=0, high=1, high_open=True)  # 0 <= x < 1
 
 # The documented range of every numeric key (conf/ comments state each one; tests/test_ranges.py
 # checks that they agree and that no numeric key of the schema is missing here).
 RANGES: dict[str, Range] = {
-    "seed": AT_LEAST_0,
+    "seed": Range(low=0, high=SEED_LIMIT, high_open=True),
     **{f"trainer.{k}": AT_LEAST_0 for k in ("max_steps", "eval_every", "sample_every", "num_samples", "grad_clip")},
     **{f"trainer.{k}": AT_LEAST_1 for k in ("batch_size", "grad_accum_steps", "log_every", "eval_batches")},
     "trainer.sample_tokens": AT_LEAST_1,

@@ -114,7 +114,8 @@ def next_token(logits, temperature: float, top_k: int | None, generator: Any = N
 
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    # shifted so the largest is 0 first: a tiny temperature then gives -inf, never inf - inf (NaN)
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1, None]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -141,7 +142,9 @@ def build_parser() -> cli.ArgumentParser:
         "--top-k", type=cli.non_negative_int, default=50, metavar="K", help="sample among the K likeliest; 0: all (50)"
     )
     parser.add_argument("--num-samples", type=cli.positive_int, default=1, metavar="N", help="how many samples (1)")
-    parser.add_argument("--seed", type=int, default=0, metavar="S", help="the same seed gives the same text (0)")
+    parser.add_argument(
+        "--seed", type=cli.seed, default=0, metavar="S", help="the same seed gives the same text, [0, 2**32) (0)"
+    )
     parser.add_argument("--device", default="cpu", help="torch device: cpu, cuda, cuda:1, mps (cpu)")
     return parser
 

@@ -131,6 +131,11 @@ def test_an_unknown_enum_value_lists_the_choices(compose):
         ("trainer.batch_size=0", "trainer.batch_size=0 must be at least 1"),
         ("model.n_head=3", "model.n_embd=128 is not divisible by model.n_head=3"),
         ("data.val_fraction=1.5", "data.val_fraction=1.5 must be greater than 0 and less than 1"),
+        ("seed=4294967296", "seed=4294967296 must be at least 0 and less than 4294967296"),  # numpy's legacy limit
+        (
+            "checkpoint.best_metric=val/losss",  # keep_best would keep nothing by it, silently
+            "checkpoint.best_metric=val/losss is not a metric a checkpoint records; use val/loss",
+        ),
     ],
 )
 def test_validation_names_the_key(compose, override, message):

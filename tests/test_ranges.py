@@ -86,7 +86,7 @@ def test_the_yaml_comments_state_the_ranges_in_words_a_user_reads():
 # -- refused and accepted values (in-process compose, as the CLI does it) ---------------------------
 
 REFUSED = [
-    ("seed=-1", "seed=-1 must be at least 0; set e.g. seed=0"),
+    ("seed=-1", "seed=-1 must be at least 0 and less than 4294967296"),
     ("trainer.max_steps=-1", "trainer.max_steps=-1 must be at least 0; set e.g. trainer.max_steps=0"),
     ("trainer.batch_size=0", "trainer.batch_size=0 must be at least 1; set e.g. trainer.batch_size=1"),
     (
@@ -198,7 +198,7 @@ def test_a_key_of_another_option_is_refused_as_such_not_by_range(compose):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ("seed=-1", "seed=-1 must be at least 0; set e.g. seed=0"),
+        ("seed=-1", "seed=-1 must be at least 0 and less than 4294967296"),
         ("model.dropout=1.5", "model.dropout=1.5 must be at least 0 and less than 1"),
         (
             "checkpoint.keep_last=0",
