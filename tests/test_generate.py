@@ -243,6 +243,8 @@ def test_a_run_dir_without_checkpoints(tmp_path, capsys):
         (["PATH", "--max-new-tokens", "x"], "error: argument --max-new-tokens: not an integer: 'x'"),
         (["PATH", "--temperature", "warm"], "error: argument --temperature: invalid float value: 'warm'"),
         (["PATH", "--temperature", "nan"], "error: argument --temperature: must be a finite number, got nan"),
+        (["PATH", "--seed", "4294967296"], "error: argument --seed: must be < 2**32 (4294967296), got 4294967296"),
+        (["PATH", "--seed", "-1"], "error: argument --seed: must be >= 0, got -1"),
         (["PATH", "prompt=ROMEO:"], "error: unrecognized arguments: prompt=ROMEO:"),  # the old key=value style
         (["nope"], "error: path does not exist: nope; pass a run dir or a checkpoint dir"),
     ],
@@ -308,3 +310,12 @@ def test_the_real_command_answers_help_and_bad_flags(tmp_path, args, code):
         assert result.stdout.startswith("usage: python -m gpt2exp.generate") and result.stderr == ""
     else:
         assert result.stderr.splitlines() == ["error: unrecognized arguments: --bogus"] and result.stdout == ""
+
+
+def test_a_tiny_temperature_samples_the_likeliest_token():
+    """logits / 1e-45 overflow to inf, and inf - inf in the softmax was NaN: the largest is shifted to 0 first."""
+    from gpt2exp.generate import next_token
+
+    logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.0]])
+    picked = next_token(logits, 1e-45, None, torch.Generator().manual_seed(0))
+    assert picked.tolist() == [1, 0]
