@@ -314,7 +314,8 @@ def forbidden_changes(
     """Keys the command line's overrides touch, outside the whitelist, whose value differs from the record.
 
     Touched: a key whose value the overrides change, and every key they name (`named`: `optimizer.lr`,
-    or a group such as `model`, its keys), even set to the default (the record may hold another value).
+    or a group such as `model`, its keys), even set to the default (the record may hold another value);
+    a key FIXED_ON_RESUME is kept from the record whatever a group override gives it, and has its own check.
     A value may also equal `first`, the first launch's composed values, where the record holds what the
     run resolved or ran instead (trainer.config_as_run, the schedule's horizon): the original command,
     requeued, asks for what it asked then.
@@ -322,7 +323,7 @@ def forbidden_changes(
     record_leaves, new, old = leaves(record), leaves(with_overrides), leaves(without_overrides)
     first = first or {}
     touched = {k for k in new.keys() | old.keys() if new.get(k) != old.get(k)}
-    touched |= {k for k in new for name in named if k == name or k.startswith(f"{name}.")}
+    touched |= {k for k in new for name in named if k == name or k.startswith(f"{name}.")} - set(FIXED_ON_RESUME)
     return sorted(
         key
         for key in touched

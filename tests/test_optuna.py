@@ -356,10 +356,10 @@ def test_a_study_resume_replays_the_sweeps_command_and_refuses_what_it_cannot_ch
         "--multirun",
         "hydra/sweeper/pruner=median",
         "hydra.sweeper.n_trials=30",
-        f"hydra.sweep.dir={tmp_path}/sweep",
+        f"hydra.sweep.dir='{tmp_path}/sweep'",  # quoted: a path may hold what Hydra's grammar takes only so
         "+hparams_search=lr_wd",
         "trainer.max_steps=8",
-        f"resume={tmp_path}/sweep",
+        f"resume='{tmp_path}/sweep'",
         "trainer.num_threads=1",
     ]
     with pytest.raises(UserError, match=r"^a study resume rebuilds each trial .* cannot change optimizer.lr=0.1;"):
