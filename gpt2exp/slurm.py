@@ -66,6 +66,12 @@ def check_reachable(launcher: str) -> None:
         raise UserError(f"hydra/launcher={launcher}: SLURM's controller does not answer ({reason}); {fix}")
 
 
+def refusal_reason(message: str) -> str:
+    """sbatch's own reasons in one line, from submitit's report of a failed submission."""
+    errors = [line.strip().removeprefix("sbatch: error: ") for line in message.splitlines() if "error:" in line]
+    return "; ".join(dict.fromkeys(errors)) or message.strip().splitlines()[-1]
+
+
 class JobStates:
     """The states of SLURM jobs by id (`123` or an array task `123_4`), asked of squeue, then sacct."""
 

@@ -200,6 +200,20 @@ def test_a_sweep_runs_as_an_array_of_slurm_jobs(slurm, job_name, tmp_path):
     assert final_state(slurm, array) == "\n".join(f"{t} COMPLETED {slurm.partition}" for t in tasks)
 
 
+def test_a_request_sbatch_refuses_is_one_line_exit_2(slurm, job_name, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    args = [*slurm.launcher(job_name), "hydra.launcher.partition=no-such-partition", *FAST, "trainer.max_steps=2"]
+    result = run_cli("gpt2exp.train", "-m", f"hydra.sweep.dir={sweep_dir}", *args, cwd=tmp_path, env=slurm.env)
+    assert result.returncode == 2, result.stderr[-3000:]
+    [line] = result.stderr.splitlines()
+    assert line.startswith("error: SLURM refused the sweep's jobs (invalid partition specified: no-such-partition")
+    assert line.endswith(
+        "); set hydra.launcher.partition, mem_gb, gpus_per_node, cpus_per_task or timeout_min to what the cluster "
+        "offers (sinfo lists its partitions)"
+    )
+    assert not [p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith(".")]  # no job ran
+
+
 def test_the_time_limit_signal_saves_the_job_is_requeued_and_resumes_bit_exact(slurm, job_name, tmp_path):
     """--time=1 with the signal 12 s before it: SLURM checks time limits every 30 s, so SIGUSR2 comes 18-48 s
     after the start (one that comes while a slow machine still starts the run requeues it unsaved, hence

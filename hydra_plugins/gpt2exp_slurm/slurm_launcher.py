@@ -7,6 +7,8 @@ submitit waits for ever on a job that ended without a result when SLURM keeps no
 Hydra instantiates launchers only from the `hydra_plugins` namespace, hence this package.
 """
 
+import contextlib
+import io
 import logging
 import os
 from collections.abc import Sequence
@@ -24,6 +26,10 @@ except ImportError:  # without the `sweeps` extra: no launcher here (launch.py n
     SubmititSlurmLauncher = None  # and no import error, which Hydra's plugin scan would print at every start
 
 log = logging.getLogger(__name__)
+SUBMISSION_FIX = (
+    "set hydra.launcher.partition, mem_gb, gpus_per_node, cpus_per_task or timeout_min to what the cluster "
+    "offers (sinfo lists its partitions)"
+)
 
 
 if SubmititSlurmLauncher is not None:
@@ -64,5 +70,12 @@ if SubmititSlurmLauncher is not None:
                 names.append(f"sweep job #{idx}")
                 job_params.append((list(overrides), "hydra.sweep.dir", idx, f"job_id_for_{idx}", Singleton.get_state()))
 
-            jobs = executor.map_array(self, *zip(*job_params, strict=True))
+            try:  # submitit prints sbatch's complaint itself before it raises: held back, said in one line
+                with contextlib.redirect_stderr(io.StringIO()):
+                    jobs = executor.map_array(self, *zip(*job_params, strict=True))
+            except submitit.core.utils.FailedJobError as exc:  # sbatch refused the request: no job was queued
+                from gpt2exp.errors import fail
+                from gpt2exp.slurm import refusal_reason
+
+                fail(f"SLURM refused the sweep's jobs ({refusal_reason(str(exc))}); {SUBMISSION_FIX}")
             return wait_for_results(jobs, names, sweep_dir)
