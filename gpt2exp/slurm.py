@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -141,7 +142,21 @@ def wait_for_results(
     `names` say which sweep job each is, for those lines. The controller is asked every
     2 s at first, then less often (a tenth of the time waited so far, at most every 30 s).
     """
-    states = states or JobStates()
+    try:
+        return _wait_for_results(jobs, names, sweep_dir, states or JobStates())
+    except KeyboardInterrupt as stop:  # Ctrl-C, or the launcher's flag (Interrupted): the jobs are SLURM's
+        signum = getattr(getattr(stop, "flag", None), "signum", None) or signal.SIGINT
+        running = " ".join(job.job_id for job in jobs if not _has_result(job))
+        print(
+            f"error: interrupted by {signal.Signals(signum).name}: the sweep's SLURM jobs go on ({running}); "
+            f"scancel {running} stops them, each saving first; once they ended, resume={sweep_dir} runs what is left",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(128 + signum) from None
+
+
+def _wait_for_results(jobs: Sequence[Any], names: Sequence[str], sweep_dir: Path, states: JobStates) -> list:
     started = time.monotonic()
     ended_at: dict[str, float] = {}
     last_state: dict[str, str] = {}

@@ -130,6 +130,23 @@ def test_an_unanswered_query_keeps_waiting(tmp_path, no_waiting):
     assert states.answers == [{"8": "FAILED"}]  # all 50 silent answers were waited through
 
 
+def test_ctrl_c_while_waiting_says_the_jobs_go_on_and_how_to_stop_them(tmp_path, monkeypatch, capsys):
+    """The jobs are SLURM's: stopping the command stops the wait, not them."""
+    jobs = [FakeJob(tmp_path, "7_0", True), FakeJob(tmp_path, "7_1", False), FakeJob(tmp_path, "7_2", False)]
+
+    def interrupted(seconds: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(slurm.time, "sleep", interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        wait_for_results(jobs, ["#0", "#1", "#2"], tmp_path / "sweep", States({"7_1": "RUNNING", "7_2": "PENDING"}))
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err.splitlines() == [
+        "error: interrupted by SIGINT: the sweep's SLURM jobs go on (7_1 7_2); scancel 7_1 7_2 stops them, each "
+        f"saving first; once they ended, resume={tmp_path / 'sweep'} runs what is left"
+    ]
+
+
 FIX = "run the command on a machine of the cluster (a login node), or set SLURM_CONF to its slurm.conf"
 
 
