@@ -408,8 +408,8 @@ class Trainer:
             self.log_if_due(loss)
             self.sample_if_due()
             self.save_if_due()
+            self.stop_if_pruned()  # before a signal stops the run: the study gets this step's val/loss
             self.stop_if_asked()
-            self.stop_if_pruned()
             self.stop_if_not_improving()
         return self.finish()
 

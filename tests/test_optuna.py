@@ -217,6 +217,33 @@ def test_a_trial_reports_each_evaluation_and_is_pruned_when_worse_than_the_media
     assert str(link.pruned(8, 4.5)) == "trial 1 pruned at step 8 (val/loss 4.5000)"
 
 
+def test_a_signal_at_an_evaluation_step_stops_the_trial_after_the_study_got_that_steps_value(tmp_path, compose):
+    """The resume goes on after the saved step: a value not reported before the signal would never be."""
+    from gpt2exp.resume import fix_values_of_record
+    from gpt2exp.trainer import Preempted, Trainer
+    from tests.conftest import FAST
+
+    url, study = study_with_pruner(tmp_path)
+    study.ask()
+    overrides = [*FAST, "trainer.max_steps=6", "trainer.eval_every=2", "trial.number=0", "trial.study=s"]
+    run_dir = tmp_path / "0"
+    run_dir.mkdir()
+    trainer = Trainer(fix_values_of_record(compose([*overrides, f"trial.storage='{url}'"]), 1), run_dir)
+    step = trainer.step
+
+    def signalled_at_step_2() -> float:
+        loss = step()
+        if trainer.counters.step == 2:
+            trainer.preemption.signal_name = "SIGTERM"  # as its handler records a signal
+        return loss
+
+    trainer.step = signalled_at_step_2
+    with pytest.raises(Preempted):
+        trainer.run(None)
+    assert sorted(study.trials[0].intermediate_values) == [2]  # evaluated at 0 too, before any training: not told
+    assert (run_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
 def test_outside_a_study_or_once_its_trial_ended_the_link_does_nothing(tmp_path):
     link = TrialLink.from_config(OmegaConf.create({"number": None, "study": None, "storage": None}), tmp_path, 8)
     assert not link.active and link.should_prune(4, 1e9) is False
