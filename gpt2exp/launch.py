@@ -39,7 +39,7 @@ from gpt2exp.overrides import (
     split_argv,
 )
 from gpt2exp.resume import RunComplete, RunPlan, allowed_keys_text, is_resumable_key, plan_run
-from gpt2exp.rundir import Footprint, RunLock, RunStatus, check_checkpoints_dir, timestamp
+from gpt2exp.rundir import Footprint, RunLock, RunStatus, check_checkpoints_dir, check_writable_dir, timestamp
 from gpt2exp.sweep import holds_job_dirs, is_sweep_dir
 
 # Hydra plugins the configs name: (group, option) -> (module, pip package).
@@ -70,6 +70,7 @@ def check_available(cfg: DictConfig) -> None:
     if cfg.device == "mps" and sys.platform != "darwin":
         raise UserError("device=mps but MPS is not available; use device=auto or device=cpu")
     check_checkpoints_dir(cfg.checkpoint.dir)
+    check_writable_dir("data.cache_dir", cfg.data.cache_dir, "the token cache")
     check_world(cfg.distributed, cfg.trainer, str(cfg.device), cuda_may_be_available(), world_from_env())
 
 

@@ -182,14 +182,19 @@ def checkpoints_location(setting: str | None, run_id: str) -> Path | None:
 
 def check_checkpoints_dir(setting: str | None) -> None:
     """Before anything is written: `checkpoint.dir` must be a dir this process can make and write in."""
-    if setting is None:
-        return
+    if setting is not None:
+        check_writable_dir("checkpoint.dir", setting, "checkpoints")
+
+
+def check_writable_dir(key: str, setting: str, what: str) -> None:
+    """`key=setting` must name a dir this process can make (its nearest existing ancestor a writable
+    dir) or write in: refused in one line otherwise, before anything is written."""
     path = Path(os.path.abspath(os.path.expanduser(setting)))
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
-        raise UserError(f"checkpoint.dir={setting}: {existing} is not a directory; name a directory for checkpoints")
+        raise UserError(f"{key}={setting}: {existing} is not a directory; name a directory for {what}")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise UserError(f"checkpoint.dir={setting}: {existing} is not writable; name a directory you can write in")
+        raise UserError(f"{key}={setting}: {existing} is not writable; name a directory you can write in")
 
 
 def place_checkpoints(run_dir: Path, run_id: str) -> str:

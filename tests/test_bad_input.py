@@ -76,6 +76,17 @@ def test_a_data_glob_that_matches_only_dirs(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_data_cache_dir_that_is_a_file_is_refused_before_hydra_writes(tmp_path):
+    (tmp_path / "cache").write_text("not a dir")
+    error = refused(tmp_path, *SHORT, f"data.cache_dir={tmp_path / 'cache'}")
+    assert error == (
+        f"error: data.cache_dir={tmp_path / 'cache'}: {tmp_path / 'cache'} is not a directory; name a directory for "
+        "the token cache"
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+@pytest.mark.slow
 def test_device_cuda_without_a_gpu(tmp_path):
     import torch
 
