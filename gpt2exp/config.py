@@ -9,7 +9,7 @@ key; the dataclasses carry only the types.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -264,13 +264,16 @@ ONLY_FOR: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
-def check_applicable(cfg: DictConfig) -> None:
+def check_applicable(cfg: DictConfig, keys: Collection[str] | None = None) -> None:
     """A key set for an option other than the chosen one is refused, naming the option that has it.
 
-    Run on freshly composed configs only: a config of record from before this check may carry such
-    keys with the values the option files then listed.
+    Run on freshly composed configs, or with `keys`, on those alone (a resume's overrides against the
+    record's options): a config of record from before this check may carry such keys with the values
+    the option files then listed.
     """
     for key, (chooser, group, options) in ONLY_FOR.items():
+        if keys is not None and key not in keys:
+            continue
         value = OmegaConf.select(cfg, key)
         chosen = str(OmegaConf.select(cfg, chooser))
         if value not in (None, []) and chosen not in options:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from gpt2exp.errors import UserError
 from gpt2exp.overrides import key_of, parse
@@ -225,6 +225,7 @@ def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str]
     """The plan of a single run from its command line; `compose(overrides)` gives the typed job config."""
     fixed = Path(os.path.expanduser(fixed_dir)) if fixed_dir else None
     from gpt2exp.checkpoint import check_loadable
+    from gpt2exp.config import check_applicable
 
     target = resume_target(resume, fixed) if resume not in (None, "null") else None
     if target is None:  # a fresh start (resume=auto with nothing to resume is one too)
@@ -240,6 +241,7 @@ def plan_run(resume: str | None, fixed_dir: str | None, job_overrides: list[str]
     refuse_moved_checkpoints(target.run_dir, record, current, without)
     refuse_forbidden_changes(target.run_dir, record, current, without, job_overrides)
     cfg = config_for_resume(record, current, job_overrides)
+    check_applicable(cfg, {key_of(o) for o in parse(job_overrides)})  # logger.project on a run without W&B
     refuse_complete(target.run_dir, cfg.trainer.max_steps)
     refuse_max_steps_behind(target, cfg.trainer.max_steps)
     if not target.restart:
@@ -257,7 +259,7 @@ def plan_job(cfg: DictConfig, run_dir: Path, job_overrides: list[str], in_sweep:
     Raises RunComplete for a job that already completed its steps.
     """
     from gpt2exp.composing import compose
-    from gpt2exp.config import CONF_DIR
+    from gpt2exp.config import CONF_DIR, check_applicable
 
     auto = in_sweep or cfg.resume == "auto"
     target = resume_target("auto", run_dir) if auto else None
@@ -268,6 +270,7 @@ def plan_job(cfg: DictConfig, run_dir: Path, job_overrides: list[str], in_sweep:
     record = read_config_of_record(run_dir)
     refuse_forbidden_changes(run_dir, record, cfg, compose(CONF_DIR, ["resume=auto"]), job_overrides)
     resumed = config_for_resume(record, cfg, job_overrides)
+    check_applicable(resumed, {key_of(o) for o in parse(job_overrides)})
     refuse_complete(run_dir, resumed.trainer.max_steps)
     refuse_max_steps_behind(target, resumed.trainer.max_steps)
     return RunPlan(run_dir, target, resumed)
@@ -331,7 +334,17 @@ def forbidden_changes(
         and new.get(key) != record_leaves.get(key)
         and not (key in first and new.get(key) == first[key])
         and not (key in RESOLVED_AT_FIRST_LAUNCH and new.get(key) is None)  # "derive it": the record did
+        and not (key in LOCAL_PATH_KEYS and _as_recorded(new.get(key)) == record_leaves.get(key))  # same path
     )
+
+
+def _as_recorded(value: Any) -> Any:
+    """The value of a LOCAL_PATH_KEYS key as fix_values_of_record records it, taken from the current dir."""
+    if isinstance(value, str):
+        return value if value in NOT_PATHS else absolute_if_local(value)
+    if isinstance(value, list | ListConfig):  # data.files: paths and globs
+        return [absolute_if_local(str(v), pattern=True) for v in value]
+    return value
 
 
 def first_launch(run_dir: Path) -> dict[str, Any]:
@@ -383,10 +396,32 @@ RESOLVED_AT_FIRST_LAUNCH = ("scheduler.decay_steps", "trainer.num_threads")  # n
 
 
 def fix_values_of_record(cfg: DictConfig, num_threads: int) -> DictConfig:
-    """Resolve what a resume must not re-derive: the schedule's horizon and the CPU thread count."""
+    """Resolve what a resume must not re-derive: the schedule's horizon, the CPU thread count, and the
+    local paths the config names, made absolute (a resume, evaluate or generate run from another
+    directory finds the same files)."""
     cfg = cfg.copy()
     if cfg.scheduler.decay_steps is None:
         cfg.scheduler.decay_steps = cfg.trainer.max_steps
     if cfg.trainer.num_threads is None:
         cfg.trainer.num_threads = num_threads
+    for key in LOCAL_PATH_KEYS:
+        value = OmegaConf.select(cfg, key)
+        if value is not None:
+            OmegaConf.update(cfg, key, _as_recorded(value), merge=False)
     return cfg
+
+
+# keys that may name a local file or dir (or, but data.files, a hub name or split name where none exists)
+LOCAL_PATH_KEYS = ("data.files", "data.dataset", "data.val_split", "data.tokenizer.name", "model.init")
+NOT_PATHS = ("scratch", "bpe")  # model.init=scratch, data.tokenizer.name=bpe: gpt2exp's own, whatever lies in the dir
+
+
+def absolute_if_local(value: str, pattern: bool = False) -> str:
+    """`value` as an absolute path where it names a local path (a glob matching one), else as it is: a
+    hub name or a split name. A `pattern` (data.files) is always a local path or glob."""
+    import glob
+
+    path = os.path.expanduser(value)
+    if os.path.isabs(path) or not (pattern or os.path.exists(path) or glob.glob(path, recursive=True)):
+        return value
+    return os.path.abspath(path)

@@ -204,6 +204,25 @@ def test_a_run_under_a_path_with_spaces_and_accents_resumes(tmp_path):
     assert [r["step"] for r in rows(run)] == list(range(0, 9))
 
 
+def test_a_run_on_files_named_relative_to_its_launch_dir_resumes_from_another_dir(tmp_path):
+    """The config of record holds data.files made absolute; the requeued original command still matches."""
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    (launch / "texts").mkdir(parents=True)
+    elsewhere.mkdir()
+    line = "Now is the winter of our discontent made glorious summer by this sun of York.\n"
+    (launch / "texts" / "play.txt").write_text(line * 800)
+    args = [*EXACT, "data=text_files", "data.files=[texts/play.txt]", "hydra.run.dir=run"]
+    first = run_cli("gpt2exp.train", *args, "trainer.max_steps=4", cwd=launch)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = launch / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["files"] == [str(launch / "texts" / "play.txt")]
+    more = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=6", cwd=elsewhere)
+    assert more.returncode == 0, more.stderr[-3000:]
+    requeued = run_cli("gpt2exp.train", *args, "trainer.max_steps=8", "resume=auto", cwd=launch)
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert [r["step"] for r in json.loads((run / "run.json").read_text())["resumes"]] == [4, 6]
+
+
 def test_resume_auto_starts_fresh_after_a_kill_before_the_first_checkpoint(tmp_path):
     run = tmp_path / "run"
     args = ["trainer.max_steps=300", "checkpoint.every_steps=0", "resume=auto"]

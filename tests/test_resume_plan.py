@@ -76,3 +76,30 @@ def test_max_steps_below_the_checkpoint_of_an_unfinished_run_is_refused(job_dir,
     )
     overrides = [*JOB, "trainer.max_steps=2", "resume=auto"]  # ends at its step: saved, evaluated, completed
     assert plan_job(compose(overrides), job_dir, overrides).config.trainer.max_steps == 2
+
+
+def test_local_paths_are_recorded_absolute_and_names_as_they_are(tmp_path, compose, monkeypatch):
+    """A resume, evaluate or generate started from another dir finds the same files."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "texts").mkdir()
+    (tmp_path / "texts" / "a.txt").write_text("a")
+    (tmp_path / "scratch").mkdir()  # a dir named like gpt2exp's keyword: model.init=scratch stays the keyword
+    cfg = compose([*FAST, "data=text_files", "data.files=[texts/a.txt,'texts/*.md',/abs/b.txt]", "model.init=scratch"])
+    recorded = fix_values_of_record(cfg, 1)
+    assert list(recorded.data.files) == [f"{tmp_path}/texts/a.txt", f"{tmp_path}/texts/*.md", "/abs/b.txt"]
+    assert (recorded.model.init, recorded.data.tokenizer.name) == ("scratch", "bpe")
+    hub = fix_values_of_record(compose([*FAST, "data=hf_dataset", "data.dataset=wikitext", "model.init=gpt2"]), 1)
+    assert (hub.data.dataset, hub.model.init) == ("wikitext", "gpt2")  # no such local path: a hub name
+    local = fix_values_of_record(compose([*FAST, "data=hf_dataset", "data.dataset=texts", "model.init=texts"]), 1)
+    assert (local.data.dataset, local.model.init) == (f"{tmp_path}/texts", f"{tmp_path}/texts")
+
+
+def test_a_key_of_an_option_the_run_does_not_use_is_refused_on_resume(job_dir, compose):
+    """The record's logger is none: logger.project composes against the default (wandb) but would do nothing."""
+    overrides = [*(o for o in JOB if o != "logger=none"), "logger.project=mine", "resume=auto"]
+    with pytest.raises(UserError) as refused:
+        plan_job(compose(overrides), job_dir, overrides)
+    assert str(refused.value) == (
+        "logger.project applies only to logger=wandb or logger=wandb_tensorboard, not to logger=none; did you mean "
+        "logger=wandb or logger=wandb_tensorboard?"
+    )
