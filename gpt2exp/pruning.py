@@ -45,13 +45,20 @@ class TrialLink:
 
     @classmethod
     def from_config(cls, trial_cfg: Any, run_dir: Path, last_step: int) -> TrialLink:
-        """The link of the trial `trial_cfg` names (the config of record's `trial` section)."""
-        from gpt2exp.distributed import world_from_env
+        """The link of the trial `trial_cfg` names (the config of record's `trial` section). Rank 0 opens
+        the study; a failure there (no sweep dir, no database) ends every rank alike (rank0_decides)."""
+        from gpt2exp.distributed import rank0_decides, world_from_env
 
         if trial_cfg is None or trial_cfg.number is None:
             return cls()
+        opened: list[TrialLink] = []
+        rank0_decides(lambda: opened.append(cls._open(trial_cfg, run_dir, last_step)))
         if not world_from_env().main:
             return cls(None, trial_cfg.number, last_step)  # follows rank 0's decisions
+        return opened[0]
+
+    @classmethod
+    def _open(cls, trial_cfg: Any, run_dir: Path, last_step: int) -> TrialLink:
         import optuna
 
         from gpt2exp.study import open_storage, study_storage_url
