@@ -285,6 +285,19 @@ def register_schemas() -> None:
     ConfigStore.instance().store(name="gpt2exp_schema", node=Config)
 
 
+# Keys the Trainer rewrites in the config of record to what actually ran (trainer.config_as_run): a
+# requeued command that asks for what its first launch asked is no change.
+RECORDED_AS_RUN = (
+    "trainer.precision",
+    "trainer.compile",
+    "model.n_layer",
+    "model.n_head",
+    "model.n_embd",
+    "model.vocab_multiple",
+    "model.activation",
+)
+
+
 # Keys added after a config of record could have been written, with the value that reproduces what
 # such a run did (its config.yaml lacks them).
 ADDED_KEYS: dict[str, Any] = {

@@ -204,7 +204,7 @@ def end_refused_launch(refusal: SystemExit) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     code = refusal.code
-    os._exit(code if isinstance(code, int) else 1)
+    os._exit(0 if code is None else code if isinstance(code, int) else 1)
 
 
 def _keep_own_exit_code() -> None:

@@ -263,17 +263,36 @@ def claim_run_dir(plan: RunPlan, hydra_subdir: str | None = None) -> RunPlan:
 
 
 def refuse_existing_sweep(conf_dir: str, overrides: list) -> None:
-    """A sweep started in a sweep dir that holds one already would overwrite its record (multirun.yaml,
-    each job's .hydra/ files) before any job could refuse: refused here, before Hydra writes."""
+    """A sweep started in a sweep dir where one already started jobs would overwrite its record
+    (multirun.yaml, each job's .hydra/ files) before any job could refuse: refused here, before Hydra
+    writes. The same command again with resume=auto (a whole in-process sweep requeued) goes on: each
+    job then resumes its own dir, held to its config of record."""
+    from hydra.errors import HydraException
+
+    from gpt2exp.sweep import read_sweep_record, task_overrides
+
     if last_value(overrides, "hydra.sweep.dir") is None:  # Hydra's own new dir (a timestamp)
         return
-    hydra_args = [o.input_line for o in overrides if is_hydra(o)]  # a swept value does not compose alone
-    named = hydra_setting(conf_dir, hydra_args, "hydra.sweep.dir")
-    if named is not None and (is_sweep_dir(Path(named)) or holds_job_dirs(Path(named))):
-        raise UserError(
-            f"{named} already holds a sweep; continue it with resume={named}, or start this one in another "
-            "hydra.sweep.dir"
-        )
+    first_job = []  # the dir as the first job resolves it: each swept key at its first value
+    try:
+        for override in overrides:
+            if not override.is_sweep_override():
+                first_job.append(override.input_line)
+            elif override.is_discrete_sweep():
+                first = next(iter(override.sweep_string_iterator()))
+                first_job.append(f"{override.input_line.split('=', 1)[0]}={first}")
+    except HydraException:
+        return  # the command fails with its one line in check_sweep_values
+    named = hydra_setting(conf_dir, first_job, "hydra.sweep.dir")
+    if named is None or not holds_job_dirs(Path(named)):
+        return  # new, or a record whose jobs never started (a submission SLURM refused): nothing to lose
+    asked = task_overrides([o.input_line for o in overrides])
+    if last_value(overrides, "resume") == "auto" and is_sweep_dir(Path(named)):
+        if task_overrides(read_sweep_record(Path(named)).task_overrides) == asked:
+            return
+    raise UserError(
+        f"{named} already holds a sweep; continue it with resume={named}, or start this one in another hydra.sweep.dir"
+    )
 
 
 def check_sweep_values(conf_dir: str, overrides: list) -> None:

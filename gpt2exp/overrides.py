@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from typing import TYPE_CHECKING
 
@@ -72,4 +73,6 @@ def last_value(overrides: list[Override], key: str) -> str | None:
 def quoted(value: str) -> str:
     """A Hydra override value that may hold `=`, `,`, spaces or non-ASCII letters (a path, a dir named by
     its overrides), quoted: Hydra's grammar takes unquoted values of a narrower alphabet."""
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    # Hydra reads a backslash as an escape only before a quote (or the closing one): only those are doubled
+    escaped = re.sub(r"(\\+)(?='|$)", lambda run: run.group(1) * 2, value)
+    return "'" + escaped.replace("'", "\\'") + "'"

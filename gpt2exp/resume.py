@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -285,7 +286,7 @@ def refuse_forbidden_changes(
     changed = forbidden_changes(record, current, without, first_launch(run_dir), named)
     if changed:
         recorded = leaves(record)
-        details = ", ".join(f"{k} (recorded {recorded.get(k)!r})" for k in changed)
+        details = ", ".join(f"{k} (recorded {_shown(recorded.get(k))!r})" for k in changed)
         raise UserError(
             f"resume cannot change {details}: the run is rebuilt from its config of record; "
             f"allowed on resume: {allowed_keys_text()}"
@@ -317,25 +318,41 @@ def forbidden_changes(
     """Keys the command line's overrides touch, outside the whitelist, whose value differs from the record.
 
     Touched: a key whose value the overrides change, and every key they name (`named`: `optimizer.lr`,
-    or a group such as `model`, its keys), even set to the default (the record may hold another value);
-    a key FIXED_ON_RESUME is kept from the record whatever a group override gives it, and has its own check.
-    A value may also equal `first`, the first launch's composed values, where the record holds what the
-    run resolved or ran instead (trainer.config_as_run, the schedule's horizon): the original command,
-    requeued, asks for what it asked then.
+    or a group such as `model`, its keys), even set to the default (the record may hold another value).
+    Not a change:
+    - a key FIXED_ON_RESUME, kept from the record whatever a group gives it (it has its own check);
+    - a key the Trainer rewrites to what ran (config.RECORDED_AS_RUN) that equals `first`, the first
+      launch's composed values: the original command, requeued, asks for what it asked then;
+    - null for a value derived at the first launch (RESOLVED_AT_FIRST_LAUNCH), a local path that names
+      the recorded one from here (LOCAL_PATH_KEYS);
+    - a key added after the record was written (config.ADDED_KEYS) that a group gives its default today,
+      where the record holds the value a run from before it had.
     """
+    from gpt2exp.config import ADDED_KEYS, RECORDED_AS_RUN
+
     record_leaves, new, old = leaves(record), leaves(with_overrides), leaves(without_overrides)
     first = first or {}
-    touched = {k for k in new.keys() | old.keys() if new.get(k) != old.get(k)}
-    touched |= {k for k in new for name in named if k == name or k.startswith(f"{name}.")} - set(FIXED_ON_RESUME)
+    changed = {k for k in new.keys() | old.keys() if new.get(k) != old.get(k)}
+    grouped = {k for k in new for name in named if k == name or k.startswith(f"{name}.")} - changed
+    grouped -= {k for k in grouped if k in ADDED_KEYS and _same(record_leaves.get(k), ADDED_KEYS[k])}
     return sorted(
         key
-        for key in touched
+        for key in (changed | grouped) - set(FIXED_ON_RESUME)
         if not is_resumable_key(key)
-        and new.get(key) != record_leaves.get(key)
-        and not (key in first and new.get(key) == first[key])
+        and not _same(new.get(key), record_leaves.get(key))
+        and not (key in RECORDED_AS_RUN and key in first and _same(new.get(key), first[key]))
         and not (key in RESOLVED_AT_FIRST_LAUNCH and new.get(key) is None)  # "derive it": the record did
-        and not (key in LOCAL_PATH_KEYS and _as_recorded(new.get(key)) == record_leaves.get(key))  # same path
+        and not (key in LOCAL_PATH_KEYS and _same(_as_recorded(new.get(key)), record_leaves.get(key)))
     )
+
+
+def _shown(value: Any) -> Any:
+    return value.value if isinstance(value, Enum) else value
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Config values alike, an enum member and its value too (a record read back holds the value)."""
+    return _shown(a) == _shown(b)
 
 
 def _as_recorded(value: Any) -> Any:
@@ -411,8 +428,9 @@ def fix_values_of_record(cfg: DictConfig, num_threads: int) -> DictConfig:
     return cfg
 
 
-# keys that may name a local file or dir (or, but data.files, a hub name or split name where none exists)
-LOCAL_PATH_KEYS = ("data.files", "data.dataset", "data.val_split", "data.tokenizer.name", "model.init")
+# keys that may name a local file or dir (or, but data.files, a hub name where none exists); not
+# data.val_split, a split name of a hub or save_to_disk dataset even where a dir of that name lies here
+LOCAL_PATH_KEYS = ("data.files", "data.dataset", "data.tokenizer.name", "model.init")
 NOT_PATHS = ("scratch", "bpe")  # model.init=scratch, data.tokenizer.name=bpe: gpt2exp's own, whatever lies in the dir
 
 

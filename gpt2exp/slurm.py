@@ -18,6 +18,7 @@ reached (no sbatch, no slurm.conf, the controller down): one line, exit 2.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
@@ -71,6 +72,21 @@ def refusal_reason(message: str) -> str:
     """sbatch's own reasons in one line, from submitit's report of a failed submission."""
     errors = [line.strip().removeprefix("sbatch: error: ") for line in message.splitlines() if "error:" in line]
     return "; ".join(dict.fromkeys(errors)) or message.strip().splitlines()[-1]
+
+
+def take_back_refused_sweep(sweep_dir: Path, since: float) -> None:
+    """After sbatch refused a sweep's first submission: remove what this launch wrote (multirun.yaml,
+    submitit's files), so the corrected command starts clean. A sweep dir where a job ran is left."""
+    from gpt2exp.sweep import holds_job_dirs
+
+    if holds_job_dirs(sweep_dir):
+        return
+    for path in [*sorted(sweep_dir.rglob("*"), reverse=True), sweep_dir]:  # files before the dirs holding them
+        with contextlib.suppress(OSError):  # a dir that still holds older files stays
+            if path.is_dir() and not path.is_symlink():
+                path.rmdir()
+            elif path.lstat().st_mtime >= since:
+                path.unlink()
 
 
 class JobStates:

@@ -90,8 +90,11 @@ def test_local_paths_are_recorded_absolute_and_names_as_they_are(tmp_path, compo
     assert (recorded.model.init, recorded.data.tokenizer.name) == ("scratch", "bpe")
     hub = fix_values_of_record(compose([*FAST, "data=hf_dataset", "data.dataset=wikitext", "model.init=gpt2"]), 1)
     assert (hub.data.dataset, hub.model.init) == ("wikitext", "gpt2")  # no such local path: a hub name
-    local = fix_values_of_record(compose([*FAST, "data=hf_dataset", "data.dataset=texts", "model.init=texts"]), 1)
+    local = fix_values_of_record(
+        compose([*FAST, "data=hf_dataset", "data.dataset=texts", "data.val_split=texts", "model.init=texts"]), 1
+    )
     assert (local.data.dataset, local.model.init) == (f"{tmp_path}/texts", f"{tmp_path}/texts")
+    assert local.data.val_split == "texts"  # a split name of a save_to_disk dataset, whatever dir lies here
 
 
 def test_a_key_of_an_option_the_run_does_not_use_is_refused_on_resume(job_dir, compose):
@@ -103,3 +106,26 @@ def test_a_key_of_an_option_the_run_does_not_use_is_refused_on_resume(job_dir, c
         "logger.project applies only to logger=wandb or logger=wandb_tensorboard, not to logger=none; did you mean "
         "logger=wandb or logger=wandb_tensorboard?"
     )
+
+
+def test_a_sweep_job_is_held_to_its_record_though_hydra_rewrote_its_first_config(job_dir, compose):
+    """Hydra writes a sweep job's .hydra/config.yaml before the job runs: it is not the first launch's."""
+    from omegaconf import OmegaConf
+
+    overrides = [*JOB, "seed=2"]
+    (job_dir / ".hydra").mkdir()
+    (job_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose(overrides)))
+    with pytest.raises(UserError, match=r"^resume cannot change seed \(recorded 1337\): "):
+        plan_job(compose(overrides), job_dir, overrides, in_sweep=True)
+
+
+def test_a_record_from_before_a_key_existed_resumes_with_its_command_naming_the_group(job_dir, compose):
+    """model=gpt2_tiny gives model.activation and model.vocab_multiple today's defaults; the record predates them."""
+    import yaml
+
+    record = yaml.safe_load((job_dir / "config.yaml").read_text())
+    del record["model"]["activation"], record["model"]["vocab_multiple"]
+    (job_dir / "config.yaml").write_text(yaml.safe_dump(record))
+    overrides = ["model=gpt2_tiny", *JOB, "resume=auto"]
+    plan = plan_job(compose(overrides), job_dir, overrides)
+    assert (plan.config.model.vocab_multiple, plan.config.model.activation.value) == (1, "gelu_new")

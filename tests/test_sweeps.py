@@ -258,15 +258,19 @@ def test_resuming_a_sweep_cannot_change_a_value_of_record(tmp_path):
 
 
 def test_a_sweep_started_again_in_its_sweep_dir_is_refused_before_hydra_writes(tmp_path):
+    """Another sweep, or other values with resume=auto, would rewrite the record before any job refused; the
+    same command again with resume=auto (a whole in-process sweep requeued) lets each job resume its dir."""
     sweep_dir = tmp_path / "sweep"
     sweep(tmp_path, sweep_dir, *SHORT, "optimizer.lr=1e-3,3e-3")
     before = {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()}
-    for extra in ([], ["resume=auto"]):  # the same command, or one whose jobs would each resume
+    for extra in ([], ["resume=auto"]):
         assert usage_error("-m", f"hydra.sweep.dir={sweep_dir}", *SHORT, "optimizer.lr=1e-2", *extra, cwd=tmp_path) == (
             f"error: {sweep_dir} already holds a sweep; continue it with resume={sweep_dir}, or start this one in "
             "another hydra.sweep.dir"
         )
     assert {p: p.read_bytes() for p in sweep_dir.rglob("*") if p.is_file()} == before  # multirun.yaml, .hydra/
+    again = sweep(tmp_path, sweep_dir, *SHORT, "optimizer.lr=1e-3,3e-3", "resume=auto")
+    assert again.stdout.count("is complete at step 6") == 2
 
 
 # -- bad input -----------------------------------------------------------------------------------

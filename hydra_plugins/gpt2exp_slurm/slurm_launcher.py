@@ -11,6 +11,7 @@ import contextlib
 import io
 import logging
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ except ImportError:  # without the `sweeps` extra: no launcher here (launch.py n
     SubmititSlurmLauncher = None  # and no import error, which Hydra's plugin scan would print at every start
 
 log = logging.getLogger(__name__)
+_LOADED_AT = time.time()  # Hydra loads its plugins before the sweep writes anything
 SUBMISSION_FIX = (
     "set hydra.launcher.partition, mem_gb, gpus_per_node, cpus_per_task or timeout_min to what the cluster "
     "offers (sinfo lists its partitions)"
@@ -75,7 +77,8 @@ if SubmititSlurmLauncher is not None:
                     jobs = executor.map_array(self, *zip(*job_params, strict=True))
             except submitit.core.utils.FailedJobError as exc:  # sbatch refused the request: no job was queued
                 from gpt2exp.errors import fail
-                from gpt2exp.slurm import refusal_reason
+                from gpt2exp.slurm import refusal_reason, take_back_refused_sweep
 
+                take_back_refused_sweep(sweep_dir, since=_LOADED_AT)
                 fail(f"SLURM refused the sweep's jobs ({refusal_reason(str(exc))}); {SUBMISSION_FIX}")
             return wait_for_results(jobs, names, sweep_dir)
