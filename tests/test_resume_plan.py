@@ -67,17 +67,6 @@ def test_the_original_command_naming_groups_and_derived_values_is_accepted(job_d
     assert plan.config.scheduler.decay_steps == 6 and plan.config.optimizer.lr == 0.001
 
 
-def test_max_steps_below_the_checkpoint_of_an_unfinished_run_is_refused(job_dir, compose):
-    overrides = [*JOB, "trainer.max_steps=1", "resume=auto"]
-    with pytest.raises(UserError) as refused:
-        plan_job(compose(overrides), job_dir, overrides)
-    assert str(refused.value) == (
-        "trainer.max_steps=1 is below step 2, where the run resumes; resume with trainer.max_steps=2 or more"
-    )
-    overrides = [*JOB, "trainer.max_steps=2", "resume=auto"]  # ends at its step: saved, evaluated, completed
-    assert plan_job(compose(overrides), job_dir, overrides).config.trainer.max_steps == 2
-
-
 def test_local_paths_are_recorded_absolute_and_names_as_they_are(tmp_path, compose, monkeypatch):
     """A resume, evaluate or generate started from another dir finds the same files."""
     monkeypatch.chdir(tmp_path)
@@ -129,3 +118,16 @@ def test_a_record_from_before_a_key_existed_resumes_with_its_command_naming_the_
     overrides = ["model=gpt2_tiny", *JOB, "resume=auto"]
     plan = plan_job(compose(overrides), job_dir, overrides)
     assert (plan.config.model.vocab_multiple, plan.config.model.activation.value) == (1, "gelu_new")
+
+
+def test_a_resume_with_max_steps_below_the_checkpoint_of_an_unfinished_run_is_refused(job_dir, compose):
+    """A typo (1 for 100) would mark the run completed at its step without training or evaluating. A sweep
+    resume's jobs take the grid's max_steps instead, and end where they are (plan_job)."""
+    from gpt2exp.resume import ResumeTarget, plan_run, refuse_max_steps_behind
+
+    with pytest.raises(UserError) as refused:
+        plan_run(str(job_dir), None, [f"resume={job_dir}", "trainer.max_steps=1"], compose)
+    assert str(refused.value) == (
+        "trainer.max_steps=1 is below step 2, where the run resumes; resume with trainer.max_steps=2 or more"
+    )
+    refuse_max_steps_behind(ResumeTarget(job_dir, None), 2)  # ends at its step: saved, evaluated, completed
