@@ -173,20 +173,28 @@ def exit_together() -> None:
 
 @contextlib.contextmanager
 def own_exit_code():
-    """Around a launched rank's whole life: however it ends, the end is its own (`_keep_own_exit_code`),
-    and its process groups are torn down before the interpreter exits. Left to the exit's destructors,
-    a rank sometimes aborted (SIGABRT, 'terminate called without an active exception') instead of
-    ending with its code, and NCCL warns that the group was not destroyed. A peer still waiting in a
-    collective sees this rank's connections close, as it would when the process ends."""
+    """Around a launched rank's whole life: however it ends, the end is its own (`_keep_own_exit_code`).
+
+    A rank that ends well (its run done, exit 0) tears its process groups down first, as torch asks of
+    a normal exit (NCCL warns otherwise). A rank that ends otherwise leaves them to the exit: since
+    torch 2.6, destroying an NCCL group flushes its collectives, which hangs where a peer is still in
+    one; ending the process closes them instead.
+    """
+    ended_well = False
     try:
         yield
+        ended_well = True
+    except SystemExit as end:
+        ended_well = end.code in (None, 0)
+        raise
     finally:
         if world_from_env().launched:
             _keep_own_exit_code()
-            try:
-                destroy_process_group()
-            except Exception as exc:  # noqa: BLE001 - the rank's own exit code and error go on
-                log.warning("could not tear down the process group: %r", exc)
+            if ended_well:
+                try:
+                    destroy_process_group()
+                except Exception as exc:  # noqa: BLE001 - the rank's own exit code goes on
+                    log.warning("could not tear down the process group: %r", exc)
 
 
 def end_refused_launch(refusal: SystemExit) -> None:
