@@ -273,26 +273,36 @@ def refuse_existing_sweep(conf_dir: str, overrides: list) -> None:
 
     if last_value(overrides, "hydra.sweep.dir") is None:  # Hydra's own new dir (a timestamp)
         return
-    first_job = []  # the dir as the first job resolves it: each swept key at its first value
-    try:
-        for override in overrides:
-            if not override.is_sweep_override():
-                first_job.append(override.input_line)
-            elif override.is_discrete_sweep():
-                first = next(iter(override.sweep_string_iterator()))
-                first_job.append(f"{override.input_line.split('=', 1)[0]}={first}")
+    try:  # the dir as the first job resolves it: each swept key at its first value
+        first_job = [values[0] for values in job_values(overrides, with_hydra=True)]
     except HydraException:
         return  # the command fails with its one line in check_sweep_values
     named = hydra_setting(conf_dir, first_job, "hydra.sweep.dir")
     if named is None or not holds_job_dirs(Path(named)):
         return  # new, or a record whose jobs never started (a submission SLURM refused): nothing to lose
-    asked = task_overrides([o.input_line for o in overrides])
     if last_value(overrides, "resume") == "auto" and is_sweep_dir(Path(named)):
-        if task_overrides(read_sweep_record(Path(named)).task_overrides) == asked:
+        recorded = task_overrides(read_sweep_record(Path(named)).task_overrides)
+        if recorded == task_overrides([o.input_line for o in overrides]):
             return
     raise UserError(
         f"{named} already holds a sweep; continue it with resume={named}, or start this one in another hydra.sweep.dir"
     )
+
+
+def job_values(overrides: list, with_hydra: bool = False) -> list[list[str]]:
+    """Each override as the jobs of a sweep get it: a plain one as it is, a discrete sweep as each of its
+    values (`key=value`); ranges and intervals (Optuna's) are left to the sweeper, Hydra's own settings
+    unless `with_hydra`. Raises HydraException for a sweep Hydra cannot expand."""
+    values = []
+    for override in overrides:
+        if is_hydra(override) and not with_hydra:
+            continue
+        if not override.is_sweep_override():
+            values.append([override.input_line])
+        elif override.is_discrete_sweep():
+            key = override.get_key_element()
+            values.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+    return values
 
 
 def check_sweep_values(conf_dir: str, overrides: list) -> None:
@@ -305,16 +315,8 @@ def check_sweep_values(conf_dir: str, overrides: list) -> None:
     """
     from hydra.errors import HydraException
 
-    choices = []
     try:
-        for override in overrides:
-            if is_hydra(override):
-                continue
-            if not override.is_sweep_override():
-                choices.append([override.input_line])
-            elif override.is_discrete_sweep():
-                key = override.get_key_element()
-                choices.append([f"{key}={value}" for value in override.sweep_string_iterator()])
+        choices = job_values(overrides)
     except HydraException as exc:
         raise UserError(one_line(exc)) from None
     tried: set[tuple[str, ...]] = set()
