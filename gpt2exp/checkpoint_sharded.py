@@ -28,20 +28,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt2exp.checkpoint import (
+from gpt2exp.checkpoint_files import (
     MODEL_FILE,
     OPTIMIZER_FILE,
     STATE_FILE,
     CheckpointError,
-    _restore_model,
-    _write_file,
     build_trainer_state,
     check_json_state,
     io_pool,
     load_tensor_state,
     model_tensors,
+    restore_model,
     split_stateful,
     tensor_state_writer,
+    write_file,
     write_pretrained_files,
 )
 from gpt2exp.distributed import active
@@ -150,7 +150,7 @@ class ShardedCheckpointFiles:
 
         def write(name: str, data: bytes | Any) -> None:
             (tmp_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            files[name] = _write_file(tmp_dir / name, data, self._io)
+            files[name] = write_file(tmp_dir / name, data, self._io)
 
         if captured.optimizer_tensors is not None:
             save_optimizer_tensors(captured.optimizer_tensors, tmp_dir / OPTIMIZER_DIR, self.group)
@@ -316,7 +316,7 @@ def read_checkpoint(path: Path, stateful: Mapping[str, Any], rank: int) -> dict[
 def restore_weights(path: Path, model, weights: dict[str, Any]) -> None:
     """The whole weights into a plain model, or each rank's shard of them into an FSDP2 model."""
     if not any(hasattr(p, "full_tensor") for p in model.parameters()):
-        _restore_model(path, model, weights)
+        restore_model(path, model, weights)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 

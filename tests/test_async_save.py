@@ -155,7 +155,7 @@ def test_a_failed_background_save_is_raised_at_the_next_step_boundary(manager_pa
     def disk_full(path, data, hasher):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(ckpt, "_write_file", disk_full)
+    monkeypatch.setattr(ckpt, "write_file", disk_full)
     pending = background.save(2, stateful, {}, force=True)
     while not pending.done:
         time.sleep(0.01)
@@ -171,7 +171,7 @@ def test_a_failed_background_save_is_raised_at_the_next_step_boundary(manager_pa
 
 def test_with_on_save_error_warn_a_failed_background_save_only_warns(manager_pair, monkeypatch, caplog):
     _, background = manager_pair(on_save_error="warn")
-    monkeypatch.setattr(ckpt, "_write_file", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+    monkeypatch.setattr(ckpt, "write_file", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
     with caplog.at_level(logging.WARNING, logger="gpt2exp.checkpoint"):
         assert background.save(1, make_stateful(), {}, force=True).wait() is None
         background.poll()
@@ -189,14 +189,14 @@ KILL_SCRIPT = textwrap.dedent(
     manager = ckpt.CheckpointManager(make_cfg(async_save=True), sys.argv[1])
     manager.save(1, stateful, {}, force=True).wait()
     print("saved step 1", flush=True)
-    real_write_file = ckpt._write_file
+    real_write_file = ckpt.write_file
 
     def write_file_then_die(path, data, hasher):
         if path.name == ckpt.OPTIMIZER_FILE:  # in the background writer, mid-checkpoint
             os.kill(os.getpid(), signal.SIGKILL)
         return real_write_file(path, data, hasher)
 
-    ckpt._write_file = write_file_then_die
+    ckpt.write_file = write_file_then_die
     bump(stateful["model"])
     stateful["trainer"].step = 2
     manager.save(2, stateful, {}, force=True).wait()

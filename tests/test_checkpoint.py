@@ -211,9 +211,9 @@ def write_pieces(pieces: list[bytes]):
 def test_a_large_file_is_written_back_in_pieces_while_it_is_written(tmp_path, monkeypatch):
     import threading
 
-    from gpt2exp.checkpoint import _HashingFile, _write_file, io_pool
+    from gpt2exp.checkpoint_files import HashingFile, io_pool, write_file
 
-    monkeypatch.setattr(_HashingFile, "SYNC_EVERY", MIB)
+    monkeypatch.setattr(HashingFile, "SYNC_EVERY", MIB)
     sizes_at_sync: list[int] = []
     first_sync = threading.Event()
     real_fdatasync = os.fdatasync
@@ -233,7 +233,7 @@ def test_a_large_file_is_written_back_in_pieces_while_it_is_written(tmp_path, mo
             out.write(piece)
 
     with io_pool() as pool:
-        entry = _write_file(tmp_path / "big.bin", write, pool)
+        entry = write_file(tmp_path / "big.bin", write, pool)
     data = b"".join(pieces)
     assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     assert (tmp_path / "big.bin").read_bytes() == data
@@ -242,9 +242,9 @@ def test_a_large_file_is_written_back_in_pieces_while_it_is_written(tmp_path, mo
 
 
 def test_a_failed_write_back_is_the_disks_error_and_the_file_is_closed(tmp_path, monkeypatch):
-    from gpt2exp.checkpoint import _HashingFile, _write_file, io_pool
+    from gpt2exp.checkpoint_files import HashingFile, io_pool, write_file
 
-    monkeypatch.setattr(_HashingFile, "SYNC_EVERY", MIB)
+    monkeypatch.setattr(HashingFile, "SYNC_EVERY", MIB)
 
     def disk_full(fd: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -252,7 +252,7 @@ def test_a_failed_write_back_is_the_disks_error_and_the_file_is_closed(tmp_path,
     monkeypatch.setattr(os, "fdatasync", disk_full)
     open_before = len(os.listdir("/proc/self/fd"))
     with io_pool() as pool, pytest.raises(OSError) as raised:
-        _write_file(tmp_path / "big.bin", write_pieces([os.urandom(MIB) for _ in range(4)]), pool)
+        write_file(tmp_path / "big.bin", write_pieces([os.urandom(MIB) for _ in range(4)]), pool)
     assert raised.value.errno == errno.ENOSPC
     assert len(os.listdir("/proc/self/fd")) == open_before
 
@@ -578,7 +578,7 @@ FSDP_SCRIPT = textwrap.dedent(
     import torch.distributed as dist
     from torch.distributed.fsdp import fully_shard
     from transformers import GPT2Config, GPT2LMHeadModel
-    from gpt2exp.checkpoint import model_tensors
+    from gpt2exp.checkpoint_files import model_tensors
 
     out, rank, tiny = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
@@ -739,12 +739,12 @@ KILL_SCRIPT = textwrap.dedent(
     manager.save(1, stateful, {"val/loss": 2.0}, force=True)
     print("saved step 1", flush=True)
 
-    real_write_file = ckpt._write_file
+    real_write_file = ckpt.write_file
     def write_file_then_die(path, data, hasher):
         if path.name == ckpt.OPTIMIZER_FILE:
             os.kill(os.getpid(), signal.SIGKILL)
         return real_write_file(path, data, hasher)
-    ckpt._write_file = write_file_then_die
+    ckpt.write_file = write_file_then_die
 
     with torch.no_grad():
         for p in model.parameters():
@@ -1021,7 +1021,7 @@ def test_permission_denied_while_writing(run_dir, managers, monkeypatch, on_save
     manager = managers(make_cfg(on_save_error=on_save_error), run_dir)
     stateful = make_stateful()
     first = manager.save(1, stateful, {}, force=True).wait()
-    real_write_file = ckpt._write_file
+    real_write_file = ckpt.write_file
     written = []
 
     def refuse_optimizer(path, data, hasher):
@@ -1030,7 +1030,7 @@ def test_permission_denied_while_writing(run_dir, managers, monkeypatch, on_save
         written.append(path.name)
         return real_write_file(path, data, hasher)
 
-    monkeypatch.setattr(ckpt, "_write_file", refuse_optimizer)
+    monkeypatch.setattr(ckpt, "write_file", refuse_optimizer)
     if on_save_error == "stop":
         with pytest.raises(SaveFailed) as info:
             manager.save(2, stateful, {}, force=True)
