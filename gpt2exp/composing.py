@@ -3,15 +3,29 @@ as `python -m gpt2exp.train` would; Hydra's composition errors become one-line U
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from gpt2exp.errors import UserError
+
+OUTPUT_DIRS = ("hydra.run.dir", "hydra.sweep.dir")  # what Hydra makes before a job starts
 
 
 def compose(conf_dir: str, overrides: list[str], validated: bool = True) -> DictConfig:
     """The job config for `overrides`, typed and validated (`validated=False`: typed only, for a caller
     that completes it first); composition errors become UserError. Inside a job (Hydra running) it is
     composed by the running app, which has `conf_dir` as its config path."""
+    return _compose(conf_dir, overrides, validated, with_hydra=False)[0]
+
+
+def compose_with_hydra(conf_dir: str, overrides: list[str]) -> tuple[DictConfig, dict[str, str]]:
+    """`compose`, and the dirs Hydra would make for the same overrides (OUTPUT_DIRS, `${now:}` read now)
+    from the same composition."""
+    return _compose(conf_dir, overrides, validated=True, with_hydra=True)
+
+
+def _compose(
+    conf_dir: str, overrides: list[str], validated: bool, with_hydra: bool
+) -> tuple[DictConfig, dict[str, str]]:
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
@@ -23,17 +37,22 @@ def compose(conf_dir: str, overrides: list[str], validated: bool = True) -> Dict
     register_schemas()
     try:
         if GlobalHydra.instance().is_initialized():  # inside a job: Hydra runs gpt2exp's conf/ already
-            cfg = hydra_compose(config_name="config", overrides=overrides)
+            cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
         else:
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
-                cfg = hydra_compose(config_name="config", overrides=overrides)
+                cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
+        output_dirs = {}
+        if with_hydra:
+            output_dirs = {key: str(OmegaConf.select(cfg, key)) for key in OUTPUT_DIRS}
+            with open_dict(cfg):
+                del cfg["hydra"]
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(one_line(exc)) from None
     typed(OmegaConf.to_container(cfg))  # catches keys added with `+group.key=...`, which slip past Hydra's own check
     if validated:
         validate(cfg)
         check_applicable(cfg)
-    return cfg
+    return cfg, output_dirs
 
 
 def one_line(exc: BaseException) -> str:

@@ -4,7 +4,9 @@ Hydra writes the run dir (and, on a reused dir, overwrites `.hydra/`) before the
 starts, so every check that must reject a command without touching the disk happens here, on
 `sys.argv`, and the run is planned here once (resume.plan_run) and handed to the job:
 - the config must compose against the typed schema and pass `config.validate`, and what it names
-  must be there: the data files, the device (every swept value of a sweep is checked too);
+  must be there: the data files, the device (every swept value of a sweep is checked too), a run or
+  sweep dir this process can make;
+- a sweep dir where a sweep already started jobs is not reused;
 - `resume=...` must name a resumable run, not be combined with `-m`, not be older than the run's
   newest checkpoint, and change only whitelisted keys of the config of record; a run that already
   completed its steps is left as it is (one line, exit 0);
@@ -25,7 +27,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2exp.composing import compose, one_line
+from gpt2exp.composing import compose, compose_with_hydra, one_line
 from gpt2exp.distributed import check_world, world_from_env
 from gpt2exp.errors import UserError, fail
 from gpt2exp.overrides import (
@@ -222,12 +224,18 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
                 "or use -m ... resume=auto to let each job continue its own dir"
             )
         # resume=auto: each job resumes its own dir when it holds a checkpoint (a requeued SLURM job)
-        refuse_existing_sweep(conf_dir, overrides)
+        sweep_dir = first_job_setting(conf_dir, overrides, "hydra.sweep.dir")
+        if sweep_dir is not None:  # None: the command fails with its one line in check_sweep_values
+            check_writable_dir("hydra.sweep.dir", sweep_dir, "the sweep")
+            refuse_existing_sweep(Path(sweep_dir), overrides)
         check_sweep_values(conf_dir, overrides)
         return argv, None
     plan = plan_run(resume, last_value(overrides, "hydra.run.dir"), job_overrides, lambda o: compose(conf_dir, o))
     if not plan.is_resume:
-        check_available(compose(conf_dir, job_overrides))
+        cfg, output_dirs = compose_with_hydra(conf_dir, job_overrides)
+        check_available(cfg)
+        if plan.run_dir is None:  # Hydra's own dir (outputs/<date>/<time>): it would fail to make it with a traceback
+            check_writable_dir("hydra.run.dir", output_dirs["hydra.run.dir"], "the run")
         return argv, claim_run_dir(plan)
     check_available(plan.config)
     kept = [a for a in args if a not in override_args]
@@ -262,30 +270,35 @@ def claim_run_dir(plan: RunPlan, hydra_subdir: str | None = None) -> RunPlan:
         raise
 
 
-def refuse_existing_sweep(conf_dir: str, overrides: list) -> None:
-    """A sweep started in a sweep dir where one already started jobs would overwrite its record
-    (multirun.yaml, each job's .hydra/ files) before any job could refuse: refused here, before Hydra
-    writes. The same command again with resume=auto (a whole in-process sweep requeued) goes on: each
-    job then resumes its own dir, held to its config of record."""
+def first_job_setting(conf_dir: str, overrides: list, key: str) -> str | None:
+    """A `hydra.*` setting of a sweep as its first job resolves it (each swept key at its first value);
+    None where the jobs do not compose."""
     from hydra.errors import HydraException
 
-    from gpt2exp.sweep import read_sweep_record, task_overrides
-
-    if last_value(overrides, "hydra.sweep.dir") is None:  # Hydra's own new dir (a timestamp)
-        return
-    try:  # the dir as the first job resolves it: each swept key at its first value
+    try:
         first_job = [values[0] for values in job_values(overrides, with_hydra=True)]
     except HydraException:
-        return  # the command fails with its one line in check_sweep_values
-    named = hydra_setting(conf_dir, first_job, "hydra.sweep.dir")
-    if named is None or not holds_job_dirs(Path(named)):
+        return None
+    return hydra_setting(conf_dir, first_job, key)
+
+
+def refuse_existing_sweep(sweep_dir: Path, overrides: list) -> None:
+    """A sweep started in a sweep dir where one already started jobs would overwrite its record
+    (multirun.yaml, each job's .hydra/ files) before any job could refuse: refused here, before Hydra
+    writes. That is a dir named with hydra.sweep.dir, or Hydra's own multirun/<date>/<time> when two
+    sweeps start in the same second. The same command again with resume=auto (a whole in-process
+    sweep requeued) goes on: each job then resumes its own dir, held to its config of record."""
+    from gpt2exp.sweep import read_sweep_record, task_overrides
+
+    if not holds_job_dirs(sweep_dir):
         return  # new, or a record whose jobs never started (a submission SLURM refused): nothing to lose
-    if last_value(overrides, "resume") == "auto" and is_sweep_dir(Path(named)):
-        recorded = task_overrides(read_sweep_record(Path(named)).task_overrides)
+    if last_value(overrides, "resume") == "auto" and is_sweep_dir(sweep_dir):
+        recorded = task_overrides(read_sweep_record(sweep_dir).task_overrides)
         if recorded == task_overrides([o.input_line for o in overrides]):
             return
     raise UserError(
-        f"{named} already holds a sweep; continue it with resume={named}, or start this one in another hydra.sweep.dir"
+        f"{sweep_dir} already holds a sweep; continue it with resume={sweep_dir}, or start this one in "
+        "another hydra.sweep.dir"
     )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -46,17 +47,30 @@ def trade_two_token_ids(tokenizer_dir: Path) -> Path:
     return tokenizer_dir
 
 
-def run_cli(module: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None):
-    """Run `python -m <module> args...` in `cwd`; returns the CompletedProcess (text)."""
+def run_cli(
+    module: str, *args: str, cwd: Path, timeout: float = 300, env: dict | None = None, unprivileged: bool = False
+):
+    """Run `python -m <module> args...` in `cwd`; returns the CompletedProcess (text). `unprivileged`:
+    as root, with every capability dropped, so that permission bits hold as for any user."""
     full_env = {**os.environ, **(env or {})}
     return subprocess.run(
-        [sys.executable, "-m", module, *args],
+        [*(without_capabilities() if unprivileged else []), sys.executable, "-m", module, *args],
         cwd=cwd,
         capture_output=True,
         text=True,
         timeout=timeout,
         env=full_env,
     )
+
+
+def without_capabilities() -> list[str]:
+    """The command prefix that runs a program as this user without root's power to ignore permission
+    bits (util-linux's setpriv); nothing for another user."""
+    if os.geteuid() != 0:
+        return []
+    if shutil.which("setpriv") is None:
+        pytest.skip("running as root without setpriv (util-linux), which drops root's capabilities")
+    return ["setpriv", "--inh-caps=-all", "--bounding-set=-all"]
 
 
 @pytest.fixture

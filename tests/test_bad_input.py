@@ -5,6 +5,7 @@ or only the job can (text too small once tokenized); and a report over dirs that
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,12 +20,12 @@ TOO_SMALL = (
 )
 
 
-def refused(cwd: Path, *args: str, watched: Path | None = None) -> str:
+def refused(cwd: Path, *args: str, watched: Path | None = None, unprivileged: bool = False) -> str:
     """Run the CLI expecting bad input: exit 2, one stderr line, no traceback, no ERROR log line, and
     `watched` (default: the cwd) byte-identical afterwards. Returns the line."""
     watched = watched or cwd
     before = snapshot(watched)
-    result = run_cli("gpt2exp.train", *args, cwd=cwd)
+    result = run_cli("gpt2exp.train", *args, cwd=cwd, unprivileged=unprivileged)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "Traceback" not in result.stderr and "ERROR" not in result.stdout, result.stdout[-3000:]
     lines = result.stderr.splitlines()
@@ -84,6 +85,22 @@ def test_a_data_cache_dir_that_is_a_file_is_refused_before_hydra_writes(tmp_path
         "the token cache"
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cache"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("args", "key", "base"), [([], "run", "outputs"), (["-m", "seed=1,2"], "sweep", "multirun")])
+def test_a_run_or_sweep_dir_hydra_cannot_make_in_a_read_only_dir_is_one_line(tmp_path, args, key, base):
+    """Hydra's own outputs/<date>/<time> (multirun/ for a sweep) under a dir this user cannot write in:
+    Hydra would fail making it with a traceback."""
+    cwd = tmp_path / "read-only"
+    cwd.mkdir()
+    cwd.chmod(0o555)
+    line = refused(cwd, *SHORT, *args, unprivileged=True)
+    assert re.fullmatch(
+        rf"error: hydra\.{key}\.dir={base}/\d{{4}}-\d\d-\d\d/\d\d-\d\d-\d\d: {re.escape(str(cwd))} is not writable; "
+        "name a directory you can write in",
+        line,
+    ), line
 
 
 @pytest.mark.slow

@@ -273,6 +273,28 @@ def test_a_sweep_started_again_in_its_sweep_dir_is_refused_before_hydra_writes(t
     assert again.stdout.count("is complete at step 6") == 2
 
 
+def test_a_sweep_started_in_the_same_second_as_another_is_refused_before_hydra_writes(tmp_path):
+    """Hydra's own sweep dir is multirun/<date>/<time>: a second sweep started in the same second (a
+    script launching several) gets the first one's dir and would rewrite its record."""
+    from datetime import datetime, timedelta
+
+    start = datetime.now()
+    for second in range(60):  # the first sweep's dir, whichever second the launch below reads
+        job = tmp_path / "multirun" / (start + timedelta(seconds=second)).strftime("%Y-%m-%d/%H-%M-%S") / "0"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text("- optimizer.lr=1e-3\n")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    line = usage_error("-m", *SHORT, "optimizer.lr=1e-3,3e-3", cwd=tmp_path)
+    match = re.fullmatch(
+        r"error: (multirun/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d) already holds a sweep; continue it with resume=\1, "
+        r"or start this one in another hydra.sweep.dir",
+        line,
+    )
+    assert match, line
+    assert datetime.strptime(match[1], "multirun/%Y-%m-%d/%H-%M-%S") >= start.replace(microsecond=0)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
