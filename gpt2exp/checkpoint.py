@@ -254,6 +254,10 @@ def manifest_metric(path: Path, metric: str) -> float | None:
     return float(value) if value is not None else None
 
 
+# the checkpoint.* settings that decide what stays (a resume may change them: run.json records each one's)
+RETENTION_KEYS = ("keep_last", "keep_best", "keep_every", "best_metric", "best_mode")
+
+
 def kept_reasons(root: Path, cfg: Any) -> dict[str, list[str]]:
     """Why each committed checkpoint under `root` stays (last/best/milestone); [] means rotate it away.
 

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from gpt2exp import cli
 from gpt2exp.checkpoint import (
     CORRUPT,
+    RETENTION_KEYS,
     STATE_FILE,
     checkpoint_size,
     kept_reasons,
@@ -29,8 +31,11 @@ from gpt2exp.checkpoint import (
     verify_checkpoint,
 )
 from gpt2exp.errors import UserError, fail
-from gpt2exp.rundir import existing_checkpoints_root, read_config_of_record, timestamp
+from gpt2exp.rundir import existing_checkpoints_root, read_config_of_record, read_run_json, timestamp
 from gpt2exp.targets import Target, resolve_target
+
+if TYPE_CHECKING:
+    from omegaconf import DictConfig
 
 EXIT_CORRUPT = 1
 
@@ -62,6 +67,27 @@ def _size(path: Path) -> str:
     return "?"
 
 
+def retention_settings(run_dir: Path) -> DictConfig:
+    """The run's checkpoint.* settings as its last launch rotated by: the config of record's, with the
+    retention its newest resume ran with (RETENTION_KEYS, which a resume may change) where run.json has it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    cfg = read_config_of_record(run_dir).checkpoint
+    resumes = read_run_json(run_dir).get("resumes")
+    last = (
+        resumes[-1].get("retention")
+        if isinstance(resumes, list) and resumes and isinstance(resumes[-1], dict)
+        else None
+    )
+    if not isinstance(last, dict):
+        return cfg  # never resumed, or resumed before run.json recorded it
+    try:
+        return OmegaConf.merge(cfg, {key: last[key] for key in RETENTION_KEYS if key in last})
+    except OmegaConfBaseException:  # a hand-edited run.json: the record's settings still describe the run
+        return cfg
+
+
 def list_run(path: str | Path) -> int:
     """Print the table of a run's checkpoints (or of the one checkpoint `path` names); exit code 0."""
     target = resolve_target(path)
@@ -70,7 +96,7 @@ def list_run(path: str | Path) -> int:
             f"{path} is a checkpoint dir outside a run; `list` needs the run's config.yaml "
             "(`verify` checks a loose checkpoint)"
         )
-    cfg = read_config_of_record(target.run_dir).checkpoint
+    cfg = retention_settings(target.run_dir)
     root = existing_checkpoints_root(target.run_dir)
     reasons = kept_reasons(root, cfg)
     rows = [("step", "saved", "size", cfg.best_metric, "status", "kept because")]

@@ -375,7 +375,7 @@ class Trainer:
         def record() -> tuple[dict[str, Any], int]:
             info = read_run_json(self.run_dir)
             dropped = truncate_metrics(self.run_dir, loaded.step)
-            resume = {"step": loaded.step, "at": timestamp(), **self.world_record()}
+            resume = {"step": loaded.step, "at": timestamp(), **self.world_record(), "retention": self.retention()}
             update_run_json(self.run_dir, status=RunStatus.running, resumes=info.get("resumes", []) + [resume])
             return info, dropped
 
@@ -390,6 +390,15 @@ class Trainer:
         self.bar.set_description(f"resumed at {loaded.step}")
         self.bar.update(loaded.step)
         return loaded.step
+
+    def retention(self) -> dict[str, Any]:
+        """The checkpoint.* settings this launch rotates by (run.json: each resume's, which `ckpt list` shows)."""
+        from omegaconf import OmegaConf
+
+        from gpt2exp.checkpoint import RETENTION_KEYS
+
+        settings = OmegaConf.to_container(self.cfg.checkpoint, enum_to_str=True)
+        return {key: settings[key] for key in RETENTION_KEYS}
 
     def world_record(self) -> dict[str, Any]:
         """How many processes this launch trains on, and how (run.json: the first launch and each resume)."""

@@ -72,6 +72,27 @@ def test_list_shows_each_checkpoint_and_why_it_is_kept(run):
 
 
 @pytest.mark.slow
+def test_list_gives_the_reasons_of_the_retention_the_last_resume_ran_with(own_run):
+    """keep_last=2 on resume keeps step 9 as one of the last two: the record's keep_last=1 would show it as
+    kept for no reason."""
+    import json
+
+    resumed = run_cli(
+        "gpt2exp.train", f"resume={own_run}", "trainer.max_steps=12", "checkpoint.keep_last=2", cwd=own_run.parent
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    [resume] = json.loads((own_run / "run.json").read_text())["resumes"]
+    assert resume["retention"] == {
+        "keep_last": 2, "keep_best": 1, "keep_every": 6, "best_metric": "val/loss", "best_mode": "min"
+    }  # fmt: skip
+    listed = run_cli("gpt2exp.ckpt", "list", str(own_run), cwd=own_run)
+    assert listed.returncode == 0, listed.stderr
+    table = {line.split()[0]: line.split()[-1] for line in listed.stdout.splitlines()[1:]}
+    assert sorted(table, key=int) == ["6", "9", "12"]
+    assert (table["6"], table["9"]) == ("milestone", "last") and table["12"].startswith("last")
+
+
+@pytest.mark.slow
 def test_list_of_one_checkpoint_shows_its_row_only(run):
     result = run_cli("gpt2exp.ckpt", "list", str(run / "checkpoints" / "step_00000006"), cwd=run)
     assert result.returncode == 0, result.stderr
