@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import Enum, StrEnum
 from pathlib import Path
 from typing import Any
 
@@ -296,6 +296,13 @@ RECORDED_AS_RUN = (
     "model.vocab_multiple",
     "model.activation",
 )
+
+
+def requested_values(cfg: DictConfig) -> dict[str, Any]:
+    """What a first launch asked of the RECORDED_AS_RUN keys, before the Trainer records what ran
+    (run.json `requested`): the command requeued asks the same, which is no change."""
+    values = {key: OmegaConf.select(cfg, key) for key in RECORDED_AS_RUN}
+    return {key: value.value if isinstance(value, Enum) else value for key, value in values.items()}
 
 
 # Keys added after a config of record could have been written, with the value that reproduces what

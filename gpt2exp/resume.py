@@ -364,9 +364,14 @@ def _as_recorded(value: Any) -> Any:
 
 
 def first_launch(run_dir: Path) -> dict[str, Any]:
-    """{dotted key: value} of the config Hydra composed at the run's first launch (.hydra/config.yaml), or {}."""
+    """{dotted key: value} the run's first launch asked of the keys recorded as what ran: run.json's
+    `requested`; for a run from before it, the config Hydra composed then (.hydra/config.yaml, which
+    Hydra rewrites in a sweep job requeued), or {}."""
     import yaml
 
+    requested = read_run_json(run_dir).get("requested")
+    if isinstance(requested, dict):
+        return requested
     try:
         return leaves(yaml.safe_load((run_dir / ".hydra" / "config.yaml").read_text()) or {})
     except (OSError, yaml.YAMLError):

@@ -149,10 +149,16 @@ def new_run_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
-def start_run_json(run_dir: Path, parent: str | None = None, world: dict[str, Any] | None = None) -> dict[str, Any]:
+def start_run_json(
+    run_dir: Path,
+    parent: str | None = None,
+    world: dict[str, Any] | None = None,
+    requested: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """A fresh run's record: new ids, status running, where its checkpoints go (`place_checkpoints`,
-    from the config of record, which is written first), and the processes it trains on (`world`:
-    world_size and strategy; each resume records its own in `resumes`)."""
+    from the config of record, which is written first), the processes it trains on (`world`:
+    world_size and strategy; each resume records its own in `resumes`) and what its command asked of
+    the keys recorded as what ran (`requested`, config.requested_values)."""
     run_id = new_run_id()
     return update_run_json(
         run_dir,
@@ -166,6 +172,7 @@ def start_run_json(run_dir: Path, parent: str | None = None, world: dict[str, An
         resumes=[],
         checkpoints=place_checkpoints(run_dir, run_id),
         **({"world": world} if world is not None else {}),
+        **({"requested": requested} if requested is not None else {}),
     )
 
 

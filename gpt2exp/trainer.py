@@ -25,7 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from gpt2exp.config import Activation
+from gpt2exp.config import Activation, requested_values
 from gpt2exp.distributed import gradient_sync, sum_over_ranks
 from gpt2exp.errors import Diverged, RunStopped, SaveFailed, UserError
 from gpt2exp.mfu import flops_per_token, mfu, peak_flops
@@ -234,6 +234,7 @@ class Trainer:
         self.model = build_model(cfg.model, self.data.vocab_size, self.data.tokenizer.eos_token_id).to(self.device)
         log.info("model: %.2fM parameters, vocab %d", count_parameters(self.model) / 1e6, self.data.vocab_size)
         self.data.state_context_length(self.model.config.n_positions)  # the tokenizer files say the model's
+        self.requested = requested_values(cfg)
         cfg = self.cfg = config_as_run(cfg, self.device.type, self.model.config)  # what is recorded is what runs
         t = cfg.trainer
         if self.world.rank:  # every rank built the same weights; from here each draws its own dropout
@@ -332,7 +333,7 @@ class Trainer:
 
         def record() -> dict[str, Any]:
             write_config_of_record(self.run_dir, self.cfg)
-            info = start_run_json(self.run_dir, parent=None, world=self.world_record())
+            info = start_run_json(self.run_dir, parent=None, world=self.world_record(), requested=self.requested)
             shutil.copytree(self.data.tokenizer_dir, self.run_dir / "tokenizer", dirs_exist_ok=True)
             truncate_metrics(self.run_dir, -1)  # a fresh start in a dir whose earlier attempt never checkpointed
             return info

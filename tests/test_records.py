@@ -181,6 +181,10 @@ def test_fp16_and_compile_on_cpu_are_recorded_as_fp32_uncompiled_and_kept_on_res
     assert "trainer.compile=true is not used on cpu: running uncompiled (recorded as false)" in log
     record = record_of(run_dir)
     assert (record["trainer"]["precision"], record["trainer"]["compile"]) == ("fp32", False)
+    assert json.loads((run_dir / "run.json").read_text())["requested"] == {  # what a requeue is held to
+        "trainer.precision": "fp16", "trainer.compile": True, "model.n_layer": 2, "model.n_head": 2,
+        "model.n_embd": 32, "model.vocab_multiple": 64, "model.activation": "gelu_pytorch_tanh",
+    }  # fmt: skip
     recorded = (run_dir / "config.yaml").read_bytes()
 
     # the tokenizer files of the run dir and of each checkpoint state the model's context length

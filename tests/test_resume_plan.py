@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from gpt2exp.config import requested_values
 from gpt2exp.errors import UserError
 from gpt2exp.resume import fix_values_of_record, plan_job
 from gpt2exp.rundir import start_run_json, write_config_of_record
@@ -106,6 +107,27 @@ def test_a_sweep_job_is_held_to_its_record_though_hydra_rewrote_its_first_config
     (job_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose(overrides)))
     with pytest.raises(UserError, match=r"^resume cannot change seed \(recorded 1337\): "):
         plan_job(compose(overrides), job_dir, overrides, in_sweep=True)
+
+
+@pytest.mark.parametrize("first_asked", [True, False])
+def test_a_requeued_sweep_job_is_held_to_what_its_first_launch_asked_of_a_key_recorded_as_run(
+    job_dir, compose, first_asked
+):
+    """trainer.compile=true runs uncompiled on a CPU and is recorded false. Hydra rewrites the job's
+    .hydra/config.yaml with each attempt's command, so run.json's `requested` tells what the first asked."""
+    from omegaconf import OmegaConf
+
+    from gpt2exp.rundir import update_run_json
+
+    overrides = [*JOB, "trainer.compile=true"]
+    (job_dir / ".hydra").mkdir()
+    (job_dir / ".hydra" / "config.yaml").write_text(OmegaConf.to_yaml(compose(overrides)))  # this attempt's
+    update_run_json(job_dir, requested={**requested_values(compose(JOB)), "trainer.compile": first_asked})
+    if first_asked:  # the first command, requeued
+        assert plan_job(compose(overrides), job_dir, overrides, in_sweep=True).config.trainer.compile is False
+    else:
+        with pytest.raises(UserError, match=r"^resume cannot change trainer.compile \(recorded False\): "):
+            plan_job(compose(overrides), job_dir, overrides, in_sweep=True)
 
 
 def test_a_record_from_before_a_key_existed_resumes_with_its_command_naming_the_group(job_dir, compose):
