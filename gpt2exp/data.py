@@ -35,7 +35,7 @@ import numpy as np
 from gpt2exp.errors import UserError
 from gpt2exp.hub import load_pretrained
 from gpt2exp.sampler import BatchSampler, TokenShards, val_batches, windows
-from gpt2exp.shards import FORMAT, DiskFull, Tokenizing, build, corrupt_shards, read_manifest, rebuild
+from gpt2exp.shards import FORMAT, DiskFull, Tokenizing, build, corrupt_shards, read_manifest, rebuild, split_tokens
 from gpt2exp.sources import (
     Source,
     batches,
@@ -395,8 +395,8 @@ def _build_entry(cfg: Any, source: Source, folder: Path, tokenizer_of_run: Path 
     except BaseException:
         (folder / "manifest.json").unlink(missing_ok=True)
         raise
-    splits = manifest["splits"]
-    log.info("token cache %s: %d train and %d val tokens", folder, splits["train"]["tokens"], splits["val"]["tokens"])
+    train, val = (split_tokens(manifest["splits"][s]) for s in ("train", "val"))
+    log.info("token cache %s: %d train and %d val tokens", folder, train, val)
     return manifest
 
 
@@ -421,7 +421,7 @@ def _check_split_sizes(cfg: Any, source: Source) -> None:
 
 
 def _check_split_tokens(cfg: Any, source: Source, manifest: dict[str, Any]) -> None:
-    train, val = (manifest["splits"][s]["tokens"] for s in ("train", "val"))
+    train, val = (split_tokens(manifest["splits"][s]) for s in ("train", "val"))
     if train == 0 and val == 0:
         raise UserError(f"{source.description} holds no documents; check data.dataset / data.files")
     if train == 0:
@@ -464,7 +464,7 @@ def main(argv: list[str] | None = None) -> None:
     for split in ("train", "val"):
         entry = manifest["splits"][split]
         count = len(entry["shards"])
-        print(f"{split:<12} {entry['tokens']:,} tokens in {count} shard{'s' if count != 1 else ''}")
+        print(f"{split:<12} {split_tokens(entry):,} tokens in {count} shard{'s' if count != 1 else ''}")
     print(f"tokenizer    {cfg.data.tokenizer.name} (vocab {data.vocab_size}, {manifest['dtype']})")
 
 

@@ -224,6 +224,7 @@ class SplitWriter:
         self.shards.append(entry)
         self.written.append(entry["file"])
         self.completed = True
+        self.count = 0  # its tokens are the shard's now
 
     def sync(self) -> None:
         self.file.flush()
@@ -254,6 +255,12 @@ class SplitWriter:
     @property
     def tokens(self) -> int:
         return sum(s["tokens"] for s in self.shards) + self.count
+
+
+def split_tokens(split: dict[str, Any]) -> int:
+    """A split's token count, from its shards: the split's own `tokens` in a cache built by an earlier
+    gpt2exp counted the last shard twice."""
+    return sum(shard["tokens"] for shard in split["shards"])
 
 
 # -- the build loop ---------------------------------------------------------------------------------------

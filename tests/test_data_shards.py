@@ -124,6 +124,8 @@ def test_shards_hold_each_document_then_end_of_text_in_fixed_sizes(built, tokeni
     assert np.array_equal(val_tokens, expected_tokens(tokenizer_dir, [d for d, v in zip(docs, val, strict=True) if v]))
     sizes = [s["tokens"] for s in manifest["splits"]["train"]["shards"]]
     assert len(sizes) > 3 and set(sizes[:-1]) == {3000} and 0 < sizes[-1] <= 3000
+    # each split's total is its tokens on disk: the last, partial shard counted once
+    assert (manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]) == (len(train), len(val_tokens))
     for entry in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
         assert hashlib.sha256((built / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
 
