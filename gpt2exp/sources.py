@@ -110,12 +110,19 @@ def markdown_to_text(markdown: str) -> str:
 
 
 def text_file_paths(patterns: list[str]) -> list[Path]:
+    """The files `patterns` match, each once, in the order first matched: overlapping patterns
+    (`dir/*.txt` beside `dir/**/*.txt`) would otherwise make a file two documents, one of which the
+    holdout may send to validation while the other trains."""
     paths: list[Path] = []
+    seen: set[str] = set()
     for pattern in patterns:
         matched = sorted(glob.glob(os.path.expanduser(pattern), recursive=True))
         if not matched:
             raise UserError(f"data file not found: {pattern}; check the path in data.files=[...]")
-        paths.extend(Path(p) for p in matched if Path(p).is_file())
+        for path in map(Path, matched):
+            if path.is_file() and (real := os.path.realpath(path)) not in seen:
+                seen.add(real)
+                paths.append(path)
     if not paths:
         raise UserError("data.files names no files; set data.files=[path/to/text.txt]")
     return paths
@@ -436,7 +443,8 @@ def saved_source(cfg: Any, folder: Path) -> Source:
         return tail_or_holdout(cfg, _dataset_reader(train, cfg.text_column), len(train))
 
     ids = [train._fingerprint, val._fingerprint if val is not None else None, cfg.text_column]
-    return Source(cfg.dataset, hashlib.sha256(json.dumps(ids).encode()).hexdigest(), open_streams, cfg.val_fraction)
+    fingerprint = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    return Source(cfg.dataset, fingerprint, open_streams, cfg.val_fraction, _split_trained_on(cfg))
 
 
 def hub_source(cfg: Any) -> Source:
@@ -475,7 +483,18 @@ def hub_source(cfg: Any) -> Source:
         return tail_or_holdout(cfg, read, count)
 
     ids = [cfg.dataset, cfg.config_name, cfg.split, cfg.val_split, cfg.text_column]
-    return Source(cfg.dataset, hashlib.sha256(json.dumps(ids).encode()).hexdigest(), open_streams, cfg.val_fraction)
+    fingerprint = hashlib.sha256(json.dumps(ids).encode()).hexdigest()
+    return Source(cfg.dataset, fingerprint, open_streams, cfg.val_fraction, _split_trained_on(cfg))
+
+
+def _split_trained_on(cfg: Any) -> str | None:
+    """Why a data set's named validation split would be trained on (Source.unsound_split), if it would."""
+    if cfg.val_split and cfg.val_split == cfg.split:
+        return (
+            f"data.val_split={cfg.val_split} is data.split itself: validation documents are trained on; name "
+            "another split, or leave data.val_split unset to hold out documents"
+        )
+    return None
 
 
 def _streamed_reader(part: Any, cfg: Any) -> Reader:

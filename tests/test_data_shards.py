@@ -322,6 +322,28 @@ def test_parquet_jsonl_csv_and_save_to_disk_give_the_same_tokens_for_the_same_do
         assert np.array_equal(np.asarray(p.val), np.asarray(prepared[0].val)) and len(p.val) > 0
 
 
+@pytest.mark.parametrize("saved", [True, False])
+def test_a_named_validation_split_that_is_the_training_split_is_refused_with_nothing_written(
+    tmp_path, tokenizer_dir, saved
+):
+    """A save_to_disk folder, and a hub name: refused before the hub is asked anything."""
+    import datasets
+
+    if saved:
+        splits = {"train": documents(30), "validation": documents(5, seed=2)}
+        datasets.DatasetDict({k: datasets.Dataset.from_dict({"text": v}) for k, v in splits.items()}).save_to_disk(
+            tmp_path / "saved"
+        )
+    dataset = str(tmp_path / "saved") if saved else "someone/corpus"
+    with pytest.raises(UserError) as refused:
+        data.prepare_data(data_cfg(tmp_path, tokenizer_dir, dataset, val_split="train"))
+    assert str(refused.value) == (
+        "data.val_split=train is data.split itself: validation documents are trained on; name another split, "
+        "or leave data.val_split unset to hold out documents"
+    )
+    assert not (tmp_path / "cache").exists() or not any((tmp_path / "cache").iterdir())
+
+
 def test_a_single_parquet_file_and_a_named_validation_set_of_local_files(tmp_path, tokenizer_dir):
     write_parquet(documents(60), tmp_path / "train", per_file=60)
     write_parquet(documents(10, seed=3), tmp_path / "val", per_file=10)
@@ -448,6 +470,26 @@ def test_text_files_hold_out_whole_files_whatever_the_glob_order(tmp_path):
     corpus = data.load_corpus(text_cfg(tmp_path, [str(tmp_path / "corpus" / "**" / "*.txt")]))
     assert len(corpus.val) == 2 and len(corpus.train) == 38  # 5% of 40 files, whole
     assert all(doc.startswith("file ") for doc in corpus.val)
+
+
+def test_overlapping_patterns_read_each_file_once_so_no_validation_file_is_trained_on(tmp_path):
+    """`**` matches the top level too: both patterns name the 15 top files, and the link names one of them."""
+    for i in range(20):
+        path = tmp_path / "corpus" / ("sub" if i % 4 == 0 else "") / f"f{i:02d}.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"document number {i}\n" + "some words here\n" * 20)
+    (tmp_path / "link.txt").symlink_to(tmp_path / "corpus" / "f01.txt")
+    patterns = [
+        str(tmp_path / "corpus" / "*.txt"),
+        str(tmp_path / "corpus" / "**" / "*.txt"),
+        str(tmp_path / "link.txt"),
+    ]
+    assert data.text_file_paths(patterns) == [
+        *sorted((tmp_path / "corpus").glob("*.txt")),
+        *sorted((tmp_path / "corpus" / "sub").glob("*.txt")),
+    ]
+    corpus = data.load_corpus(text_cfg(tmp_path, patterns, val_fraction=0.1))
+    assert (len(corpus.train), len(corpus.val)) == (18, 2) and not set(corpus.train) & set(corpus.val)
 
 
 def test_a_text_without_newlines_and_a_few_long_lines_are_cut_at_the_share(tmp_path):
