@@ -341,7 +341,7 @@ def forbidden_changes(
         and not _same(new.get(key), record_leaves.get(key))
         and not (key in RECORDED_AS_RUN and key in first and _same(new.get(key), first[key]))
         and not (key in RESOLVED_AT_FIRST_LAUNCH and new.get(key) is None)  # "derive it": the record did
-        and not (key in LOCAL_PATH_KEYS and _same(_as_recorded(new.get(key)), record_leaves.get(key)))
+        and not (key in LOCAL_PATH_KEYS and _same(_as_recorded(key, new), record_leaves.get(key)))
     )
 
 
@@ -354,8 +354,15 @@ def _same(a: Any, b: Any) -> bool:
     return _shown(a) == _shown(b)
 
 
-def _as_recorded(value: Any) -> Any:
-    """The value of a LOCAL_PATH_KEYS key as fix_values_of_record records it, taken from the current dir."""
+def _as_recorded(key: str, values: dict[str, Any]) -> Any:
+    """The value of LOCAL_PATH_KEYS `key` in the config `values` ({dotted key: value}) as
+    fix_values_of_record records it, taken from the current dir."""
+    from gpt2exp.sources import names_data_files
+
+    value = values.get(key)
+    if key == "data.val_split":  # validation files beside local data files; else a split's name
+        local = value and values.get("data.source") == "hf_dataset" and names_data_files(values["data.dataset"])
+        return absolute_if_local(value, pattern=True) if local else value
     if isinstance(value, str):
         return value if value in NOT_PATHS else absolute_if_local(value)
     if isinstance(value, list | ListConfig):  # data.files: paths and globs
@@ -425,16 +432,16 @@ def fix_values_of_record(cfg: DictConfig, num_threads: int) -> DictConfig:
         cfg.scheduler.decay_steps = cfg.trainer.max_steps
     if cfg.trainer.num_threads is None:
         cfg.trainer.num_threads = num_threads
+    values = leaves(cfg)
     for key in LOCAL_PATH_KEYS:
-        value = OmegaConf.select(cfg, key)
-        if value is not None:
-            OmegaConf.update(cfg, key, _as_recorded(value), merge=False)
+        if values.get(key) is not None:
+            OmegaConf.update(cfg, key, _as_recorded(key, values), merge=False)
     return cfg
 
 
-# keys that may name a local file or dir (or, but data.files, a hub name where none exists); not
-# data.val_split, a split name of a hub or save_to_disk dataset even where a dir of that name lies here
-LOCAL_PATH_KEYS = ("data.files", "data.dataset", "data.tokenizer.name", "model.init")
+# keys that may name a local file or dir (or, but data.files, a hub name where none exists);
+# data.val_split is a path only beside a data.dataset of local data files (else a split's name)
+LOCAL_PATH_KEYS = ("data.files", "data.dataset", "data.val_split", "data.tokenizer.name", "model.init")
 NOT_PATHS = ("scratch", "bpe")  # model.init=scratch, data.tokenizer.name=bpe: gpt2exp's own, whatever lies in the dir
 
 

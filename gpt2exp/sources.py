@@ -522,10 +522,24 @@ def open_source(cfg: Any) -> Source:
     if cfg.source != "hf_dataset":
         raise UserError(f"unknown data.source={cfg.source}; use shakespeare, text_files or hf_dataset")
     folder = Path(os.path.expanduser(cfg.dataset))
-    if (folder / "state.json").exists() or (folder / "dataset_dict.json").exists():
+    if is_saved_dataset(folder):
         return saved_source(cfg, folder)
     paths = data_file_paths(cfg.dataset, "data.dataset")
     return hub_source(cfg) if paths is None else data_files_source(cfg, paths)
+
+
+def is_saved_dataset(folder: Path) -> bool:
+    """A folder `datasets` wrote with save_to_disk (a Dataset or a DatasetDict)."""
+    return (folder / "state.json").exists() or (folder / "dataset_dict.json").exists()
+
+
+def names_data_files(dataset: str) -> bool:
+    """Whether `data.dataset=dataset` names local data files (a file, folder or glob of them), where
+    data.val_split is a path too, not a split's name: not a save_to_disk folder, not a hub name."""
+    path = os.path.expanduser(dataset)
+    if is_saved_dataset(Path(path)):
+        return False
+    return os.path.exists(path) or bool(glob.has_magic(path) and glob.glob(path, recursive=True))
 
 
 def batches(read: Reader, start: int) -> Iterator[tuple[int, list[str]]]:

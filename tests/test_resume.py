@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -221,6 +222,34 @@ def test_a_run_on_files_named_relative_to_its_launch_dir_resumes_from_another_di
     requeued = run_cli("gpt2exp.train", *args, "trainer.max_steps=8", "resume=auto", cwd=launch)
     assert requeued.returncode == 0, requeued.stderr[-3000:]
     assert [r["step"] for r in json.loads((run / "run.json").read_text())["resumes"]] == [4, 6]
+
+
+def test_a_run_on_validation_files_named_relative_to_its_launch_dir_resumes_on_them_from_another_dir(tmp_path):
+    """data.val_split beside local data files is a path: recorded absolute, so a resume from a dir holding
+    other files under the same relative name still evaluates on the run's own."""
+    launch, elsewhere = tmp_path / "launch", tmp_path / "elsewhere"
+    line = "Now is the winter of our discontent made glorious summer by this sun of York."
+    for root, copies in ((launch, 3), (elsewhere, 7)):  # elsewhere's val/ is other text
+        (root / "val").mkdir(parents=True)
+        (root / "val" / "v.jsonl").write_text(
+            "".join(json.dumps({"text": f"{line} {i}"}) + "\n" for i in range(copies))
+        )
+    (launch / "train").mkdir()
+    (launch / "train" / "t.jsonl").write_text("".join(json.dumps({"text": line * 8}) + "\n" for _ in range(200)))
+    args = [*EXACT, "data=hf_dataset", "data.dataset=train", "data.val_split='val/*.jsonl'", "hydra.run.dir=run"]
+    first = run_cli("gpt2exp.train", *args, "data.tokenizer.vocab_size=300", "trainer.max_steps=4", cwd=launch)
+    assert first.returncode == 0, first.stderr[-3000:]
+    run = launch / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["data"]["val_split"] == str(launch / "val" / "*.jsonl")
+    more = run_cli("gpt2exp.train", f"resume={run}", "trainer.max_steps=8", cwd=elsewhere)
+    assert more.returncode == 0, more.stderr[-3000:]
+    logged = re.findall(r"token cache \S+: (\d+) train and (\d+) val tokens", (run / "train.log").read_text())
+    assert logged == [("33800", "72")]  # built once: the resume read the run's own validation files, not elsewhere's
+    requeued = run_cli(
+        "gpt2exp.train", *args, "data.tokenizer.vocab_size=300", "trainer.max_steps=10", "resume=auto", cwd=launch
+    )
+    assert requeued.returncode == 0, requeued.stderr[-3000:]
+    assert [r["step"] for r in json.loads((run / "run.json").read_text())["resumes"]] == [4, 8]
 
 
 def test_resume_auto_starts_fresh_after_a_kill_before_the_first_checkpoint(tmp_path):

@@ -81,10 +81,14 @@ def test_local_paths_are_recorded_absolute_and_names_as_they_are(tmp_path, compo
     hub = fix_values_of_record(compose([*FAST, "data=hf_dataset", "data.dataset=wikitext", "model.init=gpt2"]), 1)
     assert (hub.data.dataset, hub.model.init) == ("wikitext", "gpt2")  # no such local path: a hub name
     local = fix_values_of_record(
-        compose([*FAST, "data=hf_dataset", "data.dataset=texts", "data.val_split=texts", "model.init=texts"]), 1
+        compose([*FAST, "data=hf_dataset", "data.dataset=texts", "data.val_split='texts/*.md'", "model.init=texts"]), 1
     )
     assert (local.data.dataset, local.model.init) == (f"{tmp_path}/texts", f"{tmp_path}/texts")
-    assert local.data.val_split == "texts"  # a split name of a save_to_disk dataset, whatever dir lies here
+    assert local.data.val_split == f"{tmp_path}/texts/*.md"  # validation files beside local data files
+    (tmp_path / "saved").mkdir()
+    (tmp_path / "saved" / "dataset_dict.json").write_text('{"splits": ["train", "texts"]}')
+    saved = fix_values_of_record(compose([*FAST, "data=hf_dataset", "data.dataset=saved", "data.val_split=texts"]), 1)
+    assert (saved.data.dataset, saved.data.val_split) == (f"{tmp_path}/saved", "texts")  # a split's name, dir or not
 
 
 def test_a_key_of_an_option_the_run_does_not_use_is_refused_on_resume(job_dir, compose):
