@@ -259,32 +259,52 @@ def _columns_of(path: Path) -> list[str] | None:
 
         return list(pacsv.open_csv(path, parse_options=pacsv.ParseOptions(newlines_in_values=True)).schema.names)
     if kind == "json":
-        with open(path, encoding="utf-8") as f:
-            for line in f:
+        with open(path, "rb") as f:
+            for number, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        return list(json.loads(line))
-                    except (json.JSONDecodeError, TypeError) as exc:
+                        row = json.loads(_utf8(line, path, number))
+                    except json.JSONDecodeError as exc:
                         raise UserError(f"{path} is not JSON lines: {exc}; write one JSON object per line") from None
+                    if not isinstance(row, dict):
+                        raise UserError(f"{path} line {number} is not a JSON object; write one object per line")
+                    return list(row)
         return None  # no row: nothing to check
     return ["text"]
 
 
 def _rows_of(path: Path, column: str, start: int) -> Iterator[list[str]]:
-    """The `column` of each row of a data file from row `start` on, in bounded batches."""
+    """The `column` of each row of a data file from row `start` on, in bounded batches: text, or "" for a
+    null. A row that is not text (a number, a missing field, bytes that are not UTF-8) is a UserError
+    naming the file, so no document is silently emptied and the cache entry is taken back."""
+    import pyarrow as pa
+
+    try:
+        for texts in _read_rows(path, column, start):
+            if any(not isinstance(t, str) for t in texts):
+                kind = type(next(t for t in texts if not isinstance(t, str))).__name__
+                raise UserError(
+                    f"data.text_column={column} of {path} holds {kind} values, not text; name its text column"
+                )
+            yield texts
+    except pa.ArrowException as exc:
+        raise UserError(f"{path} cannot be read: {str(exc).splitlines()[0]}") from None
+
+
+def _read_rows(path: Path, column: str, start: int) -> Iterator[list[Any]]:
     kind = FORMATS[path.suffix]
     if kind == "text":
         if start == 0:
             yield [path.read_text(encoding="utf-8", errors="replace")]
         return
     if kind == "json":
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             batch, row = [], 0
-            for line in f:
+            for number, line in enumerate(f, 1):
                 if not line.strip():
                     continue
                 if row >= start:
-                    batch.append(json.loads(line).get(column) or "")
+                    batch.append(_json_text(_utf8(line, path, number), column, path, number))
                     if len(batch) == BATCH_DOCS:
                         yield batch
                         batch = []
@@ -305,18 +325,46 @@ def _rows_of(path: Path, column: str, start: int) -> Iterator[list[str]]:
                 groups.append(g)
         batches = reader.iter_batches(batch_size=BATCH_DOCS, columns=[column], row_groups=groups) if groups else []
     else:
+        import pyarrow as pa
         import pyarrow.csv as pacsv
 
         # web text holds newlines inside its quoted values; without this, pyarrow loses its place past the first block
         parse = pacsv.ParseOptions(newlines_in_values=True)
-        convert = pacsv.ConvertOptions(include_columns=[column])
+        # the text column as text, even where its values read as numbers
+        convert = pacsv.ConvertOptions(include_columns=[column], column_types={column: pa.string()})
         batches, skip = pacsv.open_csv(path, parse_options=parse, convert_options=convert), start
     for batch in batches:
-        texts = [t or "" for t in batch.column(0).to_pylist()]
+        texts = [t if t is not None else "" for t in batch.column(0).to_pylist()]
         if skip:
             texts, skip = texts[skip:], max(0, skip - len(texts))
         if texts:
             yield texts
+
+
+def _utf8(line: bytes, path: Path, number: int) -> str:
+    try:
+        return line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path} line {number} is not UTF-8 text; convert the file to UTF-8") from None
+
+
+def _json_text(line: str, column: str, path: Path, number: int) -> Any:
+    """The `column` of one JSON line: its value, "" for null; a line that is not an object holding it is
+    refused (HF's json reader would make it a null, an empty document)."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path} line {number} is not JSON ({exc.msg}); write one JSON object per line") from None
+    if not isinstance(row, dict):
+        raise UserError(
+            f"{path} line {number} is not a JSON object; write one object per line, its text under {column}"
+        )
+    if column not in row:
+        raise UserError(
+            f"{path} line {number} has no {column} field (it has {', '.join(list(row)[:5]) or 'none'}); every row "
+            f"needs data.text_column={column}"
+        )
+    return row[column] if row[column] is not None else ""
 
 
 def _row_count(path: Path) -> int | None:
@@ -348,16 +396,14 @@ def files_reader(paths: list[Path], column: str) -> tuple[Reader, int | None]:
 
 
 def _check_column(paths: list[Path], column: str, where: str) -> None:
-    """The column is in the first file that has rows (an empty file has no columns to check)."""
+    """The column is in every file that has rows (an empty file has no columns to check), before
+    anything is tokenized; each row of a JSON lines file is checked as it is read (_json_text)."""
     for path in paths:
         columns = _columns_of(path)
-        if columns is None:
-            continue
-        if column not in columns:
+        if columns is not None and column not in columns:
             raise UserError(
                 f"data.text_column={column} is not a column of {where} ({path.name}); choose one of {columns}"
             )
-        return
 
 
 def data_files_source(cfg: Any, paths: list[Path]) -> Source:

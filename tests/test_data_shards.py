@@ -543,6 +543,59 @@ def test_a_missing_column_names_the_columns(tmp_path, tokenizer_dir, corpus):
     assert not (tmp_path / "cache").exists()
 
 
+GOOD_ROWS = "".join(json.dumps({"text": f"a line of text, number {i}"}) + "\n" for i in range(30)).encode()
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "error"),
+    [
+        ("b.jsonl", b"{not json\n", "b.jsonl line 2 is not JSON (Expecting property name enclosed in double quotes); "
+         "write one JSON object per line"),
+        ("b.jsonl", b"[1, 2]\n", "b.jsonl line 2 is not a JSON object; write one object per line, its text under text"),
+        ("b.jsonl", b'{"content": "x", "id": 1}\n', "b.jsonl line 2 has no text field (it has content, id); every row "
+         "needs data.text_column=text"),
+        ("b.jsonl", b'{"text": 5}\n', "data.text_column=text of {dir}/b.jsonl holds int values, not text; name its "
+         "text column"),
+        ("b.jsonl", b'{"text": "caf\xe9"}\n', "b.jsonl line 2 is not UTF-8 text; convert the file to UTF-8"),
+        ("b.csv", b"text\ncaf\xe9\n", "b.csv cannot be read: In CSV column #0: CSV conversion error to string: "
+         "invalid UTF8 data"),
+    ],
+)  # fmt: skip
+def test_a_row_that_is_not_text_is_one_line_naming_the_file_and_leaves_no_cache(
+    tmp_path, tokenizer_dir, name, content, error
+):
+    """After 30 good rows: no document is silently emptied or trained on as a number."""
+    folder = tmp_path / "rows"
+    folder.mkdir()
+    (folder / "a.jsonl").write_bytes(GOOD_ROWS)
+    first_row = GOOD_ROWS.splitlines(keepends=True)[0] if name.endswith(".jsonl") else b""
+    (folder / name).write_bytes(first_row + content)  # a good row, then the bad one
+    with pytest.raises(UserError) as info:
+        data.prepare_data(data_cfg(tmp_path, tokenizer_dir, str(folder)))
+    expected = error.format(dir=folder)
+    assert str(info.value) == (expected if expected.startswith("data.") else f"{folder}/{expected}")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_text_column_of_numbers_is_refused_in_parquet_and_read_as_text_in_csv(tmp_path, tokenizer_dir):
+    """csv has no types: its values are the text written; parquet's integers are not text."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    (tmp_path / "pq").mkdir()
+    pq.write_table(pa.table({"text": list(range(40))}), tmp_path / "pq" / "a.parquet")
+    with pytest.raises(UserError) as info:
+        data.prepare_data(data_cfg(tmp_path, tokenizer_dir, str(tmp_path / "pq")))
+    assert str(info.value) == (
+        f"data.text_column=text of {tmp_path / 'pq' / 'a.parquet'} holds int values, not text; name its text column"
+    )
+    (tmp_path / "numbers.csv").write_text("text\n" + "".join(f"{i}\n" for i in range(40)))
+    prepared = data.prepare_data(data_cfg(tmp_path, tokenizer_dir, str(tmp_path / "numbers.csv"), val_fraction=0.1))
+    held = sources.held_out(np.arange(40), 0.1)
+    expected = expected_tokens(tokenizer_dir, [str(i) for i, v in zip(range(40), held, strict=True) if not v])
+    assert np.array_equal(np.asarray(prepared.train), expected)
+
+
 def test_an_empty_source_is_one_line_and_leaves_no_cache(tmp_path, tokenizer_dir):
     (tmp_path / "empty.jsonl").write_text("")
     cfg = data_cfg(tmp_path, tokenizer_dir, str(tmp_path / "empty.jsonl"))
