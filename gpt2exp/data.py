@@ -454,6 +454,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
+        if any(arg.split("=", 1)[0].lstrip("+~") == "resume" for arg in args.overrides):
+            raise UserError(
+                "prepare composes the data config its overrides give and resumes no run; drop resume=, and pass "
+                "the run's data.* settings (its config.yaml) to prepare that data"
+            )
         cfg = compose(CONF_DIR, args.overrides)
         data = prepare_data(cfg.data)
     except UserError as exc:

@@ -117,3 +117,16 @@ def test_prepare_refuses_a_missing_column_in_one_line_and_writes_nothing(tmp_pat
         f"error: data.text_column=content is not a column of {parquet} (part-000.parquet); choose one of ['id', 'text']"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_prepare_refuses_resume_in_one_line_rather_than_prepare_the_default_data(tmp_path):
+    """resume= composes (it is a key of the config) but names a run whose data.* prepare would not read."""
+    result = run_cli(
+        "gpt2exp.data", "prepare", f"resume={tmp_path / 'run'}", "data.tokenizer.vocab_size=300", cwd=tmp_path
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.splitlines() == [
+        "error: prepare composes the data config its overrides give and resumes no run; drop resume=, and pass "
+        "the run's data.* settings (its config.yaml) to prepare that data"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
