@@ -240,9 +240,10 @@ def check_token_ids_of_run(tokenizer: Any, tokenizer_dir: Path, recorded: Path |
     if load_tokenizer(str(recorded)).get_vocab() != tokenizer.get_vocab():
         raise UserError(
             f"the data cache's tokenizer ({tokenizer_dir.parent}) gives other token ids than the "
-            f"tokenizer this run trained with ({recorded}): resuming would train on other tokens; resume "
-            "with data.cache_dir set to a cache built by the tokenizers version in the run's run.json, or "
-            "start a new run"
+            f"tokenizer this run trained with ({recorded}): resuming would train on other tokens. The cache was "
+            "built again: the training text is not the run's (a data file edited or replaced), or another "
+            "tokenizers version built it (run.json names the run's); restore the run's data or resume with "
+            "data.cache_dir set to the run's cache, or start a new run"
         )
 
 

@@ -106,8 +106,10 @@ def test_the_shakespeare_cache_key_is_the_same_wherever_the_plays_are_installed(
 def token_ids_error(cache_entry, recorded) -> str:
     return (
         f"the data cache's tokenizer ({cache_entry}) gives other token ids than the tokenizer this run "
-        f"trained with ({recorded}): resuming would train on other tokens; resume with data.cache_dir set to a "
-        "cache built by the tokenizers version in the run's run.json, or start a new run"
+        f"trained with ({recorded}): resuming would train on other tokens. The cache was built again: the "
+        "training text is not the run's (a data file edited or replaced), or another tokenizers version built it "
+        "(run.json names the run's); restore the run's data or resume with data.cache_dir set to the run's cache, "
+        "or start a new run"
     )
 
 

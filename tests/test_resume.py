@@ -411,8 +411,9 @@ def test_a_data_cache_whose_tokenizer_gives_other_ids_is_refused(tmp_path, finis
     assert error.startswith("error: the data cache's tokenizer (")
     assert error.endswith(
         f"gives other token ids than the tokenizer this run trained with ({copy / 'tokenizer'}): resuming would "
-        "train on other tokens; resume with data.cache_dir set to a cache built by the tokenizers version in the "
-        "run's run.json, or start a new run"
+        "train on other tokens. The cache was built again: the training text is not the run's (a data file edited "
+        "or replaced), or another tokenizers version built it (run.json names the run's); restore the run's data or "
+        "resume with data.cache_dir set to the run's cache, or start a new run"
     )
 
 
