@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -75,9 +76,17 @@ def load_encoder(tokenizer_dir: str, eos: int, dtype: str) -> None:
         tokenizer = Tokenizer.from_file(str(file))
         tokenizer.no_truncation()
         tokenizer.no_padding()
+        cut = cuts_exactly(tokenizer)
 
-        def ids_of(texts: list[str]) -> list[list[int]]:
-            return [e.ids for e in tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+        def ids_of(texts: list[str]) -> list[Any]:
+            ids: list[Any] = [None] * len(texts)
+            short = [i for i, text in enumerate(texts) if not cut or len(text) <= PIECE_CHARS]
+            encoded = tokenizer.encode_batch_fast([texts[i] for i in short], add_special_tokens=False)
+            for i, encoding in zip(short, encoded, strict=True):
+                ids[i] = encoding.ids
+            for i in sorted(set(range(len(texts))) - set(short)):
+                ids[i] = _ids_in_pieces(tokenizer, texts[i])
+            return ids
     else:  # a tokenizer with Python code only (e.g. sentencepiece without tokenizer.json)
         from transformers import AutoTokenizer
 
@@ -87,6 +96,56 @@ def load_encoder(tokenizer_dir: str, eos: int, dtype: str) -> None:
             return slow(texts, add_special_tokens=False)["input_ids"]
 
     _ENCODER = (ids_of, eos, np.dtype(dtype))
+
+
+# A document longer than this is encoded in pieces (where that gives the same ids, `cuts_exactly`):
+# the tokenizers library holds about 100 bytes per token of a text it encodes, so a file read as one
+# document (data=text_files) would otherwise need about 120 bytes of memory per byte of text.
+PIECE_CHARS = 1 << 20
+PIECES_PER_CALL = 4  # pieces encoded together (threads share them): ~4 MiB of text in flight
+_SAFE_CUT = re.compile(r"(?<=\S\n)(?=\S)")  # after a newline between two characters that are not whitespace
+
+
+def cuts_exactly(tokenizer: Any) -> bool:
+    """Whether a text cut at `_SAFE_CUT` points encodes to the same ids piece by piece as whole: a
+    byte-level BPE that splits words with the GPT-2 pattern (its `\\s+` runs, never across such a
+    newline) and adds no prefix space to each piece, with no normalizer. GPT-2's tokenizer and
+    gpt2exp's own BPE are; anything else (a sentencepiece model, a prefix space) is encoded whole."""
+    from tokenizers import pre_tokenizers
+
+    pre = tokenizer.pre_tokenizer
+    return (
+        tokenizer.normalizer is None
+        and isinstance(pre, pre_tokenizers.ByteLevel)
+        and pre.use_regex
+        and not pre.add_prefix_space
+    )
+
+
+def pieces(text: str, size: int) -> Iterator[str]:
+    """`text` in pieces of at least `size` characters, each cut at the first `_SAFE_CUT` past that (a
+    text without one is a single piece)."""
+    start = 0
+    while len(text) - start > size:
+        found = _SAFE_CUT.search(text, start + size)
+        if found is None:
+            break
+        yield text[start : found.start()]
+        start = found.start()
+    yield text[start:]
+
+
+def _ids_in_pieces(tokenizer: Any, text: str) -> np.ndarray:
+    parts: list[np.ndarray] = []
+    batch: list[str] = []
+    for piece in chain(pieces(text, PIECE_CHARS), [None]):
+        if piece is not None:
+            batch.append(piece)
+        if batch and (piece is None or len(batch) == PIECES_PER_CALL):
+            encoded = tokenizer.encode_batch_fast(batch, add_special_tokens=False)
+            parts += [np.asarray(e.ids, dtype=np.uint32) for e in encoded]  # each piece's encoding freed here
+            batch = []
+    return np.concatenate(parts)
 
 
 def _init_worker(tokenizer_dir: str, eos: int, dtype: str) -> None:
@@ -99,7 +158,10 @@ def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     ids_of, eos, dtype = _ENCODER
     ids = ids_of(texts)
     lengths = np.fromiter((len(row) for row in ids), dtype=np.int64, count=len(ids))
-    flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    if any(isinstance(row, np.ndarray) for row in ids):  # a long document, encoded in pieces
+        flat = np.concatenate([np.asarray(row, dtype=dtype) for row in ids])
+    else:
+        flat = np.fromiter(chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
     return np.insert(flat, np.cumsum(lengths), dtype.type(eos)), lengths + 1
 
 

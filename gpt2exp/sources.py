@@ -37,7 +37,9 @@ import numpy as np
 from gpt2exp.errors import UserError
 
 BATCH_DOCS = 256  # documents per batch read and tokenized together
-BATCH_CHARS = 1 << 18  # ... and at most about this many characters: memory stays bounded by long documents
+BATCH_CHARS = (
+    1 << 18
+)  # ... and at most about this many characters (a longer document is a batch alone: shards.PIECE_CHARS)
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".txt": "text"}
 
 Reader = Callable[[int], Iterator[list[str]]]  # start document -> batches of documents from it on

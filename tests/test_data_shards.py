@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -128,6 +129,51 @@ def test_shards_hold_each_document_then_end_of_text_in_fixed_sizes(built, tokeni
     assert (manifest["splits"]["train"]["tokens"], manifest["splits"]["val"]["tokens"]) == (len(train), len(val_tokens))
     for entry in manifest["splits"]["train"]["shards"] + manifest["splits"]["val"]["shards"]:
         assert hashlib.sha256((built / entry["file"]).read_bytes()).hexdigest() == entry["sha256"]
+
+
+TRICKY = (
+    "ROMEO:\nBut soft!  what light\n\n\tthrough yonder window breaks? \nIt is the east,\r\n"
+    "and Juliet   is the sun.\n 42 \u00e9t\u00e9 \u3000\u2028done;\n\n\nArise, fair sun\n'tis\n"
+)
+
+
+def test_a_long_document_is_encoded_in_pieces_to_the_same_ids_as_whole(tokenizer_dir, monkeypatch):
+    """Every kind of whitespace around the cuts; each cut lies after a newline between two non-space characters."""
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    text = TRICKY * 300
+    cut = list(shards.pieces(text, 50))
+    assert "".join(cut) == text and len(cut) > 100
+    assert all(a[-1] == "\n" and not a[-2].isspace() and not b[0].isspace() for a, b in itertools.pairwise(cut))
+    assert shards.cuts_exactly(tokenizer)
+    whole = tokenizer.encode(text, add_special_tokens=False).ids
+    monkeypatch.setattr(shards, "PIECE_CHARS", 50)
+    assert shards._ids_in_pieces(tokenizer, text).tolist() == whole
+    shards.load_encoder(str(tokenizer_dir), 0, "uint16")
+    tokens, lengths = shards.encode(["short one", text, "another"])  # a long document among short ones
+    short, other = (tokenizer.encode(t, add_special_tokens=False).ids for t in ("short one", "another"))
+    assert tokens.tolist() == [*short, 0, *whole, 0, *other, 0]
+    assert lengths.tolist() == [len(short) + 1, len(whole) + 1, len(other) + 1]
+
+
+def test_a_tokenizer_that_a_cut_would_change_encodes_a_long_document_whole(tokenizer_dir, monkeypatch):
+    """A prefix space before each piece, or a normalizer, would change the ids at every cut."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+
+    with_prefix = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    with_prefix.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    normalized = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    normalized.normalizer = normalizers.NFKC()
+    assert not shards.cuts_exactly(with_prefix) and not shards.cuts_exactly(normalized)
+    text = TRICKY * 20
+    monkeypatch.setattr(shards, "PIECE_CHARS", 50)
+    assert shards._ids_in_pieces(with_prefix, text).tolist() != with_prefix.encode(text).ids  # why it is refused
+    folder = tokenizer_dir.parent / "with-prefix"
+    folder.mkdir(exist_ok=True)
+    with_prefix.save(str(folder / "tokenizer.json"))
+    shards.load_encoder(str(folder), 0, "uint16")
+    assert shards.encode([text])[0].tolist() == [*with_prefix.encode(text).ids, 0]
 
 
 def test_two_processes_write_the_same_bytes_as_one(tmp_path, built, tokenizer_dir, corpus):
