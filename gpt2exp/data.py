@@ -17,7 +17,9 @@ run memory-maps them at once. Preparation holds an OS file lock on that entry: o
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -252,9 +254,19 @@ def tokenizer_with_context_length(tokenizer_dir: Path, n_positions: int) -> Path
     out = tokenizer_dir.with_name(f"{tokenizer_dir.name}-ctx{n_positions}")
     if (out / "tokenizer_config.json").exists():
         return out
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        shutil.copytree(tokenizer_dir, staging, dirs_exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        if exc.errno not in READ_ONLY:
+            raise
+        # a cache this user may only read: the copy is this process's own, in the temp dir, removed at exit
+        out = Path(tempfile.mkdtemp(prefix=f"gpt2exp-{out.name}-")) / out.name
+        atexit.register(shutil.rmtree, out.parent, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        for file in tokenizer_dir.iterdir():  # contents only: a read-only cache's modes stay behind
+            if file.is_file():
+                shutil.copyfile(file, staging / file.name)
         config_file = staging / "tokenizer_config.json"
         config = json.loads(config_file.read_text()) if config_file.exists() else {}
         config["model_max_length"] = n_positions
@@ -275,11 +287,26 @@ def publish(staging: Path, final: Path, marker: str) -> None:
             raise
 
 
+READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # a cache this user may read but not write
+
+
 @contextlib.contextmanager
 def cache_lock(lock_file: Path) -> Iterator[None]:
-    """An OS file lock (released when its process dies): one process prepares an entry, others wait."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_file, "a") as handle:
+    """An OS file lock (released when its process dies): one process prepares an entry, others wait.
+
+    In a cache this user may only read (prepared once, shared), the lock is taken on the lock file
+    opened for reading (flock needs no write permission), or not at all where it was never made."""
+    try:
+        lock_file.parent.mkdir(parents=True, exist_ok=True)
+        handle = open(lock_file, "a")  # noqa: SIM115 (closed below)
+    except OSError as exc:
+        if exc.errno not in READ_ONLY:
+            raise
+        if not lock_file.exists():
+            yield
+            return
+        handle = open(lock_file)  # noqa: SIM115 (closed below)
+    with handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -317,6 +344,14 @@ def prepare_data(cfg: Any, tokenizer_of_run: Path | None = None) -> TokenData:
                 tokenizing = _tokenizing(cfg, folder, manifest)
                 for split, index in bad:
                     rebuild(folder, source, tokenizing, manifest, split, index)
+    except OSError as exc:
+        if isinstance(exc, UserError) or exc.errno not in READ_ONLY:
+            raise
+        missing = "has a corrupt shard" if folder.exists() else "is not built"
+        raise UserError(
+            f"the token cache {folder} {missing} and cannot be written there ({exc.strerror}); set data.cache_dir "
+            "to a dir you can write in, or prepare it where the cache is writable (python -m gpt2exp.data prepare)"
+        ) from None
     except UserError as exc:
         if not isinstance(exc, DiskFull) and not folder.exists():  # bad input: take back the lock file too
             if new_lock:

@@ -72,7 +72,8 @@ def check_available(cfg: DictConfig) -> None:
     if cfg.device == "mps" and sys.platform != "darwin":
         raise UserError("device=mps but MPS is not available; use device=auto or device=cpu")
     check_checkpoints_dir(cfg.checkpoint.dir)
-    check_writable_dir("data.cache_dir", cfg.data.cache_dir, "the token cache")
+    # a cache this user may only read can hold prepared entries: one it lacks is refused by the job, in one line
+    check_writable_dir("data.cache_dir", cfg.data.cache_dir, "the token cache", readable=True)
     check_world(cfg.distributed, cfg.trainer, str(cfg.device), cuda_may_be_available(), world_from_env())
 
 

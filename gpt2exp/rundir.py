@@ -193,13 +193,16 @@ def check_checkpoints_dir(setting: str | None) -> None:
         check_writable_dir("checkpoint.dir", setting, "checkpoints")
 
 
-def check_writable_dir(key: str, setting: str, what: str) -> None:
+def check_writable_dir(key: str, setting: str, what: str, readable: bool = False) -> None:
     """`key=setting` must name a dir this process can make (its nearest existing ancestor a writable
-    dir) or write in: refused in one line otherwise, before anything is written."""
+    dir) or write in (`readable`: or an existing dir it can read, which may hold what is needed):
+    refused in one line otherwise, before anything is written."""
     path = Path(os.path.abspath(os.path.expanduser(setting)))
     existing = next(p for p in (path, *path.parents) if p.exists())
     if not existing.is_dir():
         raise UserError(f"{key}={setting}: {existing} is not a directory; name a directory for {what}")
+    if readable and existing == path and os.access(path, os.R_OK | os.X_OK):
+        return
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UserError(f"{key}={setting}: {existing} is not writable; name a directory you can write in")
 

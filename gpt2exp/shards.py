@@ -581,7 +581,12 @@ def corrupt_shards(folder: Path, manifest: dict[str, Any]) -> list[tuple[str, in
                 else:
                     bad.append((split, index))
     if changed:
-        _write_json(stamps_file, stamps)
+        try:
+            _write_json(stamps_file, stamps)
+        except OSError as exc:  # a cache this user may only read: the stamps only spare the next start the hashing
+            log.warning(
+                "could not record the shards' checksums in %s (%s): each start hashes them", folder, exc.strerror
+            )
     return bad
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -130,3 +131,44 @@ def test_prepare_refuses_resume_in_one_line_rather_than_prepare_the_default_data
         "the run's data.* settings (its config.yaml) to prepare that data"
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_cache_prepared_elsewhere_and_shared_read_only_trains_and_stays_untouched(tmp_path, stand_in):
+    """Copied (new inodes: the checksums' stamps no longer match) and made read-only, as a cache prepared
+    on one node and shared with users who may only read it. A setting it holds no entry for is one line."""
+    from tests.conftest import without_capabilities
+    from tests.test_resume import snapshot
+
+    without_capabilities()  # skips where root cannot drop its power to ignore permission bits
+    parquet, tokenizer = stand_in
+    local = [f"data.dataset={parquet}", f"data.tokenizer.name={tokenizer}", f"data.cache_dir={tmp_path / 'shared'}"]
+    preset = ["+experiment=gpt2_124m_fineweb", *local]
+    prepared = run_cli("gpt2exp.data", "prepare", *preset, f"data.cache_dir={tmp_path / 'built'}", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr[-3000:]
+    shutil.copytree(tmp_path / "built", tmp_path / "shared")
+    for path in [tmp_path / "shared", *(tmp_path / "shared").rglob("*")]:
+        path.chmod(0o555 if path.is_dir() else 0o444)
+    before = snapshot(tmp_path / "shared")
+    small = [*FAST, "model=gpt2_tiny", "trainer.grad_accum_steps=1", "trainer.precision=fp32", "trainer.eval_batches=1"]
+    train = run_cli(
+        "gpt2exp.train", *preset, *small, "trainer.max_steps=2", f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path, unprivileged=True,
+    )  # fmt: skip
+    assert train.returncode == 0, train.stderr[-3000:]
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "tokenizing" not in log and "could not record the shards' checksums in" in log
+    assert json.loads((tmp_path / "run" / "tokenizer" / "tokenizer_config.json").read_text())["model_max_length"] == 32
+    assert snapshot(tmp_path / "shared") == before
+
+    other = run_cli(
+        "gpt2exp.train", *preset, *small, "data.val_fraction=0.01", f"hydra.run.dir={tmp_path / 'other'}",
+        cwd=tmp_path, unprivileged=True,
+    )  # fmt: skip
+    assert other.returncode == 2 and "Traceback" not in other.stderr, other.stderr[-3000:]
+    (line,) = [x for x in other.stderr.splitlines() if x.startswith("error: ")]
+    assert line.startswith(f"error: the token cache {tmp_path / 'shared'}/hf_dataset-")
+    assert line.endswith(
+        " is not built and cannot be written there (Permission denied); set data.cache_dir to a dir you can write "
+        "in, or prepare it where the cache is writable (python -m gpt2exp.data prepare)"
+    )
+    assert not (tmp_path / "other").exists() and snapshot(tmp_path / "shared") == before
