@@ -294,25 +294,38 @@ READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)  # a cache this user may re
 def cache_lock(lock_file: Path) -> Iterator[None]:
     """An OS file lock (released when its process dies): one process prepares an entry, others wait.
 
-    In a cache this user may only read (prepared once, shared), the lock is taken on the lock file
-    opened for reading (flock needs no write permission), or not at all where it was never made."""
-    try:
-        lock_file.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(lock_file, "a")  # noqa: SIM115 (closed below)
-    except OSError as exc:
-        if exc.errno not in READ_ONLY:
-            raise
-        if not lock_file.exists():
-            yield
-            return
-        handle = open(lock_file)  # noqa: SIM115 (closed below)
-    with handle:
+    A process whose bad input left nothing built removes the lock file it made (prepare_data): one that
+    waited on it then holds a lock on a removed file, so it takes the lock again on the file now at
+    that path. In a cache this user may only read (prepared once, shared), the lock is taken on the
+    lock file opened for reading (flock needs no write permission), or not at all where it was never
+    made."""
+    while True:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("waiting for another process that prepares the same token cache (%s)", lock_file)
-            fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
+            lock_file.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(lock_file, "a")  # noqa: SIM115 (closed below)
+        except OSError as exc:
+            if exc.errno not in READ_ONLY:
+                raise
+            if not lock_file.exists():
+                yield
+                return
+            handle = open(lock_file)  # noqa: SIM115 (closed below)
+        with handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                log.info("waiting for another process that prepares the same token cache (%s)", lock_file)
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            if _same_file(handle, lock_file):
+                yield
+                return
+
+
+def _same_file(handle: Any, path: Path) -> bool:
+    try:
+        return os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
+    except FileNotFoundError:
+        return False
 
 
 def default_num_proc() -> int:

@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -315,6 +316,33 @@ def test_two_concurrent_preparers_build_once_and_both_read(tmp_path, tokenizer_d
         t.join()
     assert len(builds) == 1 and set(results) == {"a", "b"}
     assert np.array_equal(np.asarray(results["a"].train), np.asarray(results["b"].train))
+
+
+def test_a_waiter_on_a_lock_file_removed_meanwhile_never_holds_the_lock_beside_a_newcomer(tmp_path):
+    """prepare_data removes the lock file it made when bad input left nothing built; a process that waited
+    on it must not go on beside one that made the file anew (both would build the entry)."""
+    lock = tmp_path / ".entry.lock"
+    inside, peak = [0], [0]
+
+    def hold() -> None:
+        with data.cache_lock(lock):
+            inside[0] += 1
+            peak[0] = max(peak[0], inside[0])
+            time.sleep(0.3)
+            inside[0] -= 1
+
+    first = data.cache_lock(lock)
+    first.__enter__()
+    waiter = threading.Thread(target=hold)
+    waiter.start()
+    time.sleep(0.3)  # the waiter is blocked on the file
+    lock.unlink()  # as prepare_data takes back the lock file of a failed start
+    first.__exit__(None, None, None)
+    newcomer = threading.Thread(target=hold)
+    newcomer.start()
+    waiter.join(10)
+    newcomer.join(10)
+    assert peak == [1] and lock.exists()
 
 
 def test_a_vocabulary_above_65536_ids_is_stored_as_uint32(tmp_path):
