@@ -70,5 +70,5 @@ def one_line(exc: BaseException) -> str:
     noise = ("reference_type", "object_type")
     reason = next((ln for ln in detail if ":" not in ln[:12] and not ln.startswith(noise)), None)
     if reason:
-        message = f"{message.rstrip(':')}: {reason}"
+        message = f"{message.rstrip(':').rstrip('.')}: {reason}"  # "Could not override 'x'.:" reads "...'x':"
     return message + (f" (key {key})" if key else "")

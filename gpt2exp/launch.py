@@ -163,6 +163,15 @@ def _with_shared_run_dir(argv: list[str], conf_dir: str) -> list[str]:
 def hydra_setting(conf_dir: str, override_args: list[str], key: str) -> str | None:
     """A `hydra.*` setting as Hydra will resolve it for these overrides (its `${now:}` read now); None
     where they do not compose: the same command then fails with its one line in prepare_argv."""
+    try:
+        return str(OmegaConf.select(compose_hydra(conf_dir, override_args), key))
+    except UserError:
+        return None
+
+
+def compose_hydra(conf_dir: str, override_args: list[str]) -> DictConfig:
+    """The config with Hydra's own settings (`hydra.*`: launcher, sweeper, dirs) for these overrides;
+    an override Hydra cannot apply is a UserError."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
@@ -171,10 +180,24 @@ def hydra_setting(conf_dir: str, override_args: list[str], key: str) -> str | No
     register_schemas()
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
-            cfg = hydra_compose(config_name="config", overrides=override_args, return_hydra_config=True)
-            return str(OmegaConf.select(cfg, key))
-    except Exception:  # noqa: BLE001 - see above
-        return None
+            return hydra_compose(config_name="config", overrides=override_args, return_hydra_config=True)
+    except Exception as exc:  # noqa: BLE001 - Hydra's and OmegaConf's many kinds, each one line
+        raise UserError(one_line(exc)) from None
+
+
+def check_hydra_overrides(conf_dir: str, overrides: list) -> None:
+    """Overrides of Hydra's own settings (a misspelled `hydra.launcher.*` key, a launcher that does not
+    exist, a pruner setting without a pruner) that Hydra would report with exit 1 and several lines,
+    after writing the sweep dir: composed here for the first job, each failure one line."""
+    from hydra.errors import HydraException
+
+    if not any(is_hydra(o) for o in overrides):
+        return
+    try:
+        first_job = [values[0] for values in job_values(overrides, with_hydra=True)]
+    except HydraException as exc:
+        raise UserError(one_line(exc)) from None
+    compose_hydra(conf_dir, first_job)
 
 
 def check_plugins(overrides: list) -> None:
@@ -205,6 +228,7 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
     multirun = any(a in MULTIRUN_FLAGS for a in flags)
     overrides = parse(override_args)
     check_plugins(overrides)
+    check_hydra_overrides(conf_dir, overrides)
     job_overrides = [o.input_line for o in overrides if not is_hydra(o)]
     resume = last_value(overrides, "resume")
     if resume is not None and not resume.strip():

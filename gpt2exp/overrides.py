@@ -33,7 +33,10 @@ def parse(overrides: list[str]) -> list[Override]:
     try:
         return _parser().parse_overrides(list(overrides))
     except HydraException as exc:
-        raise UserError(f"cannot read the override: {str(exc).splitlines()[0]}") from None
+        raise UserError(
+            f"cannot read the override: {str(exc).splitlines()[0]}; quote a value holding what Hydra reads as "
+            "syntax (a leading ~, = , [ ] { } ( ) or a quote) for Hydra inside the shell's quotes: \"key='value'\""
+        ) from None
 
 
 def key_of(override: Override) -> str:

@@ -104,6 +104,13 @@ def test_a_run_or_sweep_dir_hydra_cannot_make_in_a_read_only_dir_is_one_line(tmp
 
 
 @pytest.mark.slow
+def test_a_misspelled_hydra_setting_is_one_line(tmp_path):
+    assert refused(tmp_path, *SHORT, "hydra.run.dirx=run") == (
+        "error: Could not override 'hydra.run.dirx': Key 'dirx' not in 'RunDir' (key hydra.run.dirx)"
+    )
+
+
+@pytest.mark.slow
 def test_device_cuda_without_a_gpu(tmp_path):
     import torch
 
@@ -206,3 +213,17 @@ def test_report_skips_a_dir_that_is_not_a_run_with_a_note(tmp_path):
     rows = [line for line in report.stdout.splitlines() if line.startswith("| 10-00-00")]
     assert len(rows) == 1 and "completed" in rows[0]
     assert json.loads((day / "10-00-00" / "run.json").read_text())["status"] == "completed"
+
+
+def test_an_override_hydra_cannot_read_says_how_to_quote_it(tmp_path):
+    from gpt2exp.errors import UserError
+    from gpt2exp.overrides import parse
+
+    with pytest.raises(UserError) as refused:
+        parse(["checkpoint.dir=~/ckpts"])
+    assert str(refused.value) == (
+        "cannot read the override: LexerNoViableAltException: checkpoint.dir=~/ckpts; quote a value holding what "
+        "Hydra reads as syntax (a leading ~, = , [ ] { } ( ) or a quote) for Hydra inside the shell's quotes: "
+        "\"key='value'\""
+    )
+    assert parse(["checkpoint.dir='~/ckpts'"])[0].value() == "~/ckpts"

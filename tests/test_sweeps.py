@@ -440,13 +440,31 @@ def test_a_job_leaves_no_global_state_behind_in_its_process(tmp_path, compose):
 @pytest.mark.parametrize(
     ("swept", "error"),
     [
-        ("optimizer.lrr=1e-3,2e-3", "error: Could not override 'optimizer.lrr'.: Key 'lrr' not in 'OptimizerConfig'"),
+        ("optimizer.lrr=1e-3,2e-3", "error: Could not override 'optimizer.lrr': Key 'lrr' not in 'OptimizerConfig'"),
         ("trainer.log_every=1,0", "error: trainer.log_every=0 must be at least 1; set e.g. trainer.log_every=1"),
         ("model=gpt2_tiny,gpt2_huge", "error: In 'config': Could not find 'model/gpt2_huge'; available: gpt2_124m,"),
     ],
 )
 def test_a_bad_swept_value_fails_in_one_line_before_any_job_starts(tmp_path, swept, error):
     assert usage_error("-m", *SHORT, swept, cwd=tmp_path).startswith(error)
+    assert not (tmp_path / "multirun").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobz=2"], "error: Could not override 'hydra.launcher.n_jobz': "
+         "Key 'n_jobz' not in 'JobLibLauncherConf' (key hydra.launcher.n_jobz)"),
+        (["hydra/launcher=joblibx"], "error: In 'hydra/config': Could not find 'hydra/launcher/joblibx'; available: "
+         "basic, joblib, slurm, submitit_local, submitit_slurm"),
+        (["hydra/sweeper=gpt2exp_optuna", "hydra.sweeper.pruner.n_startup_trials=1"], "error: Could not override "
+         "'hydra.sweeper.pruner.n_startup_trials': Key 'n_startup_trials' is not in struct "
+         "(key hydra.sweeper.pruner.n_startup_trials)"),
+    ],
+)  # fmt: skip
+def test_a_bad_override_of_hydras_own_settings_is_one_line_before_any_job(tmp_path, args, error):
+    """Hydra itself reports these with exit 1 and several lines, after writing the sweep dir."""
+    assert usage_error("-m", *SHORT, "optimizer.lr=1e-3,3e-3", *args, cwd=tmp_path) == error
     assert not (tmp_path / "multirun").exists()
 
 
