@@ -266,7 +266,8 @@ def state_tensors(model_key: str, model_weights: dict[str, Any], groups: Mapping
     live: dict[str, Any] = {f"{model_key}/{name}": tensor for name, tensor in model_weights.items()}
     structures = {}
     for key, obj in groups.get("tensors", {}).items():
-        leaves, spec = tree_flatten(obj.state_dict())
+        state = obj.state_dict()
+        leaves, _ = tree_flatten(state)
         slots = []
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
@@ -274,8 +275,41 @@ def state_tensors(model_key: str, model_weights: dict[str, Any], groups: Mapping
                 slots.append(f"{key}/{i}")
             else:
                 slots.append(None)
-        structures[key] = (leaves, spec, slots)
+        structures[key] = (state, leaves, slots)
     return live, structures
+
+
+def _rebuilt(obj: Any, copies: dict[int, Any], memo: dict[int, Any]) -> Any:
+    """`obj` (a state_dict) with each tensor replaced by its copy (`copies`, by the live tensor's id).
+
+    Dicts and lists are new (the live ones change as training goes on: a param group's lr); a tuple
+    holding no tensor and every scalar and string stay the very objects they are, and an object met
+    twice is rebuilt once (`memo`): the frozen state pickles to the same bytes as the live one, whose
+    pickle stores a shared object (the `betas` tuple of every param group) once.
+    """
+    if id(obj) in memo:
+        return memo[id(obj)]
+    if id(obj) in copies:
+        rebuilt = copies[id(obj)]
+    elif isinstance(obj, dict):
+        rebuilt = type(obj)()
+        memo[id(obj)] = rebuilt  # before its items: a dict that holds itself stays finite
+        for name, value in obj.items():
+            rebuilt[name] = _rebuilt(value, copies, memo)
+        return rebuilt
+    elif isinstance(obj, list):
+        rebuilt = []
+        memo[id(obj)] = rebuilt
+        rebuilt.extend(_rebuilt(value, copies, memo) for value in obj)
+        return rebuilt
+    elif isinstance(obj, tuple):
+        items = [_rebuilt(value, copies, memo) for value in obj]
+        same = all(a is b for a, b in zip(items, obj, strict=True))
+        rebuilt = obj if same else (type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items))
+    else:
+        rebuilt = obj  # numbers, strings, None: immutable
+    memo[id(obj)] = rebuilt
+    return rebuilt
 
 
 def freeze(model_key: str, model_weights: dict[str, Any], config_json: str, groups: Mapping[str, Mapping[str, Any]],
@@ -286,16 +320,14 @@ def freeze(model_key: str, model_weights: dict[str, Any], config_json: str, grou
     `model_weights` are the model's tensors to save (ties already dropped), `groups` the other
     stateful objects by `state_kind` ("tensors" ones may nest their tensors in dicts and lists).
     """
-    from torch.utils._pytree import tree_unflatten
-
     live, structures = state_tensors(model_key, model_weights, groups)
     buffers, copy = snapshot.start(live)
     frozen: dict[str, Any] = {
         model_key: FrozenModel(config_json, {name: buffers[f"{model_key}/{name}"] for name in model_weights})
     }
-    for key, (leaves, spec, slots) in structures.items():
-        values = [buffers[slot] if slot is not None else leaf for leaf, slot in zip(leaves, slots, strict=True)]
-        frozen[key] = Frozen("tensors", tree_unflatten(values, spec))
+    for key, (state, leaves, slots) in structures.items():
+        copies = {id(leaf): buffers[slot] for leaf, slot in zip(leaves, slots, strict=True) if slot is not None}
+        frozen[key] = Frozen("tensors", _rebuilt(state, copies, {}))
     for key, obj in groups.get("json", {}).items():
         frozen[key] = Frozen("json", json.loads(json.dumps(obj.state_dict())))  # a deep copy, as written
     return frozen, copy

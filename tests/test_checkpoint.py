@@ -88,7 +88,12 @@ def make_sampler(seed: int = 0, batches: int = 0) -> BatchSampler:
 def make_stateful(seed: int = 0, **overrides) -> dict:
     """model, optimizer (one step taken), counters, sampler (two batches in), rng, like Trainer."""
     model = make_model(seed, **overrides)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    # two parameter groups, as gpt2exp's optimizer has: their state_dict shares one `betas` tuple
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": 0.1}, {"params": others, "weight_decay": 0.0}], lr=1e-2
+    )
     sampler = make_sampler(seed, batches=1)
     x, y = sampler.next_batch()
     loss = model(input_ids=torch.from_numpy(x), labels=torch.from_numpy(y)).loss
@@ -719,23 +724,12 @@ KILL_SCRIPT = textwrap.dedent(
     """
     import os, signal, sys
     import torch
-    from omegaconf import OmegaConf
-    from transformers import GPT2Config, GPT2LMHeadModel
     import gpt2exp.checkpoint as ckpt
-    from gpt2exp.config import CheckpointConfig
-    from gpt2exp.state import TensorState, TrainerCounters
+    from tests.test_checkpoint import make_cfg, make_stateful
 
-    torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=16, vocab_size=64))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    ids = torch.randint(0, 64, (2, 8))
-    model(input_ids=ids, labels=ids).loss.backward()
-    optimizer.step()
-    stateful = {"model": model, "optimizer": TensorState(optimizer), "trainer": TrainerCounters(step=1)}
-    defaults = OmegaConf.load("conf/checkpoint/default.yaml")
-    overrides = {"keep_last": 5, "keep_best": 0, "async_save": False}
-    cfg = OmegaConf.merge(OmegaConf.structured(CheckpointConfig), defaults, overrides)
-    manager = ckpt.CheckpointManager(cfg, sys.argv[1])
+    stateful = make_stateful(seed=0)
+    model = stateful["model"]
+    manager = ckpt.CheckpointManager(make_cfg(async_save=False), sys.argv[1])
     manager.save(1, stateful, {"val/loss": 2.0}, force=True)
     print("saved step 1", flush=True)
 
