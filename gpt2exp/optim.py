@@ -40,6 +40,10 @@ def lr_at(step: int, peak_lr: float, cfg: Any) -> float:
     launch, so raising trainer.max_steps later continues at the final LR instead of replanning.
     """
     min_lr = peak_lr * cfg.min_lr_ratio
+    # 0) past a horizon that ended within the warm-up (a run shorter than it, raised on resume): the LR
+    #    its last step had, held, rather than the rest of the warm-up and then a drop to the final LR
+    if cfg.name != "constant" and 1 <= cfg.decay_steps <= cfg.warmup_steps and step >= cfg.decay_steps:
+        return peak_lr * cfg.decay_steps / cfg.warmup_steps
     # 1) linear warmup
     if step < cfg.warmup_steps:
         return peak_lr * (step + 1) / cfg.warmup_steps

@@ -41,6 +41,15 @@ def test_constant_holds_the_peak_after_warmup():
     assert [lr_at(s, 1.0, cfg) for s in (0, 3, 4, 1000)] == pytest.approx([0.25, 1.0, 1.0, 1.0])
 
 
+@pytest.mark.parametrize("name", ["cosine", "linear"])
+def test_a_horizon_within_the_warmup_holds_the_lr_its_last_step_had(name):
+    """A 20-step run with 30 warm-up steps, raised on resume: no more warm-up, no drop to the final LR."""
+    cfg = schedule(name, warmup=30, decay=20)
+    assert [lr_at(s, 1.0, cfg) for s in (0, 19, 20, 29, 30, 5000)] == pytest.approx([1 / 30] + [20 / 30] * 5)
+    constant = schedule("constant", warmup=30, decay=20)  # no horizon: the warm-up goes on to the peak
+    assert [lr_at(s, 1.0, constant) for s in (19, 20, 29, 30)] == pytest.approx([20 / 30, 21 / 30, 1.0, 1.0])
+
+
 def test_cosine_is_monotone_after_warmup():
     cfg = schedule("cosine")
     lrs = [lr_at(s, 1.0, cfg) for s in range(10, 120)]
