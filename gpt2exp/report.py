@@ -10,8 +10,8 @@ throughput.png, and prints the table. A dir is searched for run dirs (config.yam
 three levels down (not into checkpoints/, wandb/ or hidden dirs). Runs are labelled by the Hydra
 overrides that differ between them (from each run's .hydra/overrides.yaml), else by logger.name,
 else by their dir name; resume points are dotted vertical lines. A dir passed that holds no run
-(e.g. one left by a launch that stopped before its run began) is skipped with a note on stderr, as
-long as another one holds runs. Exit code 2 for bad input.
+(e.g. one left by a launch that stopped before its run began), or a file, is skipped with a note on
+stderr, as long as another one holds runs. Exit code 2 for bad input.
 
 For an Optuna study's sweep dir (hydra/sweeper=gpt2exp_optuna) it also writes
 optimization_history.png and param_importances.png (Optuna's matplotlib plots) and a line on the
@@ -128,22 +128,23 @@ def load_run(run_dir: Path) -> Run:
 def collect_runs(dirs: Sequence[Path]) -> list[Run]:
     """Every run under `dirs`, named relative to their common parent and labelled by what differs."""
     paths: list[Path] = []
-    empty: list[Path] = []
+    skipped: dict[Path, str] = {}  # why: `report outputs/*` passes the files beside the runs too
     for root in dirs:
         if not root.exists():
             raise UserError(f"path does not exist: {root}; pass a run dir or a multirun dir")
-        if not root.is_dir():
-            raise UserError(f"{root} is not a directory; pass a run dir or a multirun dir")
-        found = find_runs(root.resolve())
-        empty += [] if found else [root]
+        found = find_runs(root.resolve()) if root.is_dir() else []
+        if not found:
+            skipped[root] = (
+                f"no gpt2exp run in it (no {CONFIG_OF_RECORD} and {RUN_JSON})" if root.is_dir() else "a file"
+            )
         paths.extend(p for p in found if p not in paths)
     if not paths:
         raise UserError(
-            f"no gpt2exp runs under {', '.join(map(str, empty))}; pass a run dir (with {CONFIG_OF_RECORD} and "
+            f"no gpt2exp runs under {', '.join(map(str, skipped))}; pass a run dir (with {CONFIG_OF_RECORD} and "
             f"{RUN_JSON}) or a multirun dir"
         )
-    for root in empty:
-        print(f"note: skipping {root}: no gpt2exp run in it (no {CONFIG_OF_RECORD} and {RUN_JSON})", file=sys.stderr)
+    for root, why in skipped.items():
+        print(f"note: skipping {root}: {why}", file=sys.stderr)
     # several runs: below their common parent (sweep jobs are `0`, `1`...); one run: below the dir passed, or its parent
     base = Path(os.path.commonpath(paths)) if len(paths) > 1 else paths[0].parent
     if len(dirs) == 1 and len(paths) == 1 and paths[0] != dirs[0].resolve():

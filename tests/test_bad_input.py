@@ -207,9 +207,13 @@ def test_report_skips_a_dir_that_is_not_a_run_with_a_note(tmp_path):
     leftover = day / "09-00-00"  # what a launch of an earlier version left behind after exit 2
     (leftover / ".hydra").mkdir(parents=True)
     (leftover / "train.log").write_text("")
+    (day / "notes.md").write_text("what ran today\n")  # `report outputs/<date>/*` passes files too
     report = run_cli("gpt2exp.report", *sorted(str(p) for p in day.iterdir()), "--out", "r", cwd=tmp_path)
     assert report.returncode == 0, report.stderr
-    assert report.stderr == f"note: skipping {leftover}: no gpt2exp run in it (no config.yaml and run.json)\n"
+    assert report.stderr == (
+        f"note: skipping {leftover}: no gpt2exp run in it (no config.yaml and run.json)\n"
+        f"note: skipping {day / 'notes.md'}: a file\n"
+    )
     rows = [line for line in report.stdout.splitlines() if line.startswith("| 10-00-00")]
     assert len(rows) == 1 and "completed" in rows[0]
     assert json.loads((day / "10-00-00" / "run.json").read_text())["status"] == "completed"
