@@ -440,6 +440,8 @@ def _build_entry(cfg: Any, source: Source, folder: Path, tokenizer_of_run: Path 
     except UserError:
         if created:
             shutil.rmtree(folder, ignore_errors=True)
+        else:  # a killed build's entry, finished here and refused: its manifest must not make it a cache
+            (folder / "manifest.json").unlink(missing_ok=True)
         raise
     except BaseException:
         (folder / "manifest.json").unlink(missing_ok=True)

@@ -670,6 +670,23 @@ def test_a_text_column_of_numbers_is_refused_in_parquet_and_read_as_text_in_csv(
     assert np.array_equal(np.asarray(prepared.train), expected)
 
 
+def test_a_killed_build_finished_by_a_later_start_and_refused_is_never_read_as_a_cache(tmp_path, tokenizer_dir):
+    """Five JSON lines (their count unknown before reading): 5% of them holds out no document. The entry a
+    killed build left is kept, but the refused build's manifest goes, so the next start refuses too."""
+    (tmp_path / "few.jsonl").write_text("".join(json.dumps({"text": f"document {i}"}) + "\n" for i in range(5)))
+    cfg = data_cfg(tmp_path, tokenizer_dir, str(tmp_path / "few.jsonl"))
+    folder = tmp_path / "cache" / f"hf_dataset-{data.cache_key(cfg, sources.open_source(cfg))}"
+    folder.mkdir(parents=True)  # as a killed build leaves it
+    for _ in range(2):
+        with pytest.raises(UserError) as info:
+            data.prepare_data(cfg)
+        assert str(info.value) == (
+            f"{tmp_path / 'few.jsonl'} is too small to hold out data.val_fraction=0.05 of its documents for "
+            "validation; add documents, raise data.val_fraction, or name a validation set"
+        )
+        assert folder.is_dir() and not (folder / "manifest.json").exists()
+
+
 def test_an_empty_source_is_one_line_and_leaves_no_cache(tmp_path, tokenizer_dir):
     (tmp_path / "empty.jsonl").write_text("")
     cfg = data_cfg(tmp_path, tokenizer_dir, str(tmp_path / "empty.jsonl"))
