@@ -529,14 +529,15 @@ class Trainer:
         return mine + [self.val[0]] * (per_rank - len(mine))
 
     def log_if_due(self, loss: float | None) -> None:
-        """This step's row: train metrics every log_every steps and at the end, val/loss when evaluated now."""
+        """This step's row: train metrics every log_every steps and at the end (max_steps or an early
+        stop), val/loss when evaluated now. tokens_per_s is the whole world's; mfu is each device's."""
         c, t = self.counters, self.cfg.trainer
         row: dict[str, float] = {}
-        if loss is not None and (c.step % t.log_every == 0 or c.step == t.max_steps):
+        if loss is not None and (c.step % t.log_every == 0 or c.step == t.max_steps or self.early_stop_due()):
             tokens_per_s = self.clock.take_rate()
             row = {"train/loss": loss, "lr": self.lr, "tokens_per_s": tokens_per_s, "tokens": c.tokens_seen}
-            if self.peak_flops is not None:
-                row["mfu"] = mfu(tokens_per_s, self.flops_per_token, self.peak_flops)
+            if self.peak_flops is not None:  # each device runs 1/world.size of the tokens, against its own peak
+                row["mfu"] = mfu(tokens_per_s / self.world.size, self.flops_per_token, self.peak_flops)
             self.bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:,.0f}")
         if c.last_eval.get("step") == c.step:  # evaluated at this step
             row["val/loss"] = c.last_eval["val/loss"]

@@ -120,6 +120,15 @@ def test_a_run_stops_early_saves_that_step_and_still_finishes(make_trainer, capl
     assert said[-1] == f"finished at step 4 (stopped early): val/loss {val_loss:.4f}; run dir {run}"
 
 
+def test_the_step_a_run_stops_early_at_logs_its_train_metrics_between_log_every_rows(make_trainer):
+    """Its row is the run's last: the tokens trained and the last train/loss, as at max_steps."""
+    trainer = make_trainer("trainer.log_every=3")
+    trainer.run(None)
+    logged = [(row["step"], "train/loss" in row, row.get("tokens")) for row in rows(trainer.run_dir)]
+    assert logged == [(0, False, None), (2, False, None), (3, True, 3 * 128), (4, True, 4 * 128)]
+    assert trainer.counters.tokens_seen == 4 * 128
+
+
 def test_patience_0_is_off(make_trainer):
     trainer = make_trainer("trainer.early_stop_patience=0")
     trainer.run(None)

@@ -129,7 +129,7 @@ def test_a_signal_nothing_inside_acted_on_goes_to_the_outer_flag_when_the_inner_
 @pytest.mark.parametrize(("name", "code"), [("SIGINT", 130), ("SIGTERM", 143)])
 def test_a_signal_in_the_launcher_writes_nothing_and_exits_128_plus_the_signal(tmp_path, name, code):
     before = snapshot(tmp_path)
-    result = signalled(tmp_path, "gpt2exp.launch:compose", name, *SHORT)
+    result = signalled(tmp_path, "gpt2exp.launch:compose_with_hydra", name, *SHORT)
     assert_clean(result, code)
     assert result.stderr == f"error: interrupted by {name} before the run started; nothing was written\n"
     assert snapshot(tmp_path) == before

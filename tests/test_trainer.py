@@ -6,6 +6,7 @@ import errno
 import json
 import logging
 import os
+import time
 
 import pytest
 import torch
@@ -109,6 +110,23 @@ def test_mfu_is_tokens_per_s_times_flops_per_token_over_the_peak(make_trainer, t
     assert len(logged) == 4
     for row in logged:
         assert row["mfu"] == row["tokens_per_s"] * trainer.flops_per_token / 1e9
+
+
+def test_mfu_is_each_devices_share_of_the_worlds_tokens_against_its_own_peak(make_trainer, monkeypatch):
+    """tokens_per_s counts every rank's tokens (the global batch); each device runs 1/world.size of them."""
+    from dataclasses import replace
+
+    trainer = make_trainer("trainer.log_every=1")
+    trainer.peak_flops = 1e9
+    trainer.world = replace(trainer.world, size=2)  # as rank 0 of 2 processes sees it
+    logged = []
+    monkeypatch.setattr(trainer.tracker, "log", lambda step, row: logged.append(row))
+    with trainer.clock.timing(2048):
+        time.sleep(0.01)
+    trainer.counters.step = 1
+    trainer.log_if_due(5.0)
+    (row,) = logged
+    assert row["mfu"] == row["tokens_per_s"] / 2 * trainer.flops_per_token / 1e9
 
 
 def test_deterministic_kernels_are_on_for_a_deterministic_run_only_and_train_the_same_on_a_cpu(
