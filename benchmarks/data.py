@@ -18,6 +18,9 @@ trained on a sample and saved locally, used by both sides. Figures:
 4. The default `python -m gpt2exp.train` data start-up (prepare_data, the sampler, a first batch)
    of this tree against the code of `--old` (a `git worktree add /tmp/old <commit>` checkout of the
    commit before token shards), on a cold cache (built from nothing) and a warm one.
+5. One long text file (`data=text_files`, a file is one document) of `--long-mb` MB: peak memory
+   and time of `prepare` encoding it in pieces (shards.PIECE_CHARS) against encoding it whole, one
+   process each, and whether the shards are the same bytes.
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ print(json.dumps({"seconds": time.perf_counter() - start}))
 """
 
 
+WHOLE = "import gpt2exp.shards\ngpt2exp.shards.PIECE_CHARS = 1 << 62  # every document encoded whole\n"
+
+
 def run_json(code: str, *args: str, pythonpath: Path = REPO, env: dict | None = None) -> dict:
     full_env = {**os.environ, "PYTHONPATH": str(pythonpath), "HF_HUB_OFFLINE": "1", **(env or {})}
     result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=full_env)
@@ -169,7 +175,8 @@ def main() -> None:
     parser.add_argument("--num-proc", type=int, default=2)
     parser.add_argument("--work", default="/tmp/gpt2exp-data-bench")
     parser.add_argument("--old", default="/tmp/old", help="a checkout of the code before token shards, or none")
-    parser.add_argument("--parts", default="1,2,3,4", help="which figures to measure, e.g. 1 (throughput only)")
+    parser.add_argument("--parts", default="1,2,3,4,5", help="which figures to measure, e.g. 1 (throughput only)")
+    parser.add_argument("--long-mb", type=int, default=32, help="MB of text in figure 5's single file")
     args = parser.parse_args()
     work = Path(args.work)
     files = generate(work / "corpus", int(args.gb * 1e9), args.file_mb << 20)
@@ -254,6 +261,35 @@ def main() -> None:
             if label == "old":
                 old_cold, old_warm = cold, warm
         print(f"   ratio new / old: cold {cold / old_cold:.2f}, warm {warm / old_warm:.2f}  (target <= 1.0)")
+
+    if 5 in parts:
+        long_file = work / "long.txt"
+        texts = [t for p in files[:1] for t in _texts_of(p)]
+        with open(long_file, "w") as out:
+            written = 0
+            while written < args.long_mb << 20:
+                for text in texts:
+                    written += out.write(text + "\n")
+        print(f"\n5. one {long_file.stat().st_size / 1e6:,.0f} MB text file (one document), one process")
+        figures = {}
+        for label, code in (("pieces", PREPARE), ("whole", WHOLE + PREPARE)):
+            cache = work / f"long-{label}"
+            shutil.rmtree(cache, ignore_errors=True)
+            overrides = ["data=text_files", f"data.files=[{long_file}]", f"data.tokenizer.name={tokenizer}"]
+            figures[label] = run_json(code, *overrides, f"data.cache_dir={cache}", "data.num_proc=1")
+            figures[label]["shards"] = {p.name: p.read_bytes() for p in sorted(cache.glob("*/*.bin"))}
+            shutil.rmtree(cache, ignore_errors=True)
+            f = figures[label]
+            print(f"   {label:<7} peak RSS {f['rss_mb']:7,.0f} MB, {f['seconds']:5.1f} s")
+        ratio = figures["pieces"]["rss_mb"] / figures["whole"]["rss_mb"]
+        same = figures["pieces"]["shards"] == figures["whole"]["shards"]
+        print(f"   ratio pieces / whole: memory {ratio:.2f}; shards the same bytes: {same}")
+
+
+def _texts_of(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["text"]).column(0).to_pylist()
 
 
 if __name__ == "__main__":
