@@ -243,9 +243,10 @@ def check_token_ids_of_run(tokenizer: Any, tokenizer_dir: Path, recorded: Path |
         raise UserError(
             f"the data cache's tokenizer ({tokenizer_dir.parent}) gives other token ids than the "
             f"tokenizer this run trained with ({recorded}): resuming would train on other tokens. The cache was "
-            "built again: the training text is not the run's (a data file edited or replaced), or another "
-            "tokenizers version built it (run.json names the run's); restore the run's data or resume with "
-            "data.cache_dir set to the run's cache, or start a new run"
+            "built again: the training text is not the run's (a data file edited or replaced; a file several "
+            "data.files patterns match is now read once), or another tokenizers version built it (run.json names "
+            "the run's); restore the run's data or resume with data.cache_dir set to the run's cache, or start a "
+            "new run"
         )
 
 
@@ -345,18 +346,25 @@ def prepare_data(cfg: Any, tokenizer_of_run: Path | None = None) -> TokenData:
     new_root, new_lock = not root.exists(), not lock_file.exists()
     try:
         with cache_lock(lock_file):
-            manifest = read_manifest(folder)
-            if manifest is None and source.unsound_split:
-                raise UserError(source.unsound_split)
-            if manifest is None:
-                manifest = _build_entry(cfg, source, folder, tokenizer_of_run)
-            elif source.unsound_split:  # a run that started so goes on as it began
-                log.warning("%s (the token cache %s was built so; it is used as it is)", source.unsound_split, folder)
-            bad = corrupt_shards(folder, manifest)
-            if bad:
-                tokenizing = _tokenizing(cfg, folder, manifest)
-                for split, index in bad:
-                    rebuild(folder, source, tokenizing, manifest, split, index)
+            try:
+                manifest = read_manifest(folder)
+                if manifest is None and source.unsound_split:
+                    raise UserError(source.unsound_split)
+                if manifest is None:
+                    manifest = _build_entry(cfg, source, folder, tokenizer_of_run)
+                elif source.unsound_split:  # a run that started so goes on as it began
+                    log.warning(
+                        "%s (the token cache %s was built so; it is used as it is)", source.unsound_split, folder
+                    )
+                bad = corrupt_shards(folder, manifest)
+                if bad:
+                    tokenizing = _tokenizing(cfg, folder, manifest)
+                    for split, index in bad:
+                        rebuild(folder, source, tokenizing, manifest, split, index)
+            except UserError as exc:  # bad input: the lock file this start made goes, while it is still held
+                if new_lock and not isinstance(exc, DiskFull) and not folder.exists():
+                    lock_file.unlink(missing_ok=True)  # a waiter then takes the lock on the file at its path
+                raise
     except OSError as exc:
         if isinstance(exc, UserError) or exc.errno not in READ_ONLY:
             raise
@@ -366,12 +374,9 @@ def prepare_data(cfg: Any, tokenizer_of_run: Path | None = None) -> TokenData:
             "to a dir you can write in, or prepare it where the cache is writable (python -m gpt2exp.data prepare)"
         ) from None
     except UserError as exc:
-        if not isinstance(exc, DiskFull) and not folder.exists():  # bad input: take back the lock file too
-            if new_lock:
-                lock_file.unlink(missing_ok=True)
-            if new_root:  # unless another process made an entry there meanwhile
-                with contextlib.suppress(OSError):
-                    root.rmdir()
+        if new_root and not isinstance(exc, DiskFull) and not folder.exists():  # bad input: take back the root
+            with contextlib.suppress(OSError):  # unless another process made an entry there meanwhile
+                root.rmdir()
         raise
     tokenizer = load_tokenizer(str(folder / "tokenizer"))
     check_token_ids_of_run(tokenizer, folder / "tokenizer", tokenizer_of_run)

@@ -25,9 +25,9 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from gpt2exp.composing import compose, compose_with_hydra, one_line
+from gpt2exp.composing import compose, compose_with_hydra, hydra_value, one_line
 from gpt2exp.distributed import check_world, world_from_env
 from gpt2exp.errors import UserError, fail
 from gpt2exp.overrides import (
@@ -164,7 +164,7 @@ def hydra_setting(conf_dir: str, override_args: list[str], key: str) -> str | No
     """A `hydra.*` setting as Hydra will resolve it for these overrides (its `${now:}` read now); None
     where they do not compose: the same command then fails with its one line in prepare_argv."""
     try:
-        return str(OmegaConf.select(compose_hydra(conf_dir, override_args), key))
+        return hydra_value(compose_hydra(conf_dir, override_args), key)
     except UserError:
         return None
 
@@ -183,21 +183,6 @@ def compose_hydra(conf_dir: str, override_args: list[str]) -> DictConfig:
             return hydra_compose(config_name="config", overrides=override_args, return_hydra_config=True)
     except Exception as exc:  # noqa: BLE001 - Hydra's and OmegaConf's many kinds, each one line
         raise UserError(one_line(exc)) from None
-
-
-def check_hydra_overrides(conf_dir: str, overrides: list) -> None:
-    """Overrides of Hydra's own settings (a misspelled `hydra.launcher.*` key, a launcher that does not
-    exist, a pruner setting without a pruner) that Hydra would report with exit 1 and several lines,
-    after writing the sweep dir: composed here for the first job, each failure one line."""
-    from hydra.errors import HydraException
-
-    if not any(is_hydra(o) for o in overrides):
-        return
-    try:
-        first_job = [values[0] for values in job_values(overrides, with_hydra=True)]
-    except HydraException as exc:
-        raise UserError(one_line(exc)) from None
-    compose_hydra(conf_dir, first_job)
 
 
 def check_plugins(overrides: list) -> None:
@@ -228,7 +213,6 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
     multirun = any(a in MULTIRUN_FLAGS for a in flags)
     overrides = parse(override_args)
     check_plugins(overrides)
-    check_hydra_overrides(conf_dir, overrides)
     job_overrides = [o.input_line for o in overrides if not is_hydra(o)]
     resume = last_value(overrides, "resume")
     if resume is not None and not resume.strip():
@@ -249,25 +233,31 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
                 "or use -m ... resume=auto to let each job continue its own dir"
             )
         # resume=auto: each job resumes its own dir when it holds a checkpoint (a requeued SLURM job)
-        sweep_dir = first_job_setting(conf_dir, overrides, "hydra.sweep.dir")
-        if sweep_dir is not None:  # None: the command fails with its one line in check_sweep_values
+        sweep_dir = first_job_sweep_dir(conf_dir, overrides)
+        if sweep_dir is not None:  # None: resolved only once Hydra runs (`${hydra:...}`)
             check_writable_dir("hydra.sweep.dir", sweep_dir, "the sweep")
             refuse_existing_sweep(Path(sweep_dir), overrides)
         check_sweep_values(conf_dir, overrides)
         return argv, None
     plan = plan_run(resume, last_value(overrides, "hydra.run.dir"), job_overrides, lambda o: compose(conf_dir, o))
     if not plan.is_resume:
-        cfg, output_dirs = compose_with_hydra(conf_dir, job_overrides)
+        # one composition: the job config, Hydra's own overrides applied (a bad one is a UserError), its run dir
+        cfg, run_dir = compose_with_hydra(conf_dir, [o.input_line for o in overrides], "hydra.run.dir")
         check_available(cfg)
-        if plan.run_dir is None:  # Hydra's own dir (outputs/<date>/<time>): it would fail to make it with a traceback
-            check_writable_dir("hydra.run.dir", output_dirs["hydra.run.dir"], "the run")
+        if plan.run_dir is None and run_dir is not None:  # Hydra's own dir (outputs/<date>/<time>)
+            check_writable_dir("hydra.run.dir", run_dir, "the run")  # Hydra would fail to make it with a traceback
         return argv, claim_run_dir(plan)
+    if any(is_hydra(o) and key_of(o) not in RESUME_SETS for o in overrides):
+        compose_hydra(conf_dir, override_args)  # Hydra's own overrides of a resume: a bad one is one line
     check_available(plan.config)
     kept = [a for a in args if a not in override_args]
-    kept += [o.input_line for o in overrides if key_of(o) not in ("hydra.run.dir", "hydra.output_subdir")]
+    kept += [o.input_line for o in overrides if key_of(o) not in RESUME_SETS]
     subdir = f".hydra/resume-{timestamp(for_name=True)}"
     hydra_args = [f"hydra.run.dir={quoted(str(plan.run_dir))}", f"hydra.output_subdir={subdir}"]
     return [argv[0], *kept, *hydra_args], claim_run_dir(plan, subdir)
+
+
+RESUME_SETS = ("hydra.run.dir", "hydra.output_subdir")  # a resume sets these itself: the run's dir and .hydra/resume-*
 
 
 def claim_run_dir(plan: RunPlan, hydra_subdir: str | None = None) -> RunPlan:
@@ -295,16 +285,18 @@ def claim_run_dir(plan: RunPlan, hydra_subdir: str | None = None) -> RunPlan:
         raise
 
 
-def first_job_setting(conf_dir: str, overrides: list, key: str) -> str | None:
-    """A `hydra.*` setting of a sweep as its first job resolves it (each swept key at its first value);
-    None where the jobs do not compose."""
+def first_job_sweep_dir(conf_dir: str, overrides: list) -> str | None:
+    """The sweep dir as the sweep's first job resolves it (each swept key at its first value), from a
+    composition with Hydra's own settings that makes a bad `hydra.*` override (a misspelled launcher
+    key, a pruner option without a pruner) one line here: Hydra gives it exit 1 and several lines after
+    writing the sweep dir. None where the dir resolves only once Hydra runs (`${hydra:...}`)."""
     from hydra.errors import HydraException
 
     try:
         first_job = [values[0] for values in job_values(overrides, with_hydra=True)]
-    except HydraException:
-        return None
-    return hydra_setting(conf_dir, first_job, key)
+    except HydraException as exc:
+        raise UserError(one_line(exc)) from None
+    return hydra_value(compose_hydra(conf_dir, first_job), "hydra.sweep.dir")
 
 
 def refuse_existing_sweep(sweep_dir: Path, overrides: list) -> None:

@@ -231,3 +231,14 @@ def test_an_override_hydra_cannot_read_says_how_to_quote_it(tmp_path):
         "\"key='value'\""
     )
     assert parse(["checkpoint.dir='~/ckpts'"])[0].value() == "~/ckpts"
+
+
+def test_a_run_dir_that_resolves_only_once_hydra_runs_is_left_to_hydra(tmp_path):
+    """`${hydra:runtime.choices.model}` needs the HydraConfig a job sets: not resolvable, not checked, no error."""
+    from gpt2exp.composing import compose_with_hydra
+    from gpt2exp.config import CONF_DIR
+
+    cfg, run_dir = compose_with_hydra(CONF_DIR, ["hydra.run.dir=runs/${hydra:runtime.choices.model}"], "hydra.run.dir")
+    assert run_dir is None and cfg.model.n_layer == 4
+    _, stamped = compose_with_hydra(CONF_DIR, [], "hydra.run.dir")
+    assert re.fullmatch(r"outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d", stamped)

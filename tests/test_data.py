@@ -107,9 +107,9 @@ def token_ids_error(cache_entry, recorded) -> str:
     return (
         f"the data cache's tokenizer ({cache_entry}) gives other token ids than the tokenizer this run "
         f"trained with ({recorded}): resuming would train on other tokens. The cache was built again: the "
-        "training text is not the run's (a data file edited or replaced), or another tokenizers version built it "
-        "(run.json names the run's); restore the run's data or resume with data.cache_dir set to the run's cache, "
-        "or start a new run"
+        "training text is not the run's (a data file edited or replaced; a file several data.files patterns match "
+        "is now read once), or another tokenizers version built it (run.json names the run's); restore the run's "
+        "data or resume with data.cache_dir set to the run's cache, or start a new run"
     )
 
 

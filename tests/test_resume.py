@@ -412,8 +412,9 @@ def test_a_data_cache_whose_tokenizer_gives_other_ids_is_refused(tmp_path, finis
     assert error.endswith(
         f"gives other token ids than the tokenizer this run trained with ({copy / 'tokenizer'}): resuming would "
         "train on other tokens. The cache was built again: the training text is not the run's (a data file edited "
-        "or replaced), or another tokenizers version built it (run.json names the run's); restore the run's data or "
-        "resume with data.cache_dir set to the run's cache, or start a new run"
+        "or replaced; a file several data.files patterns match is now read once), or another tokenizers version "
+        "built it (run.json names the run's); restore the run's data or resume with data.cache_dir set to the run's "
+        "cache, or start a new run"
     )
 
 

@@ -124,6 +124,10 @@ def test_the_joblib_launcher_runs_two_jobs_in_parallel_worker_processes(tmp_path
     assert [record(sweep_dir / j)["optimizer"]["lr"] for j in "01"] == [1e-3, 3e-3]
     pids = {(sweep_dir / j / ".lock").read_text() for j in "01"}  # the pid that trained there
     assert len(pids) == 2
+    # a sweep resume may set its recorded launcher's options, which the defaults' basic launcher lacks
+    again = run_cli("gpt2exp.train", f"resume={sweep_dir}", "hydra.launcher.n_jobs=1", cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.splitlines()[-1] == "nothing to resume: every job is completed"
 
 
 def test_the_submitit_local_launcher_runs_each_job_as_a_submitted_job(tmp_path):
