@@ -22,11 +22,13 @@ it nor inherits the CUDA runtime's record of a failed call, which its next kerne
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
 from collections.abc import Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
+from enum import Enum
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -279,6 +281,9 @@ def state_tensors(model_key: str, model_weights: dict[str, Any], groups: Mapping
     return live, structures
 
 
+IMMUTABLE = (str, bytes, int, float, complex, bool, type(None), Enum)  # kept in a frozen state as the very objects
+
+
 def _rebuilt(obj: Any, copies: dict[int, Any], memo: dict[int, Any]) -> Any:
     """`obj` (a state_dict) with each tensor replaced by its copy (`copies`, by the live tensor's id).
 
@@ -292,7 +297,8 @@ def _rebuilt(obj: Any, copies: dict[int, Any], memo: dict[int, Any]) -> Any:
     if id(obj) in copies:
         rebuilt = copies[id(obj)]
     elif isinstance(obj, dict):
-        rebuilt = type(obj)()
+        rebuilt = copy.copy(obj)  # its type, and a defaultdict's default_factory
+        rebuilt.clear()
         memo[id(obj)] = rebuilt  # before its items: a dict that holds itself stays finite
         for name, value in obj.items():
             rebuilt[name] = _rebuilt(value, copies, memo)
@@ -306,8 +312,10 @@ def _rebuilt(obj: Any, copies: dict[int, Any], memo: dict[int, Any]) -> Any:
         items = [_rebuilt(value, copies, memo) for value in obj]
         same = all(a is b for a, b in zip(items, obj, strict=True))
         rebuilt = obj if same else (type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items))
-    else:
-        rebuilt = obj  # numbers, strings, None: immutable
+    elif isinstance(obj, IMMUTABLE):
+        rebuilt = obj
+    else:  # anything else (a set, a deque) is copied whole, tensors and all: nothing live stays in the snapshot
+        rebuilt = copy.deepcopy(obj)
     memo[id(obj)] = rebuilt
     return rebuilt
 

@@ -195,3 +195,31 @@ def test_the_cpu_copy_thread_of_a_background_save_calls_no_torch_function(tmp_pa
     assert "_copy_memory" in calls  # the copy ran on this thread, seen by the profile
     assert [call for call in calls if call.startswith("torch ")] == []
     assert verify_checkpoint(written) is None
+
+
+def test_a_frozen_state_holds_nothing_live_and_keeps_what_the_pickle_shares():
+    """A deque or set (copied whole), a defaultdict (its factory kept), a tuple shared by two groups (the
+    very object, as in the live state's pickle): a later step's change reaches none of them."""
+    import collections
+
+    from gpt2exp.snapshot import _rebuilt
+
+    live = torch.ones(2)
+    copied = torch.zeros(2)
+    betas = (0.9, 0.95)
+    state = {
+        "groups": [{"lr": 1e-3, "betas": betas}, {"lr": 1e-3, "betas": betas}],
+        "history": collections.deque([live]),
+        "seen": {1, 2},
+        "by_key": collections.defaultdict(list, {"x": [live]}),
+        "exp_avg": live,
+    }
+    frozen = _rebuilt(state, {id(live): copied}, {})
+    live.add_(5)
+    state["groups"][0]["lr"] = 5e-4
+    state["seen"].add(3)
+    assert frozen["exp_avg"] is copied and frozen["by_key"]["x"][0] is copied
+    assert frozen["history"][0].tolist() == [1.0, 1.0]  # a deque is copied whole, tensor and all
+    assert frozen["groups"][0]["lr"] == 1e-3 and frozen["seen"] == {1, 2}
+    assert frozen["by_key"].default_factory is list
+    assert frozen["groups"][0]["betas"] is betas and frozen["groups"][1]["betas"] is betas
