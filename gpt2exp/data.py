@@ -297,10 +297,10 @@ def cache_lock(lock_file: Path) -> Iterator[None]:
 
     A process whose bad input left nothing built removes the lock file it made (prepare_data): one that
     waited on it then holds a lock on a removed file, so it takes the lock again on the file now at
-    that path. In a cache this user may only read (prepared once, shared), the lock is taken on the
-    lock file opened for reading (flock needs no write permission), or not at all where it was never
-    made."""
+    that path. In a cache this user may only read (prepared once, shared), a shared lock is taken on
+    the lock file opened for reading, or none where it was never made."""
     while True:
+        mode = fcntl.LOCK_EX
         try:
             lock_file.parent.mkdir(parents=True, exist_ok=True)
             handle = open(lock_file, "a")  # noqa: SIM115 (closed below)
@@ -311,12 +311,13 @@ def cache_lock(lock_file: Path) -> Iterator[None]:
                 yield
                 return
             handle = open(lock_file)  # noqa: SIM115 (closed below)
+            mode = fcntl.LOCK_SH  # a reader: it waits for a builder, and NFS refuses LOCK_EX on a read-only file
         with handle:
             try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(handle, mode | fcntl.LOCK_NB)
             except BlockingIOError:
                 log.info("waiting for another process that prepares the same token cache (%s)", lock_file)
-                fcntl.flock(handle, fcntl.LOCK_EX)
+                fcntl.flock(handle, mode)
             if _same_file(handle, lock_file):
                 yield
                 return
