@@ -79,14 +79,10 @@ def load_encoder(tokenizer_dir: str, eos: int, dtype: str) -> None:
         cut = cuts_exactly(tokenizer)
 
         def ids_of(texts: list[str]) -> list[Any]:
-            ids: list[Any] = [None] * len(texts)
-            short = [i for i, text in enumerate(texts) if not cut or len(text) <= PIECE_CHARS]
-            encoded = tokenizer.encode_batch_fast([texts[i] for i in short], add_special_tokens=False)
-            for i, encoding in zip(short, encoded, strict=True):
-                ids[i] = encoding.ids
-            for i in sorted(set(range(len(texts))) - set(short)):
-                ids[i] = _ids_in_pieces(tokenizer, texts[i])
-            return ids
+            long = {i for i, text in enumerate(texts) if cut and len(text) > PIECE_CHARS}
+            short = [text for i, text in enumerate(texts) if i not in long]
+            encoded = iter(tokenizer.encode_batch_fast(short, add_special_tokens=False))
+            return [_ids_in_pieces(tokenizer, text) if i in long else next(encoded).ids for i, text in enumerate(texts)]
     else:  # a tokenizer with Python code only (e.g. sentencepiece without tokenizer.json)
         from transformers import AutoTokenizer
 

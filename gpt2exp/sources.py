@@ -37,9 +37,8 @@ import numpy as np
 from gpt2exp.errors import UserError
 
 BATCH_DOCS = 256  # documents per batch read and tokenized together
-BATCH_CHARS = (
-    1 << 18
-)  # ... and at most about this many characters (a longer document is a batch alone: shards.PIECE_CHARS)
+# ... and at most about this many characters (a longer document is a batch alone: shards.PIECE_CHARS)
+BATCH_CHARS = 1 << 18
 FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": "json", ".csv": "csv", ".txt": "text"}
 
 Reader = Callable[[int], Iterator[list[str]]]  # start document -> batches of documents from it on
@@ -250,7 +249,7 @@ def data_file_paths(spec: str, key: str) -> list[Path] | None:
     return files
 
 
-def _columns_of(path: Path) -> list[str] | None:
+def _columns_of(path: Path, column: str) -> list[str] | None:
     kind = FORMATS[path.suffix]
     if kind == "parquet":
         import pyarrow.parquet as pq
@@ -264,13 +263,7 @@ def _columns_of(path: Path) -> list[str] | None:
         with open(path, "rb") as f:
             for number, line in enumerate(f, 1):
                 if line.strip():
-                    try:
-                        row = json.loads(_utf8(line, path, number))
-                    except json.JSONDecodeError as exc:
-                        raise UserError(f"{path} is not JSON lines: {exc}; write one JSON object per line") from None
-                    if not isinstance(row, dict):
-                        raise UserError(f"{path} line {number} is not a JSON object; write one object per line")
-                    return list(row)
+                    return list(_json_row(line, path, number, column))
         return None  # no row: nothing to check
     return ["text"]
 
@@ -306,7 +299,7 @@ def _read_rows(path: Path, column: str, start: int) -> Iterator[list[Any]]:
                 if not line.strip():
                     continue
                 if row >= start:
-                    batch.append(_json_text(_utf8(line, path, number), column, path, number))
+                    batch.append(_json_text(_json_row(line, path, number, column), column, path, number))
                     if len(batch) == BATCH_DOCS:
                         yield batch
                         batch = []
@@ -343,24 +336,24 @@ def _read_rows(path: Path, column: str, start: int) -> Iterator[list[Any]]:
             yield texts
 
 
-def _utf8(line: bytes, path: Path, number: int) -> str:
+def _json_row(line: bytes, path: Path, number: int, column: str) -> dict[str, Any]:
+    """Line `number` of a JSON lines file as its object; anything else is a UserError naming the line."""
     try:
-        return line.decode("utf-8")
+        row = json.loads(line.decode("utf-8"))
     except UnicodeDecodeError:
         raise UserError(f"{path} line {number} is not UTF-8 text; convert the file to UTF-8") from None
-
-
-def _json_text(line: str, column: str, path: Path, number: int) -> Any:
-    """The `column` of one JSON line: its value, "" for null; a line that is not an object holding it is
-    refused (HF's json reader would make it a null, an empty document)."""
-    try:
-        row = json.loads(line)
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} line {number} is not JSON ({exc.msg}); write one JSON object per line") from None
     if not isinstance(row, dict):
         raise UserError(
             f"{path} line {number} is not a JSON object; write one object per line, its text under {column}"
         )
+    return row
+
+
+def _json_text(row: dict[str, Any], column: str, path: Path, number: int) -> Any:
+    """The `column` of one JSON lines row: its value, "" for null; a row without it is refused (HF's json
+    reader would make it a null, an empty document)."""
     if column not in row:
         raise UserError(
             f"{path} line {number} has no {column} field (it has {', '.join(list(row)[:5]) or 'none'}); every row "
@@ -401,7 +394,7 @@ def _check_column(paths: list[Path], column: str, where: str) -> None:
     """The column is in every file that has rows (an empty file has no columns to check), before
     anything is tokenized; each row of a JSON lines file is checked as it is read (_json_text)."""
     for path in paths:
-        columns = _columns_of(path)
+        columns = _columns_of(path, column)
         if columns is not None and column not in columns:
             raise UserError(
                 f"data.text_column={column} is not a column of {where} ({path.name}); choose one of {columns}"
