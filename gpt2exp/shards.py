@@ -106,7 +106,9 @@ def cuts_exactly(tokenizer: Any) -> bool:
     """Whether a text cut at `_SAFE_CUT` points encodes to the same ids piece by piece as whole: a
     byte-level BPE that splits words with the GPT-2 pattern (its `\\s+` runs, never across such a
     newline) and adds no prefix space to each piece, with no normalizer. GPT-2's tokenizer and
-    gpt2exp's own BPE are; anything else (a sentencepiece model, a prefix space) is encoded whole."""
+    gpt2exp's own BPE are; anything else (a sentencepiece model, a prefix space) is encoded whole.
+    Added tokens are matched before the pattern: one that holds whitespace could span a cut, and one
+    that strips the whitespace on its left would take the newline a cut leaves in the piece before."""
     from tokenizers import pre_tokenizers
 
     pre = tokenizer.pre_tokenizer
@@ -115,6 +117,10 @@ def cuts_exactly(tokenizer: Any) -> bool:
         and isinstance(pre, pre_tokenizers.ByteLevel)
         and pre.use_regex
         and not pre.add_prefix_space
+        and not any(
+            added.lstrip or any(c.isspace() for c in added.content)
+            for added in tokenizer.get_added_tokens_decoder().values()
+        )
     )
 
 

@@ -177,6 +177,34 @@ def test_a_tokenizer_that_a_cut_would_change_encodes_a_long_document_whole(token
     assert shards.encode([text])[0].tolist() == [*with_prefix.encode(text).ids, 0]
 
 
+@pytest.mark.parametrize("added", [{"content": "'tis", "lstrip": True}, {"content": "sun\n'tis"}])
+def test_an_added_token_that_could_span_or_strip_a_cut_encodes_a_long_document_whole(tokenizer_dir, monkeypatch, added):
+    """Added tokens are matched before the pattern: whitespace inside one could fall across a cut, and
+    stripping on the left takes the newline a cut leaves in the piece before it."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    assert shards.cuts_exactly(tokenizer)  # <|endoftext|> neither holds nor strips whitespace
+    tokenizer.add_tokens([AddedToken(**added)])
+    assert not shards.cuts_exactly(tokenizer)
+    text = TRICKY * 20
+    monkeypatch.setattr(shards, "PIECE_CHARS", 50)
+    assert shards._ids_in_pieces(tokenizer, text).tolist() != tokenizer.encode(text).ids  # why it is refused
+
+
+def test_an_added_token_that_strips_on_its_right_only_keeps_the_cut(tokenizer_dir, monkeypatch):
+    """A cut lies after a newline with a non-space character before it: the newline is in that piece."""
+    from tokenizers import AddedToken, Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+    tokenizer.add_tokens([AddedToken("sun", rstrip=True)])
+    assert shards.cuts_exactly(tokenizer)
+    text = TRICKY * 20
+    assert sum(piece.endswith("sun\n") for piece in shards.pieces(text, 50)) > 5  # "fair sun\n'tis" is cut
+    monkeypatch.setattr(shards, "PIECE_CHARS", 50)
+    assert shards._ids_in_pieces(tokenizer, text).tolist() == tokenizer.encode(text, add_special_tokens=False).ids
+
+
 def test_two_processes_write_the_same_bytes_as_one(tmp_path, built, tokenizer_dir, corpus):
     two = entry_of(data.prepare_data(data_cfg(tmp_path, tokenizer_dir, str(corpus / "*.parquet"), num_proc=2)))
     assert two.name == built.name  # num_proc is not part of the cache key: it changes no byte
