@@ -138,11 +138,21 @@ def test_a_signal_in_the_launcher_writes_nothing_and_exits_128_plus_the_signal(t
 # -- while a run starts -----------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> None:
+    """SHORT's token cache, built beforehand: a build would print its progress to stderr."""
+    cwd = tmp_path_factory.mktemp("prepare")
+    result = subprocess.run(
+        [sys.executable, "-m", "gpt2exp.data", "prepare", *SHORT], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("target", "name"), [("gpt2exp.data:prepare_data", "SIGINT"), ("gpt2exp.model:build_model", "SIGTERM")]
 )
-def test_a_signal_while_a_fresh_run_starts_takes_back_its_dir_and_exits_75(tmp_path, target, name):
+def test_a_signal_while_a_fresh_run_starts_takes_back_its_dir_and_exits_75(tmp_path, prepared, target, name):
     """Nothing trained, nothing recorded yet: the launch leaves no trace (no outputs/<date>/<time>)."""
     before = snapshot(tmp_path)
     result = signalled(tmp_path, target, name, *SHORT)
