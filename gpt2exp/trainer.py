@@ -415,10 +415,12 @@ class Trainer:
             loss = self.step()
             self.stop_if_diverged(loss)
             self.evaluate_if_due()
-            self.log_if_due(loss)
+            pruned = self.prune_due()  # before a signal stops the run: the study gets this step's val/loss
+            self.log_if_due(loss, last=pruned)
             self.sample_if_due()
             self.save_if_due()
-            self.stop_if_pruned()  # before a signal stops the run: the study gets this step's val/loss
+            if pruned:
+                self.stop_pruned()
             self.stop_if_asked()
             self.stop_if_not_improving()
         return self.finish()
@@ -528,12 +530,14 @@ class Trainer:
         per_rank = -(-len(self.val) // self.world.size)
         return mine + [self.val[0]] * (per_rank - len(mine))
 
-    def log_if_due(self, loss: float | None) -> None:
-        """This step's row: train metrics every log_every steps and at the end (max_steps or an early
-        stop), val/loss when evaluated now. tokens_per_s is the whole world's; mfu is each device's."""
+    def log_if_due(self, loss: float | None, last: bool = False) -> None:
+        """This step's row: train metrics every log_every steps and at the end (max_steps, an early stop
+        or a pruned trial's `last` step), val/loss when evaluated now. tokens_per_s is the whole world's;
+        mfu is each device's."""
         c, t = self.counters, self.cfg.trainer
         row: dict[str, float] = {}
-        if loss is not None and (c.step % t.log_every == 0 or c.step == t.max_steps or self.early_stop_due()):
+        end = c.step == t.max_steps or self.early_stop_due() or last
+        if loss is not None and (c.step % t.log_every == 0 or end):
             tokens_per_s = self.clock.take_rate()
             row = {"train/loss": loss, "lr": self.lr, "tokens_per_s": tokens_per_s, "tokens": c.tokens_seen}
             if self.peak_flops is not None:  # each device runs 1/world.size of the tokens, against its own peak
@@ -622,12 +626,16 @@ class Trainer:
 
         return any_rank(self.preemption.requested)
 
-    def stop_if_pruned(self) -> None:
-        """In an Optuna study: report this step's val/loss; when the study's pruner stops the trial, save it
-        (a step already saved is not written again) and end the run as `pruned` (gpt2exp/pruning.py)."""
+    def prune_due(self) -> bool:
+        """In an Optuna study: report this step's val/loss (when evaluated now); whether the study's pruner
+        stops the trial here (gpt2exp/pruning.py)."""
         c = self.counters
-        if c.last_eval.get("step") != c.step or not self.trial.should_prune(c.step, c.last_eval["val/loss"]):
-            return
+        return c.last_eval.get("step") == c.step and self.trial.should_prune(c.step, c.last_eval["val/loss"])
+
+    def stop_pruned(self) -> None:
+        """Save the pruned trial's step (a step already saved is not written again) and end the run as
+        `pruned`."""
+        c = self.counters
         self.checkpoints.flush()  # a background save of this very step must be committed before save() looks
         self.checkpoints.save(c.step, self.stateful, {"val/loss": c.last_eval["val/loss"]}, force=True)
         self.checkpoints.flush()

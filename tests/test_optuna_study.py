@@ -21,6 +21,7 @@ from tests.test_resume import EXACT, assert_same_weights, final_weights, losses
 pytestmark = pytest.mark.slow
 
 STUDY = ["trainer.num_samples=0", "checkpoint.every_steps=4", "scheduler.warmup_steps=0"]
+TRAIN_ROW = ["lr", "step", "tokens", "tokens_per_s", "train/loss"]  # a row's train metrics, sorted
 
 
 def record(run_dir: Path) -> dict:
@@ -78,6 +79,9 @@ def test_a_median_pruned_study_stops_the_trials_that_fall_behind_and_the_report_
     assert [run_json(j)["step"] for j in jobs] == [8, 8, 4, 4]
     assert [sorted(p.name for p in (j / "checkpoints").glob("step_*")) for j in jobs[2:]] == [["step_00000004"]] * 2
     assert val_losses(jobs[2])[4] > val_losses(jobs[1])[4]
+    for job in jobs[2:]:  # a pruned trial's last row is a whole end row, off the log_every=10 grid
+        last = json.loads((job / "metrics.jsonl").read_text().splitlines()[-1])
+        assert (last["step"], last["tokens"], sorted(last)) == (4, 4 * 4 * 32, [*TRAIN_ROW, "val/loss"])
     study = load(sweep_dir, "lrs")
     assert states(study) == ["COMPLETE", "COMPLETE", "PRUNED", "PRUNED"]
     assert [t.intermediate_values for t in study.trials] == [
