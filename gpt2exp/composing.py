@@ -3,7 +3,10 @@ as `python -m gpt2exp.train` would; Hydra's composition errors become one-line U
 
 from __future__ import annotations
 
-from omegaconf import DictConfig, OmegaConf, open_dict
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from gpt2exp.errors import UserError
 
@@ -29,14 +32,14 @@ def _compose(
     from hydra import initialize_config_dir
     from hydra.core.global_hydra import GlobalHydra
     from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
 
     from gpt2exp.config import check_applicable, register_schemas, typed, validate
 
     register_schemas()
-    with_hydra = hydra_key is not None
+    in_job = GlobalHydra.instance().is_initialized()  # Hydra runs gpt2exp's conf/ and has set its HydraConfig
+    with_hydra = hydra_key is not None or not in_job  # outside a job: for the `${hydra:...}` of job keys
     try:
-        if GlobalHydra.instance().is_initialized():  # inside a job: Hydra runs gpt2exp's conf/ already
+        if in_job:
             cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
         else:
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
@@ -45,14 +48,53 @@ def _compose(
         raise UserError(one_line(exc)) from None
     setting = None
     if with_hydra:
-        setting = hydra_value(cfg, hydra_key)
+        setting = hydra_value(cfg, hydra_key) if hydra_key is not None else None
+        if not in_job:
+            resolve_hydra_interpolations(cfg)
         with open_dict(cfg):
             del cfg["hydra"]
-    typed(OmegaConf.to_container(cfg))  # catches keys added with `+group.key=...`, which slip past Hydra's own check
-    if validated:
-        validate(cfg)
-        check_applicable(cfg)
+    try:
+        typed(OmegaConf.to_container(cfg))  # catches keys added with `+group.key=...`, which slip past Hydra's check
+        if validated:
+            validate(cfg)
+            check_applicable(cfg)
+    except OmegaConfBaseException as exc:  # an interpolation that does not resolve: `${oc.env:UNSET}`
+        raise UserError(one_line(exc)) from None
     return cfg, setting
+
+
+def resolve_hydra_interpolations(cfg: DictConfig) -> None:
+    """Each job key holding `${hydra:...}` (a run named `${hydra:runtime.choices.model}`), resolved in
+    place against the Hydra settings `cfg` was composed with. A job resolves them against the
+    HydraConfig Hydra sets for it; the launcher composes outside a job, where none is set, so it sets
+    its composition's for as long as it resolves them."""
+    from hydra.core.hydra_config import HydraConfig
+
+    holder = HydraConfig.instance()
+    before = holder.cfg
+    holder.set_config(cfg)
+    try:
+        for key in _hydra_interpolated_keys(cfg, ""):
+            OmegaConf.update(cfg, key, OmegaConf.select(cfg, key, throw_on_resolution_failure=True), merge=False)
+    except OmegaConfBaseException as exc:
+        raise UserError(one_line(exc)) from None
+    finally:
+        holder.cfg = before
+
+
+def _hydra_interpolated_keys(node: Any, prefix: str) -> list[str]:
+    keys = []
+    items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
+    for key, _ in items:
+        path = f"{prefix}{key}" if isinstance(node, DictConfig) else f"{prefix[:-1]}[{key}]"
+        if path == "hydra":
+            continue
+        child = node._get_node(key)
+        if OmegaConf.is_interpolation(node, key) and "${hydra:" in str(child._value()):
+            keys.append(path)
+        elif isinstance(child, (DictConfig, ListConfig)) and not child._is_none():
+            keys += _hydra_interpolated_keys(child, f"{path}.")
+    return keys
 
 
 def hydra_value(cfg: DictConfig, key: str) -> str | None:

@@ -70,6 +70,20 @@ def test_a_data_key_of_another_source_is_refused_not_silently_trained_on_shakesp
 
 
 @pytest.mark.slow
+def test_an_interpolation_that_does_not_resolve_is_one_line_and_a_hydra_one_trains(tmp_path):
+    error = refused(tmp_path, *SHORT, "optimizer.lr=${oc.env:GPT2EXP_NO_SUCH_LR}")
+    assert error == (
+        "error: KeyError raised while resolving interpolation: \"Environment variable 'GPT2EXP_NO_SUCH_LR' not "
+        'found" (key optimizer.lr)'
+    )
+    named = run_cli(
+        "gpt2exp.train", *SHORT, "hydra.run.dir=run", "checkpoint.dir=ckpt-${hydra:runtime.choices.model}", cwd=tmp_path
+    )
+    assert named.returncode == 0, named.stderr[-3000:]
+    assert [p.name for p in (tmp_path / "ckpt-gpt2_tiny").glob("*/step_*")] == ["step_00000002"]  # one per run id
+
+
+@pytest.mark.slow
 def test_a_data_glob_that_matches_only_dirs(tmp_path):
     (tmp_path / "texts").mkdir()
     error = refused(tmp_path, *SHORT, "data=text_files", "data.files=[texts]")

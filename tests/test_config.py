@@ -143,6 +143,25 @@ def test_validation_names_the_key(compose, override, message):
         compose([override])
 
 
+def test_a_hydra_interpolation_in_a_job_key_resolves_as_in_the_job(compose):
+    """The launcher composes outside a job, where Hydra has set no HydraConfig: it resolves against its own."""
+    from hydra.core.hydra_config import HydraConfig
+
+    cfg = compose(["model=gpt2_mini", "logger=wandb", "logger.name=${hydra:runtime.choices.model}-${hydra:job.name}"])
+    assert cfg.logger.name == "gpt2_mini-train"
+    assert not HydraConfig.initialized()  # set only while resolving: train() called from Python runs without Hydra
+
+
+def test_an_interpolation_that_does_not_resolve_names_the_key(compose, monkeypatch):
+    monkeypatch.delenv("NO_SUCH_LR", raising=False)
+    with pytest.raises(UserError) as refused:
+        compose(["optimizer.lr=${oc.env:NO_SUCH_LR}"])
+    assert str(refused.value) == (
+        "KeyError raised while resolving interpolation: \"Environment variable 'NO_SUCH_LR' not found\" "
+        "(key optimizer.lr)"
+    )
+
+
 def test_text_files_without_files_says_what_to_set(compose):
     with pytest.raises(UserError, match="data.files is required"):
         compose(["data=text_files"])
