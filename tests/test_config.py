@@ -31,7 +31,7 @@ def test_groups_have_the_contracted_options():
     assert options("model") == ["gpt2_124m", "gpt2_1558m", "gpt2_355m", "gpt2_774m", "gpt2_mini", "gpt2_tiny"]
     assert options("optimizer") == ["adamw", "sgd"]
     assert options("scheduler") == ["constant", "cosine", "linear"]
-    assert options("data") == ["hf_dataset", "shakespeare", "text_files"]
+    assert options("data") == ["fineweb_edu", "hf_dataset", "openwebtext", "shakespeare", "text_files"]
     assert options("checkpoint") == ["default"]
     assert options("logger") == ["none", "tensorboard", "wandb", "wandb_tensorboard"]
     assert {"shakespeare_tiny", "shakespeare_small", "gpt2_124m", "finetune_gpt2"} <= set(options("experiment"))
@@ -99,6 +99,28 @@ def test_each_experiment_composes(compose, name):
 def test_gpt2_124m_experiment_uses_the_gpu_settings(compose):
     cfg = compose(["+experiment=gpt2_124m"])
     assert (cfg.trainer.precision, cfg.trainer.compile, cfg.model.n_embd) == ("bf16", True, 768)
+
+
+@pytest.mark.parametrize("preset", ["gpt2_124m_fineweb", "gpt2_124m_openwebtext"])
+def test_a_group_chosen_after_a_preset_replaces_the_presets_choice_whole(compose, preset):
+    """A preset's own values for its data set, optimizer and scheduler would otherwise stay: the scheduler's
+    name (cosine trained under scheduler=constant), or a hub name refused beside data=text_files."""
+    cfg = compose([f"+experiment={preset}"])
+    hub = {"fineweb_edu": "HuggingFaceFW/fineweb-edu", "openwebtext": "Skylion007/openwebtext"}
+    assert (cfg.data.source, cfg.data.dataset, cfg.data.text_column) == ("hf_dataset", hub[preset_data(preset)], "text")
+    assert (cfg.scheduler.name, cfg.optimizer.name, list(cfg.optimizer.betas)) == ("cosine", "adamw", [0.9, 0.95])
+    cfg = compose([f"+experiment={preset}", "scheduler=constant", "optimizer=sgd", "data=text_files", "data.files=[a]"])
+    assert (cfg.scheduler.name, cfg.optimizer.name, cfg.optimizer.betas) == ("constant", "sgd", None)
+    assert (cfg.data.source, cfg.data.dataset, list(cfg.data.files)) == ("text_files", None, ["a"])
+    assert (cfg.optimizer.lr, cfg.scheduler.min_lr_ratio, cfg.data.tokenizer.name) == (
+        6e-4,
+        0.1,
+        "gpt2",
+    )  # the rest holds
+
+
+def preset_data(preset: str) -> str:
+    return {"gpt2_124m_fineweb": "fineweb_edu", "gpt2_124m_openwebtext": "openwebtext"}[preset]
 
 
 def test_a_wrong_type_on_the_command_line_names_the_key(compose):
