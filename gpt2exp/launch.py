@@ -77,6 +77,16 @@ def check_available(cfg: DictConfig) -> None:
     check_world(cfg.distributed, cfg.trainer, str(cfg.device), cuda_may_be_available(), world_from_env())
 
 
+def check_new_run(cfg: DictConfig) -> None:
+    """`check_available`, and what only a new run is refused for (a run of record is resumed as it was)."""
+    if cfg.model.init != "scratch" and cfg.data.tokenizer.name == "bpe":
+        raise UserError(
+            f"model.init={cfg.model.init} reads its own tokenizer's token ids, not those of a BPE trained here; "
+            f"add data.tokenizer.name={cfg.model.init} (as +experiment=finetune_gpt2 does)"
+        )
+    check_available(cfg)
+
+
 def cuda_may_be_available() -> bool:
     """False only where CUDA surely is not, found without importing torch (a second): GPUs hidden by
     CUDA_VISIBLE_DEVICES, a torch build without CUDA or ROCm, or on Linux no NVIDIA driver. Anything
@@ -243,7 +253,7 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
     if not plan.is_resume:
         # one composition: the job config, Hydra's own overrides applied (a bad one is a UserError), its run dir
         cfg, run_dir = compose_with_hydra(conf_dir, [o.input_line for o in overrides], "hydra.run.dir")
-        check_available(cfg)
+        check_new_run(cfg)
         if plan.run_dir is None and run_dir is not None:  # Hydra's own dir (outputs/<date>/<time>)
             check_writable_dir("hydra.run.dir", run_dir, "the run")  # Hydra would fail to make it with a traceback
         return argv, claim_run_dir(plan)
@@ -337,7 +347,7 @@ def job_values(overrides: list, with_hydra: bool = False) -> list[list[str]]:
 
 def check_sweep_values(conf_dir: str, overrides: list) -> None:
     """Compose a sweep's jobs so that every swept value is tried once, before any job starts, and
-    check that what each names is there (data files, the device).
+    check that what each names is there (data files, the device) and fits a new run (check_new_run).
 
     Each swept key's values are tried with the other keys at their first value: as many
     compositions as values in all, not the product. Ranges and intervals (Optuna's) are left to
@@ -355,7 +365,7 @@ def check_sweep_values(conf_dir: str, overrides: list) -> None:
             job = tuple(value if k == i else other[0] for k, other in enumerate(choices))
             if job not in tried:
                 tried.add(job)
-                check_available(compose(conf_dir, list(job)))
+                check_new_run(compose(conf_dir, list(job)))
 
 
 def study_record(sweep_dir: Path):

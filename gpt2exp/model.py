@@ -98,10 +98,21 @@ def build_model(cfg: Any, vocab_size: int, eos_id: int):
     register_attention()
     if cfg.init == "scratch":
         return GPT2LMHeadModel(scratch_config(cfg, vocab_size, eos_id))
+    import torch
+
     dropout = {"resid_pdrop": cfg.dropout, "embd_pdrop": cfg.dropout, "attn_pdrop": cfg.dropout}
-    model = load_pretrained(
-        GPT2LMHeadModel.from_pretrained, cfg.init, what="model", attn_implementation=ATTENTION, **dropout
+    # fp32 whatever dtype it was saved in (transformers keeps it by default): trainer.precision sets the
+    # compute precision, and bf16 weights and AdamW moments would round most fine-tuning updates away
+    model, loading = load_pretrained(
+        GPT2LMHeadModel.from_pretrained,
+        cfg.init,
+        what="model",
+        attn_implementation=ATTENTION,
+        dtype=torch.float32,
+        output_loading_info=True,
+        **dropout,
     )
+    refuse_partly_loaded(cfg.init, model.config, loading)
     supported = model.config.n_positions
     if cfg.block_size > supported:
         raise UserError(
@@ -114,6 +125,22 @@ def build_model(cfg: Any, vocab_size: int, eos_id: int):
             f"use the model's own tokenizer: data.tokenizer.name={cfg.init}"
         )
     return model
+
+
+def refuse_partly_loaded(init: str, config: Any, loading: dict) -> None:
+    """transformers initialises at random what a checkpoint lacks (another architecture's, a layer
+    removed) and only says so in a notice: a run would silently train from partly random weights."""
+    if config.model_type != "gpt2":
+        raise UserError(
+            f"model.init={init} is a {config.model_type} model, not GPT-2; pass a GPT-2 checkpoint "
+            "(a hub name such as gpt2, or a dir saved with save_pretrained)"
+        )
+    missing = sorted(loading["missing_keys"])
+    if missing:
+        raise UserError(
+            f"model.init={init} lacks {len(missing)} of GPT-2's weights ({', '.join(missing[:3])}"
+            f"{', ...' if len(missing) > 3 else ''}), which would start at random; pass a whole GPT-2 checkpoint"
+        )
 
 
 def count_parameters(model) -> int:

@@ -108,7 +108,11 @@ def test_help_lists_the_groups(tmp_path):
         (["trainer.batch_size=0"], "trainer.batch_size=0 must be at least 1"),
         (["optimizer.lr=abc"], "could not be converted to Float (key optimizer.lr)"),
         (["data=text_files", "data.files=[missing.txt]"], "data file not found: missing.txt"),
-        (["model.init=no-such-model-xyz"], "model 'no-such-model-xyz' is not a local path"),
+        (
+            ["model.init=no-such-model-xyz"],  # a BPE trained here would feed the model other token ids
+            "model.init=no-such-model-xyz reads its own tokenizer's token ids, not those of a BPE trained here; "
+            "add data.tokenizer.name=no-such-model-xyz (as +experiment=finetune_gpt2 does)",
+        ),
         (["resume="], "resume= names nothing; pass resume=<run dir>, a checkpoint dir, a sweep dir or resume=auto"),
         (["resume=''"], "resume= names nothing; pass resume=<run dir>"),
     ],
@@ -171,6 +175,62 @@ def test_finetune_starts_from_pretrained_weights_by_path(tmp_path, pretrained_di
     # a few small steps move the pretrained weights a little, not to a fresh init
     delta = (after["transformer.wpe.weight"] - before["transformer.wpe.weight"]).abs().max().item()
     assert 0 < delta < 0.05
+
+
+def test_a_pretrained_model_saved_in_bf16_trains_in_fp32(tmp_path, pretrained_dir):
+    """transformers keeps a checkpoint's dtype by default: bf16 weights and AdamW moments would round
+    most fine-tuning updates away while config.yaml says fp32."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+    from transformers import GPT2LMHeadModel
+
+    half = tmp_path / "bf16"
+    shutil.copytree(pretrained_dir, half)
+    GPT2LMHeadModel.from_pretrained(pretrained_dir).to(torch.bfloat16).save_pretrained(half)
+    result = run_cli(
+        "gpt2exp.train", *FAST, f"model.init={half}", f"data.tokenizer.name={half}", "trainer.max_steps=2", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    step = only_run_dir(tmp_path) / "checkpoints" / "step_00000002"
+    assert {t.dtype for t in load_file(step / "model.safetensors").values()} == {torch.float32}
+    moments = torch.load(step / "optimizer.pt", weights_only=True)["optimizer"]["state"].values()
+    assert {m["exp_avg"].dtype for m in moments} == {torch.float32}
+
+
+def test_a_pretrained_dir_that_is_not_a_whole_gpt2_is_refused(tmp_path, pretrained_dir):
+    """transformers would start what the dir lacks at random, saying so only in a notice."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    from transformers import BertConfig, BertForMaskedLM
+
+    bert = tmp_path / "bert"
+    BertForMaskedLM(
+        BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    ).save_pretrained(bert)
+    partial = tmp_path / "partial"
+    shutil.copytree(pretrained_dir, partial)
+    weights = load_file(partial / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if ".h.1." not in k}, partial / "model.safetensors", {"format": "pt"})
+    errors = []
+    for init in (bert, partial, "no-such-model-xyz"):
+        result = run_cli(
+            "gpt2exp.train", *FAST, f"model.init={init}", f"data.tokenizer.name={pretrained_dir}", cwd=tmp_path
+        )
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+        errors.append(result.stderr.strip().splitlines()[-1])
+    assert errors == [
+        f"error: model.init={bert} is a bert model, not GPT-2; pass a GPT-2 checkpoint (a hub name such as gpt2, "
+        "or a dir saved with save_pretrained)",
+        f"error: model.init={partial} lacks 12 of GPT-2's weights (transformer.h.1.attn.c_attn.bias, "
+        "transformer.h.1.attn.c_attn.weight, transformer.h.1.attn.c_proj.bias, ...), which would start at random; "
+        "pass a whole GPT-2 checkpoint",
+        "error: model 'no-such-model-xyz' is not a local path, not in the local HF cache, and the Hugging Face hub "
+        "cannot be reached (offline); pass a local path saved with save_pretrained, or go online",
+    ]
+    assert not (tmp_path / "outputs").exists()  # each launch took back its run dir
 
 
 def test_gpt2_124m_starts_and_runs_a_step_on_cpu(tmp_path):
