@@ -99,9 +99,15 @@ def is_checkpoint_dir(path: Path) -> bool:
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Committed checkpoints under `root` (those with a manifest), oldest first. Not yet verified."""
+    return [p for p in step_dirs(root) if (p / MANIFEST).is_file()]
+
+
+def step_dirs(root: Path) -> list[Path]:
+    """Every step_* dir under `root`, oldest first: the committed ones, and any that lost its manifest
+    (a commit makes none such: a file deleted, a partial copy)."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.iterdir() if is_checkpoint_dir(p)), key=step_of)
+    return sorted((p for p in root.iterdir() if STEP_DIR.match(p.name) and p.is_dir()), key=step_of)
 
 
 # -- writing and verifying files -----------------------------------------------------------------
@@ -120,12 +126,25 @@ def _file_digest(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def manifest_files(path: Path) -> dict[str, dict[str, Any]]:
+    """The manifest's `files`: each file's name, `size` and `sha256`; ValueError where it holds no such."""
+    manifest = json.loads((path / MANIFEST).read_text())
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(
+        isinstance(e, dict) and isinstance(e.get("size"), int) and isinstance(e.get("sha256"), str)
+        for e in files.values()
+    ):
+        raise ValueError("its files are not listed with a size and a sha256 each")
+    return files
+
+
 def verify_checkpoint(path: Path, mode: str = "sha256") -> str | None:
     """None if `path` matches its manifest, else the reason it does not."""
+    if not (path / MANIFEST).is_file():
+        return f"no {MANIFEST}"
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-        files = manifest["files"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
+        files = manifest_files(path)
+    except (OSError, ValueError) as exc:
         return f"unreadable manifest ({exc})"
     for name, entry in files.items():
         file = path / name
@@ -142,6 +161,19 @@ def verify_checkpoint(path: Path, mode: str = "sha256") -> str | None:
             if digests[name] != entry["sha256"]:
                 return f"{name} fails its sha256 check"
     return None
+
+
+def _move_aside(root: Path, path: Path) -> None:
+    """`path` out of the step_* namespace into corrupt/, kept for inspection."""
+    corrupt = root / CORRUPT
+    corrupt.mkdir(exist_ok=True)
+    log.warning("moving %s to %s/ for inspection; it will not be loaded again", path.name, CORRUPT)
+    stem = f"{path.name}-{timestamp(for_name=True)}-{os.getpid()}"
+    destination, n = corrupt / stem, 1
+    while destination.exists():  # the same step may go bad again within the second
+        destination, n = corrupt / f"{stem}-{n}", n + 1
+    os.replace(path, destination)
+    _fsync_dir(root)
 
 
 def _describe_os_error(exc: BaseException) -> str:
@@ -249,7 +281,7 @@ def _check_reported(tmp_dir: Path, files: Mapping[str, Any]) -> None:
 def manifest_metric(path: Path, metric: str) -> float | None:
     try:
         value = json.loads((path / MANIFEST).read_text())["metrics"].get(metric)
-    except (OSError, ValueError, KeyError, AttributeError):
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         return None
     return float(value) if value is not None else None
 
@@ -348,8 +380,9 @@ class CheckpointManager:
         self.files = files if files is not None else HFCheckpointFiles(tokenizer_dir)
         self.world = world or World()
         self._last_save_time = time.monotonic()
-        if self.world.main:
-            self._clean_leftovers(checkpoints_root(self.run_dir))  # a resumed run's, before anything is loaded
+        if self.world.main:  # a resumed run's, before anything is loaded
+            self._clean_leftovers(checkpoints_root(self.run_dir))
+            self._set_aside_unmanifested(checkpoints_root(self.run_dir))
         self._tmp_suffix = str(distributed.broadcast(os.getpid()))  # one temporary dir for all ranks
         # background saves: a frozen copy of the state is written by one thread, one save at a time. A files
         # writer that captures its own share (several ranks: ShardedCheckpointFiles) brings the process
@@ -488,16 +521,18 @@ class CheckpointManager:
 
     def _quarantine(self, path: Path) -> None:
         """Move a corrupt checkpoint out of the step_* namespace: kept for inspection, never loaded (rank 0)."""
-        corrupt = self.root / CORRUPT
-        corrupt.mkdir(exist_ok=True)
-        log.warning("moving %s to %s/ for inspection; it will not be loaded again", path.name, CORRUPT)
-        stem = f"{path.name}-{timestamp(for_name=True)}-{os.getpid()}"
-        destination, n = corrupt / stem, 1
-        while destination.exists():  # the same step may go bad again within the second
-            destination, n = corrupt / f"{stem}-{n}", n + 1
-        os.replace(path, destination)
-        _fsync_dir(self.root)
+        _move_aside(self.root, path)
         self._point_latest_at_newest()
+
+    def _set_aside_unmanifested(self, root: Path) -> None:
+        """A step dir without its manifest is no checkpoint, but its name would block saving that step
+        again (the commit's rename onto it fails): moved aside like a corrupt one (rank 0)."""
+        unmanifested = [p for p in step_dirs(root) if not (p / MANIFEST).is_file()]
+        for path in unmanifested:
+            log.warning("%s has no %s: it is no committed checkpoint", path.name, MANIFEST)
+            _move_aside(root, path)
+        if unmanifested:
+            self._point_latest_at_newest()
 
     # -- saving
 
@@ -740,7 +775,7 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 
 def checkpoint_size(path: Path) -> int:
-    return sum(entry["size"] for entry in read_manifest(path)["files"].values())
+    return sum(entry["size"] for entry in manifest_files(path).values())
 
 
 def newest_step(root: Path) -> int | None:

@@ -25,8 +25,8 @@ from gpt2exp.checkpoint import (
     STATE_FILE,
     checkpoint_size,
     kept_reasons,
-    list_checkpoints,
     manifest_metric,
+    step_dirs,
     step_of,
     verify_checkpoint,
 )
@@ -44,13 +44,13 @@ def _checkpoints_of(target: Target) -> list[Path]:
     if target.checkpoint is not None:
         return [target.checkpoint]
     assert target.run_dir is not None
-    return list_checkpoints(existing_checkpoints_root(target.run_dir))
+    return step_dirs(existing_checkpoints_root(target.run_dir))  # one without its manifest shows as corrupt
 
 
 def _saved_at(path: Path) -> str:
     try:
-        stamp = json.loads((path / STATE_FILE).read_text())["saved_at"]
-    except (OSError, ValueError, KeyError):
+        stamp = float(json.loads((path / STATE_FILE).read_text())["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
         stamp = path.stat().st_mtime
     return timestamp(stamp)
 
@@ -58,7 +58,7 @@ def _saved_at(path: Path) -> str:
 def _size(path: Path) -> str:
     try:
         size = float(checkpoint_size(path))
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError):
         return "?"
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":

@@ -115,6 +115,26 @@ def test_verify_passes_then_fails_on_a_flipped_byte(own_run):
 
 
 @pytest.mark.slow
+def test_a_step_dir_that_lost_its_manifest_is_listed_corrupt_and_a_resume_sets_it_aside(own_run):
+    """Before, list and verify passed over it, and every resume failed saving that step again (exit 74):
+    the commit's rename met the dir."""
+    (own_run / "checkpoints" / "step_00000009" / "manifest.json").unlink()
+    listed = run_cli("gpt2exp.ckpt", "list", str(own_run), cwd=own_run)
+    assert listed.returncode == 0, listed.stderr
+    table = {line.split()[0]: line for line in listed.stdout.splitlines()[1:]}
+    assert sorted(table, key=int) == ["6", "9"] and "CORRUPT: no manifest.json" in table["9"]
+    verified = run_cli("gpt2exp.ckpt", "verify", str(own_run), cwd=own_run)
+    assert (verified.returncode, verified.stdout.splitlines()) == (
+        1, ["step_00000006: ok", "step_00000009: CORRUPT: no manifest.json"]
+    )  # fmt: skip
+    resumed = run_cli("gpt2exp.train", f"resume={own_run}", "trainer.max_steps=12", cwd=own_run.parent)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "step_00000009 has no manifest.json: it is no committed checkpoint" in resumed.stdout
+    assert sorted(p.name for p in (own_run / "checkpoints").glob("step_*")) == ["step_00000006", "step_00000012"]
+    assert [p.name[:13] for p in (own_run / "checkpoints" / "corrupt").iterdir()] == ["step_00000009"]
+
+
+@pytest.mark.slow
 def test_bad_path_is_exit_2(tmp_path):
     result = run_cli("gpt2exp.ckpt", "verify", str(tmp_path / "nope"), cwd=tmp_path)
     assert result.returncode == 2
@@ -153,6 +173,24 @@ def test_verify_every_checkpoint_of_a_run_then_one(made, capsys):
     assert code == 1
     assert out == "step_00000002: CORRUPT: model.safetensors fails its sha256 check\nstep_00000004: ok\n"
     assert call(capsys, "verify", str(made / "checkpoints" / "step_00000004")) == (0, "step_00000004: ok\n", "")
+
+
+MISSHAPEN = "unreadable manifest (its files are not listed with a size and a sha256 each)"
+
+
+@pytest.mark.parametrize(
+    ("manifest", "problem"),
+    [
+        (None, "no manifest.json"),  # lost: a file deleted, a partial copy
+        ('{"files": ["a.json"]}', MISSHAPEN),
+        ('{"files": {"a.json": {"sha256": "00"}}}', MISSHAPEN),
+        ("[1]", MISSHAPEN),
+    ],
+)
+def test_a_step_dir_whose_manifest_is_lost_or_misshapen_is_corrupt_to_verify(made, capsys, manifest, problem):
+    path = made / "checkpoints" / "step_00000004" / "manifest.json"
+    path.unlink() if manifest is None else path.write_text(manifest)
+    assert call(capsys, "verify", str(made)) == (1, f"step_00000002: ok\nstep_00000004: CORRUPT: {problem}\n", "")
 
 
 def test_verify_a_loose_checkpoint_but_list_needs_its_run(tmp_path, capsys):
