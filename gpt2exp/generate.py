@@ -109,10 +109,11 @@ def sample_ids(
 
 
 def next_token(logits, temperature: float, top_k: int | None, generator: Any = None):
-    """One token id per row of `logits` (batch, vocab): argmax if temperature <= 0, else top-k sampling."""
+    """One token id per row of `logits` (batch, vocab): argmax if temperature is 0 (or as good as 0 in the
+    logits' dtype), else top-k sampling."""
     import torch
 
-    if temperature <= 0:
+    if temperature < torch.finfo(logits.dtype).tiny:  # 0, or one that is 0 in the logits' dtype: greedy
         return logits.argmax(dim=-1)
     # shifted so the largest is 0 first: a tiny temperature then gives -inf, never inf - inf (NaN)
     logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature

@@ -317,5 +317,6 @@ def test_a_tiny_temperature_samples_the_likeliest_token():
     from gpt2exp.generate import next_token
 
     logits = torch.tensor([[1.0, 3.0, 2.0], [5.0, -1.0, 4.0]])
-    picked = next_token(logits, 1e-45, None, torch.Generator().manual_seed(0))
-    assert picked.tolist() == [1, 0]
+    for temperature in (1e-30, 1e-45, 1e-46, 1e-300):  # below float32's smallest, 0 in the logits' dtype: 0/0
+        picked = next_token(logits, temperature, None, torch.Generator().manual_seed(0))
+        assert picked.tolist() == [1, 0]
