@@ -111,6 +111,12 @@ def one_line(exc: BaseException) -> str:
     """Hydra's composition errors as one line: what failed, the key, and the choices if any."""
     lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
     message = lines[0] if lines else type(exc).__name__
+    if message.startswith("Ambiguous value for argument") and len(lines) >= 4:  # a sweep typed without -m
+        key = message.split("'")[1].split("=", 1)[0] if "'" in message else "key"
+        return (
+            f"{message}: to sweep over it add -m (--multirun); for a list pass {key}=[a,b], for one string "
+            f"quote it: \"{key}='a,b'\""
+        )
     if "Available options" in str(exc):
         start = next(i for i, ln in enumerate(lines) if ln.startswith("Available options"))
         choices = [ln for ln in lines[start + 1 :] if not ln.startswith(("Config search path", "provider="))]

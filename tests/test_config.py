@@ -184,6 +184,16 @@ def test_an_interpolation_that_does_not_resolve_names_the_key(compose, monkeypat
     )
 
 
+def test_a_sweep_typed_without_m_says_to_add_m(compose):
+    """Hydra's first option alone (a list) was the whole hint."""
+    with pytest.raises(UserError) as refused:
+        compose(["optimizer.lr=1e-3,3e-4"])
+    assert str(refused.value) == (
+        "Ambiguous value for argument 'optimizer.lr=1e-3,3e-4': to sweep over it add -m (--multirun); for a list "
+        "pass optimizer.lr=[a,b], for one string quote it: \"optimizer.lr='a,b'\""
+    )
+
+
 def test_text_files_without_files_says_what_to_set(compose):
     with pytest.raises(UserError, match="data.files is required"):
         compose(["data=text_files"])
