@@ -3,12 +3,28 @@ as `python -m gpt2exp.train` would; Hydra's composition errors become one-line U
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from gpt2exp.errors import UserError
+
+# A config dir the command line adds to gpt2exp's (`--config-dir DIR`: the user's own groups and
+# experiments), set once by the launcher; a job composes with Hydra's own search path, which holds it.
+_added_config_dir: list[str] = []
+
+
+def add_config_dir(path: str) -> None:
+    """Compose with `path` searched before gpt2exp's conf/, as Hydra does for `--config-dir`."""
+    from gpt2exp.overrides import quoted
+
+    _added_config_dir[:] = [f"hydra.searchpath=[{quoted('file://' + os.path.abspath(os.path.expanduser(path)))}]"]
+
+
+def with_added_config_dir(overrides: list[str]) -> list[str]:
+    return [*overrides, *_added_config_dir]
 
 
 def compose(conf_dir: str, overrides: list[str], validated: bool = True) -> DictConfig:
@@ -43,7 +59,9 @@ def _compose(
             cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
         else:
             with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
-                cfg = hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
+                cfg = hydra_compose(
+                    config_name="config", overrides=with_added_config_dir(overrides), return_hydra_config=with_hydra
+                )
     except (HydraException, OmegaConfBaseException, ValueError) as exc:
         raise UserError(one_line(exc)) from None
     setting = None

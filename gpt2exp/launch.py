@@ -27,7 +27,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from gpt2exp.composing import compose, compose_with_hydra, hydra_value, one_line
+from gpt2exp.composing import (
+    add_config_dir,
+    compose,
+    compose_with_hydra,
+    hydra_value,
+    one_line,
+    with_added_config_dir,
+)
 from gpt2exp.distributed import check_world, world_from_env
 from gpt2exp.errors import UserError, fail
 from gpt2exp.overrides import (
@@ -117,6 +124,7 @@ def prepare_argv(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | N
     Exits 2 on bad input.
     """
     try:
+        use_config_dir_flags(argv)
         return _prepare(argv, conf_dir)
     except UserError as exc:
         fail(str(exc))
@@ -138,6 +146,7 @@ def prepare_argv_on_ranks(argv: list[str], conf_dir: str) -> tuple[list[str], Ru
     mine: dict[str, RunPlan | None] = {}
 
     def decide() -> tuple[list[str], RunPlan | None]:
+        use_config_dir_flags(argv)
         shared = _with_shared_run_dir(argv, conf_dir)
         new_argv, plan = prepare_argv(shared, conf_dir)
         mine["plan"] = plan
@@ -150,6 +159,27 @@ def prepare_argv_on_ranks(argv: list[str], conf_dir: str) -> tuple[list[str], Ru
     # rank 0 logs for the run (the others would repeat it line for line); another rank shows its errors only
     quiet += ["hydra.output_subdir=null", "hydra/job_logging=stdout", "hydra.job_logging.root.level=ERROR"]
     return [new_argv[0], *quiet], plan
+
+
+def use_config_dir_flags(argv: list[str]) -> None:
+    """`--config-dir DIR` (`-cd`) adds the user's own groups and experiments to every composition the
+    launcher makes, as Hydra adds it to the job's; gpt2exp's primary config is its own conf/config.yaml."""
+    flags, override_args = split_argv(argv[1:])
+    named = dict(zip(flags, [*flags[1:], None], strict=True))
+    named |= {f.split("=", 1)[0]: f.split("=", 1)[1] for f in flags if f.startswith("--") and "=" in f}
+    if any(named.get(f) is not None for f in ("--config-name", "-cn", "--config-path", "-cp")):
+        raise UserError(
+            "gpt2exp composes its own conf/config.yaml: --config-name and --config-path do not apply; add your "
+            "own groups and experiments with --config-dir DIR (e.g. DIR/experiment/mine.yaml, +experiment=mine)"
+        )
+    config_dir = named.get("--config-dir") or named.get("-cd")
+    if config_dir is None:
+        return
+    if not os.path.isdir(os.path.expanduser(config_dir)):
+        raise UserError(f"--config-dir {config_dir} is not a directory; name the dir holding your config groups")
+    if any(key_of(o) == "hydra.searchpath" for o in parse(override_args)):
+        raise UserError("pass your config dir either with --config-dir or in hydra.searchpath=[...], not both")
+    add_config_dir(config_dir)
 
 
 def _with_shared_run_dir(argv: list[str], conf_dir: str) -> list[str]:
@@ -190,7 +220,8 @@ def compose_hydra(conf_dir: str, override_args: list[str]) -> DictConfig:
     register_schemas()
     try:
         with initialize_config_dir(config_dir=conf_dir, version_base="1.3", job_name="train"):
-            return hydra_compose(config_name="config", overrides=override_args, return_hydra_config=True)
+            overrides = with_added_config_dir(override_args)
+            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=True)
     except Exception as exc:  # noqa: BLE001 - Hydra's and OmegaConf's many kinds, each one line
         raise UserError(one_line(exc)) from None
 

@@ -233,6 +233,34 @@ def test_a_pretrained_dir_that_is_not_a_whole_gpt2_is_refused(tmp_path, pretrain
     assert not (tmp_path / "outputs").exists()  # each launch took back its run dir
 
 
+def test_a_config_dir_of_ones_own_adds_groups_and_experiments_to_runs_and_sweeps(tmp_path):
+    """--config-dir is searched before gpt2exp's conf/ by the launcher's checks as by Hydra in the job: the
+    launcher composed without it and refused +experiment=mine."""
+    (tmp_path / "mine" / "experiment").mkdir(parents=True)
+    (tmp_path / "mine" / "model").mkdir()
+    (tmp_path / "mine" / "experiment" / "mine.yaml").write_text(
+        "# @package _global_\ndefaults:\n  - override /model: one_layer\ntrainer:\n  max_steps: 2\n"
+    )
+    (tmp_path / "mine" / "model" / "one_layer.yaml").write_text("defaults:\n  - gpt2_tiny\n  - _self_\nn_layer: 1\n")
+    own = ["--config-dir", "mine", "+experiment=mine", *FAST[1:]]  # FAST less its model.n_layer
+    run = run_cli("gpt2exp.train", *own, "hydra.run.dir=run", cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    sweep = run_cli("gpt2exp.train", "-m", *own, "seed=1,2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    for run_dir in (tmp_path / "run", tmp_path / "sweep" / "0", tmp_path / "sweep" / "1"):
+        record = yaml.safe_load((run_dir / "config.yaml").read_text())
+        assert (record["model"]["n_layer"], record["trainer"]["max_steps"]) == (1, 2)
+    errors = [
+        run_cli("gpt2exp.train", *args, cwd=tmp_path).stderr
+        for args in (["-cn", "mine"], ["--config-dir", "nowhere", "+experiment=mine"])
+    ]
+    assert errors == [
+        "error: gpt2exp composes its own conf/config.yaml: --config-name and --config-path do not apply; add your "
+        "own groups and experiments with --config-dir DIR (e.g. DIR/experiment/mine.yaml, +experiment=mine)\n",
+        "error: --config-dir nowhere is not a directory; name the dir holding your config groups\n",
+    ]
+
+
 def test_gpt2_124m_starts_and_runs_a_step_on_cpu(tmp_path):
     """The GPU preset still runs on a CPU: bf16 autocast on CPU, compile skipped, one step."""
     result = run_cli(
