@@ -84,6 +84,16 @@ def test_an_interpolation_that_does_not_resolve_is_one_line_and_a_hydra_one_trai
 
 
 @pytest.mark.slow
+def test_hydra_job_chdir_is_refused(tmp_path, small_text):
+    """Accepted, the launcher checked data.files from here and the job read them from the run dir."""
+    error = refused(tmp_path, *SHORT, "hydra.job.chdir=true", "data=text_files", f"data.files=[{small_text.name}]")
+    assert error == (
+        "error: hydra.job.chdir=true is not supported: gpt2exp reads relative paths from the dir it is started in "
+        "and writes into the run dir by its path; drop hydra.job.chdir"
+    )
+
+
+@pytest.mark.slow
 def test_a_data_glob_that_matches_only_dirs(tmp_path):
     (tmp_path / "texts").mkdir()
     error = refused(tmp_path, *SHORT, "data=text_files", "data.files=[texts]")
