@@ -213,7 +213,8 @@ def test_token_bytes_count_the_utf8_bytes_of_any_text_exactly(run):
         ),
         (
             ["data=nope"],
-            "error: In 'config': Could not find 'data/nope'; available: fineweb_edu, hf_dataset, openwebtext, shakespeare, text_files",
+            "error: In 'config': Could not find 'data/nope'; available: fineweb_edu, hf_dataset, openwebtext, "
+            "shakespeare, text_files",
         ),
         (["--batches", "0"], "error: argument --batches: must be >= 1, got 0"),
         (["--batch-size", "x"], "error: argument --batch-size: not an integer: 'x'"),
