@@ -148,6 +148,13 @@ def train_bpe(texts: Iterable[str], vocab_size: int, out_dir: Path) -> None:
         show_progress=False,
     )
     tokenizer.train_from_iterator((line for text in texts for line in text.splitlines(True)), trainer)
+    if tokenizer.get_vocab_size() < vocab_size:  # the model's embedding follows the tokenizer, not the setting
+        log.warning(
+            "the BPE learned %d tokens, fewer than data.tokenizer.vocab_size=%d: the training text holds no more "
+            "merges, and the model embeds the tokens learned",
+            tokenizer.get_vocab_size(),
+            vocab_size,
+        )
     wrapped = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, unk_token=EOS_TOKEN
     )

@@ -254,3 +254,20 @@ def test_val_batches_are_fixed():
     second = data.val_batches(tokens, 32, 4, 3)
     assert len(first) == 3 and first[0][0].shape == (4, 32)
     assert all(np.array_equal(a[0], b[0]) for a, b in zip(first, second, strict=True))
+
+
+def test_a_bpe_that_learns_fewer_tokens_than_asked_says_so(tmp_path, caplog):
+    """A text with fewer merges than data.tokenizer.vocab_size asks: the model then embeds fewer rows (e.g.
+    gpt2_124m's 50257 on Shakespeare learns 45,659)."""
+    import logging
+
+    from tokenizers import Tokenizer
+
+    with caplog.at_level(logging.WARNING, logger="gpt2exp"):
+        data.train_bpe(["to be or not to be\n"] * 3, 1000, tmp_path)
+    learned = Tokenizer.from_file(str(tmp_path / "tokenizer.json")).get_vocab_size()
+    assert learned < 300
+    assert [r.getMessage() for r in caplog.records] == [
+        f"the BPE learned {learned} tokens, fewer than data.tokenizer.vocab_size=1000: the training text holds no "
+        "more merges, and the model embeds the tokens learned"
+    ]
