@@ -4,6 +4,7 @@ as `python -m gpt2exp.train` would; Hydra's composition errors become one-line U
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
@@ -16,11 +17,21 @@ from gpt2exp.errors import UserError
 _added_config_dir: list[str] = []
 
 
+_added_config_path: list[str] = []
+
+
 def add_config_dir(path: str) -> None:
     """Compose with `path` searched before gpt2exp's conf/, as Hydra does for `--config-dir`."""
     from gpt2exp.overrides import quoted
 
-    _added_config_dir[:] = [f"hydra.searchpath=[{quoted('file://' + os.path.abspath(os.path.expanduser(path)))}]"]
+    _added_config_path[:] = [os.path.abspath(os.path.expanduser(path))]
+    _added_config_dir[:] = [f"hydra.searchpath=[{quoted('file://' + _added_config_path[0])}]"]
+
+
+def group_options(conf_dir: str, group: str) -> list[str]:
+    """The options of config group `group`: gpt2exp's and those of a dir added with --config-dir (not
+    those Hydra's plugins bring)."""
+    return sorted({p.stem for d in (conf_dir, *_added_config_path) for p in Path(d, group).glob("*.yaml")})
 
 
 def with_added_config_dir(overrides: list[str]) -> list[str]:

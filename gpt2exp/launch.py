@@ -31,6 +31,7 @@ from gpt2exp.composing import (
     add_config_dir,
     compose,
     compose_with_hydra,
+    group_options,
     hydra_value,
     one_line,
     with_added_config_dir,
@@ -340,7 +341,7 @@ def first_job_sweep_dir(conf_dir: str, overrides: list) -> str | None:
     from hydra.errors import HydraException
 
     try:
-        first_job = [values[0] for values in job_values(overrides, with_hydra=True)]
+        first_job = [values[0] for values in job_values(conf_dir, overrides, with_hydra=True)]
     except HydraException as exc:
         raise UserError(one_line(exc)) from None
     return hydra_value(compose_hydra(conf_dir, first_job), "hydra.sweep.dir")
@@ -366,18 +367,26 @@ def refuse_existing_sweep(sweep_dir: Path, overrides: list) -> None:
     )
 
 
-def job_values(overrides: list, with_hydra: bool = False) -> list[list[str]]:
+def job_values(conf_dir: str, overrides: list, with_hydra: bool = False) -> list[list[str]]:
     """Each override as the jobs of a sweep get it: a plain one as it is, a discrete sweep as each of its
-    values (`key=value`); ranges and intervals (Optuna's) are left to the sweeper, Hydra's own settings
-    unless `with_hydra`. Raises HydraException for a sweep Hydra cannot expand."""
+    values (`key=value`; a group's `glob(...)` as the options it matches); ranges and intervals (Optuna's)
+    are left to the sweeper, Hydra's own settings unless `with_hydra`. Raises HydraException for a sweep
+    Hydra cannot expand."""
+    from hydra.core.override_parser.types import Glob
+
     values = []
     for override in overrides:
         if is_hydra(override) and not with_hydra:
             continue
+        key = override.get_key_element()
         if not override.is_sweep_override():
             values.append([override.input_line])
+        elif isinstance(override.value(), Glob):  # Hydra expands it with the config loader its sweeper has
+            matched = override.value().filter(group_options(conf_dir, key_of(override)))
+            if not matched:
+                raise UserError(f"{override.input_line} matches no option of {key_of(override)}")
+            values.append([f"{key}={value}" for value in matched])
         elif override.is_discrete_sweep():
-            key = override.get_key_element()
             values.append([f"{key}={value}" for value in override.sweep_string_iterator()])
     return values
 
@@ -393,7 +402,7 @@ def check_sweep_values(conf_dir: str, overrides: list) -> None:
     from hydra.errors import HydraException
 
     try:
-        choices = job_values(overrides)
+        choices = job_values(conf_dir, overrides)
     except HydraException as exc:
         raise UserError(one_line(exc)) from None
     tried: set[tuple[str, ...]] = set()

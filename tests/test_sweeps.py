@@ -88,6 +88,15 @@ def test_a_2x2_multirun_gives_four_run_dirs_with_the_swept_values(tmp_path):
     ]
 
 
+def test_a_glob_over_a_group_sweeps_the_options_it_matches(tmp_path):
+    """Hydra expands glob() with its sweeper's config loader; the launcher's check of each swept value has
+    none, and refused the sweep with "ConfigLoader is not set"."""
+    sweep_dir = tmp_path / "sweep"
+    unshaped = [o for o in SHORT if not o.startswith("model.")]
+    sweep(tmp_path, sweep_dir, *unshaped, "trainer.max_steps=2", "model=glob(gpt2_*i*)")
+    assert [record(sweep_dir / d)["model"]["n_embd"] for d in job_dirs(sweep_dir)] == [384, 128]  # mini, tiny
+
+
 def test_each_sweep_job_gets_its_own_wandb_run_named_by_its_overrides(tmp_path):
     sweep_dir = tmp_path / "multirun" / "2026-01-01" / "10-00-00"
     sweep(tmp_path, sweep_dir, *SHORT, "logger=wandb", "logger.mode=offline", "optimizer.lr=1e-3,3e-3")
@@ -447,6 +456,7 @@ def test_a_job_leaves_no_global_state_behind_in_its_process(tmp_path, compose):
         ("optimizer.lrr=1e-3,2e-3", "error: Could not override 'optimizer.lrr': Key 'lrr' not in 'OptimizerConfig'"),
         ("trainer.log_every=1,0", "error: trainer.log_every=0 must be at least 1; set e.g. trainer.log_every=1"),
         ("model=gpt2_tiny,gpt2_huge", "error: In 'config': Could not find 'model/gpt2_huge'; available: gpt2_124m,"),
+        ("model=glob(gpt2_huge*)", "error: model=glob(gpt2_huge*) matches no option of model"),
     ],
 )
 def test_a_bad_swept_value_fails_in_one_line_before_any_job_starts(tmp_path, swept, error):
