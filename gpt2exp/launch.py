@@ -247,8 +247,18 @@ def check_plugins(overrides: list) -> None:
             check_reachable(option)  # no sbatch, or no controller: one line now, not a traceback after the sweep dir
 
 
+PRINT_FLAGS = ("--cfg", "-c", "--info", "-i")  # print a composed config: checked as a run's would be
+
+
 def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]:
     args = argv[1:]
+    if any(a in PRINT_FLAGS for a in args):
+        flags, override_args = split_argv(args)
+        if any(a in MULTIRUN_FLAGS for a in flags):
+            raise UserError("--cfg and --info print one composition and take no -m; drop -m (and the sweep's lists)")
+        overrides = [o.input_line for o in parse(override_args) if key_of(o) != "resume"]
+        compose_with_hydra(conf_dir, overrides, "hydra.run.dir")  # a bad override: its one line, as in a run
+        return argv, None
     if any(a in INFO_FLAGS for a in args):
         return argv, None
     flags, override_args = split_argv(args)

@@ -94,6 +94,24 @@ def test_hydra_job_chdir_is_refused(tmp_path, small_text):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "error"),
+    [
+        (["--cfg", "job", "trainer.max_step=3"], "error: Could not override 'trainer.max_step': Key 'max_step' not in "
+         "'TrainerConfig' (key trainer.max_step)"),  # Hydra's own: 7 lines, exit 1
+        (["--cfg", "job", "data.files=[a.txt]"], "error: data.files applies only to data=text_files, not to "
+         "data=shakespeare; did you mean data=text_files?"),  # printed, though a run refuses it
+        (["-m", "--cfg", "job", "seed=1,2"], "error: --cfg and --info print one composition and take no -m; drop -m "
+         "(and the sweep's lists)"),  # a traceback
+    ],
+)  # fmt: skip
+def test_printing_the_config_checks_it_as_a_run_would(tmp_path, args, error):
+    assert refused(tmp_path, *args) == error
+    printed = run_cli("gpt2exp.train", "--cfg", "job", "trainer.batch_size=7", cwd=tmp_path)
+    assert printed.returncode == 0 and "  batch_size: 7\n" in printed.stdout
+
+
+@pytest.mark.slow
 def test_a_data_glob_that_matches_only_dirs(tmp_path):
     (tmp_path / "texts").mkdir()
     error = refused(tmp_path, *SHORT, "data=text_files", "data.files=[texts]")
