@@ -264,6 +264,10 @@ ONLY_FOR: dict[str, tuple[str, str, tuple[str, ...]]] = {
 }
 
 
+# The key each group's option files set to name the option: unset only when no option was chosen.
+CHOSEN_BY_OPTION = ("data.source", "optimizer.name", "scheduler.name", "logger.backend")
+
+
 def check_applicable(cfg: DictConfig, keys: Collection[str] | None = None) -> None:
     """A key set for an option other than the chosen one is refused, naming the option that has it.
 
@@ -354,6 +358,11 @@ def validate(cfg: DictConfig) -> None:
     """Checks that types alone cannot express; each failure names the key and the fix."""
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
+        unchosen = [key for key in missing if key in CHOSEN_BY_OPTION]
+        if unchosen:  # the group's option was removed (`~logger`), not just a key
+            group = unchosen[0].split(".")[0]
+            options = sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+            raise UserError(f"no {group} option is chosen; choose one with {group}=..., one of {', '.join(options)}")
         raise UserError(f"{missing[0]} is required but not set; add {missing[0]}=... to the command")
     if cfg.data.source == "text_files" and not cfg.data.files:
         raise UserError("data.files is required for data=text_files; add data.files=[path/to/text.txt]")
@@ -422,7 +431,7 @@ class Range:
         if self.count is not None:
             values = list(value) if isinstance(value, ListConfig | list) else None
             if values is None or len(values) != self.count or not all(self.admits(v) for v in values):
-                shown = values if values is not None else value
+                shown = values if values is not None else _yaml_value(value)
                 return f"{key}={shown} must hold {self.count} numbers, each {self.words()}"
             return None
         if self.admits(value):

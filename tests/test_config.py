@@ -194,6 +194,21 @@ def test_a_sweep_typed_without_m_says_to_add_m(compose):
     )
 
 
+@pytest.mark.parametrize(
+    ("removed", "error"),
+    [
+        ("~logger", "no logger option is chosen; choose one with logger=..., one of none, tensorboard, wandb, "
+         "wandb_tensorboard"),
+        ("~optimizer", "no optimizer option is chosen; choose one with optimizer=..., one of adamw, sgd"),
+        ("optimizer.betas=null", "optimizer.betas=null must hold 2 numbers, each at least 0 and less than 1"),
+    ],
+)  # fmt: skip
+def test_a_group_or_value_removed_says_what_to_choose(compose, removed, error):
+    with pytest.raises(UserError) as refused:
+        compose([removed])
+    assert str(refused.value) == error
+
+
 def test_text_files_without_files_says_what_to_set(compose):
     with pytest.raises(UserError, match="data.files is required"):
         compose(["data=text_files"])
