@@ -7,6 +7,7 @@ otherwise retries for about 50 s before it gives up.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Callable
@@ -65,14 +66,42 @@ def load_pretrained(loader: Callable[..., Any], name: str, what: str, **kwargs: 
     except (OSError, ValueError):
         pass
     if not hub_reachable():
-        raise UserError(
-            f"{what} '{name}' is not a local path, not in the local HF cache, and the Hugging Face hub "
-            "cannot be reached (offline); pass a local path saved with save_pretrained, or go online"
-        )
+        raise unreachable(what, name)
     try:
         return loader(name, **kwargs)
     except (OSError, ValueError) as exc:
         raise UserError(f"unknown {what} '{name}' on the Hugging Face hub: {_first_line(exc)}") from exc
+
+
+def unreachable(what: str, name: str) -> UserError:
+    return UserError(
+        f"{what} '{name}' is not a local path, not in the local HF cache, and the Hugging Face hub "
+        "cannot be reached (offline); pass a local path saved with save_pretrained, or go online"
+    )
+
+
+def saved_config(name: str, what: str) -> dict[str, Any] | None:
+    """The config.json of `name` (a local dir, or a hub name in the local HF cache) without loading the
+    model: for checks before a run starts. None for a hub name that is not cached but may be downloaded."""
+    path = Path(os.path.expanduser(name))
+    if not path.exists():
+        if name.startswith((".", "/", "~")):
+            raise UserError(f"{what} path not found: {name}; check the path")
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json")
+        if not isinstance(cached, str):
+            if not hub_reachable():
+                raise unreachable(what, name)
+            return None
+        path = Path(cached).parent
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot load {what} from {name}: no readable config.json ({_first_line(exc)})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"cannot load {what} from {name}: its config.json holds no settings")
+    return config
 
 
 def _first_line(exc: BaseException) -> str:

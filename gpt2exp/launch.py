@@ -92,6 +92,10 @@ def check_new_run(cfg: DictConfig) -> None:
             f"model.init={cfg.model.init} reads its own tokenizer's token ids, not those of a BPE trained here; "
             f"add data.tokenizer.name={cfg.model.init} (as +experiment=finetune_gpt2 does)"
         )
+    if cfg.model.init != "scratch":
+        from gpt2exp.model import check_init
+
+        check_init(cfg.model.init)
     check_available(cfg)
 
 

@@ -7,7 +7,7 @@ import logging
 from typing import Any
 
 from gpt2exp.errors import UserError
-from gpt2exp.hub import load_pretrained
+from gpt2exp.hub import load_pretrained, saved_config
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,25 @@ def build_model(cfg: Any, vocab_size: int, eos_id: int):
     return model
 
 
+def check_init(init: str) -> None:
+    """Before any data is prepared (hours, at scale): model.init names a GPT-2 this process can load."""
+    config = saved_config(init, "model")
+    if config is not None:
+        refuse_other_architecture(init, config.get("model_type"))
+
+
+def refuse_other_architecture(init: str, model_type: str | None) -> None:
+    if model_type != "gpt2":
+        raise UserError(
+            f"model.init={init} is a {model_type} model, not GPT-2; pass a GPT-2 checkpoint "
+            "(a hub name such as gpt2, or a dir saved with save_pretrained)"
+        )
+
+
 def refuse_partly_loaded(init: str, config: Any, loading: dict) -> None:
     """transformers initialises at random what a checkpoint lacks (another architecture's, a layer
     removed) and only says so in a notice: a run would silently train from partly random weights."""
-    if config.model_type != "gpt2":
-        raise UserError(
-            f"model.init={init} is a {config.model_type} model, not GPT-2; pass a GPT-2 checkpoint "
-            "(a hub name such as gpt2, or a dir saved with save_pretrained)"
-        )
+    refuse_other_architecture(init, config.model_type)
     missing = sorted(loading["missing_keys"])
     if missing:
         raise UserError(

@@ -214,16 +214,22 @@ def test_a_pretrained_dir_that_is_not_a_whole_gpt2_is_refused(tmp_path, pretrain
     shutil.copytree(pretrained_dir, partial)
     weights = load_file(partial / "model.safetensors")
     save_file({k: v for k, v in weights.items() if ".h.1." not in k}, partial / "model.safetensors", {"format": "pt"})
-    errors = []
-    for init in (bert, partial, "no-such-model-xyz"):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    errors, in_launcher = [], []
+    for init in (bert, empty, partial, "no-such-model-xyz"):
         result = run_cli(
             "gpt2exp.train", *FAST, f"model.init={init}", f"data.tokenizer.name={pretrained_dir}", cwd=tmp_path
         )
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         errors.append(result.stderr.strip().splitlines()[-1])
+        in_launcher.append(result.stdout == "")  # before any data is prepared: no job started
+    assert in_launcher == [True, True, False, True]  # the partial dir's weights are read by the job
     assert errors == [
         f"error: model.init={bert} is a bert model, not GPT-2; pass a GPT-2 checkpoint (a hub name such as gpt2, "
         "or a dir saved with save_pretrained)",
+        f"error: cannot load model from {empty}: no readable config.json ([Errno 2] No such file or directory: "
+        f"'{empty}/config.json')",
         f"error: model.init={partial} lacks 12 of GPT-2's weights (transformer.h.1.attn.c_attn.bias, "
         "transformer.h.1.attn.c_attn.weight, transformer.h.1.attn.c_proj.bias, ...), which would start at random; "
         "pass a whole GPT-2 checkpoint",

@@ -44,3 +44,23 @@ def test_a_local_directory_loads_directly(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=1, n_embd=8, n_positions=8, vocab_size=16)).save_pretrained(tmp_path)
     model = hub.load_pretrained(GPT2LMHeadModel.from_pretrained, str(tmp_path), what="model")
     assert model.config.n_embd == 8
+
+
+def test_a_cached_hub_models_config_is_read_before_the_run_starts(tmp_path, monkeypatch):
+    """model.init=org/name found in the local HF cache: its config.json tells the architecture at once;
+    not cached and offline, the same line load_pretrained gives."""
+    import huggingface_hub.constants
+
+    snapshot = tmp_path / "models--org--tiny" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "models--org--tiny" / "refs").mkdir()
+    (tmp_path / "models--org--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path))
+    assert hub.saved_config("org/tiny", "model") == {"model_type": "llama"}
+    with pytest.raises(UserError) as refused:
+        hub.saved_config("org/other", "model")
+    assert str(refused.value) == (
+        "model 'org/other' is not a local path, not in the local HF cache, and the Hugging Face hub cannot be "
+        "reached (offline); pass a local path saved with save_pretrained, or go online"
+    )
