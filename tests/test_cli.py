@@ -216,15 +216,21 @@ def test_a_pretrained_dir_that_is_not_a_whole_gpt2_is_refused(tmp_path, pretrain
     save_file({k: v for k, v in weights.items() if ".h.1." not in k}, partial / "model.safetensors", {"format": "pt"})
     empty = tmp_path / "empty"
     empty.mkdir()
-    errors, in_launcher = [], []
-    for init in (bert, empty, partial, "no-such-model-xyz"):
+    errors, prepared = [], []
+    for n, init in enumerate((bert, empty, partial, "no-such-model-xyz")):
+        cache = tmp_path / f"cache-{n}"  # a token cache of its own: whether the data was prepared first
         result = run_cli(
-            "gpt2exp.train", *FAST, f"model.init={init}", f"data.tokenizer.name={pretrained_dir}", cwd=tmp_path
+            "gpt2exp.train",
+            *FAST,
+            f"model.init={init}",
+            f"data.tokenizer.name={pretrained_dir}",
+            cwd=tmp_path,
+            env={"GPT2EXP_CACHE": str(cache)},
         )
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
         errors.append(result.stderr.strip().splitlines()[-1])
-        in_launcher.append(result.stdout == "")  # before any data is prepared: no job started
-    assert in_launcher == [True, True, False, True]  # the partial dir's weights are read by the job
+        prepared.append(cache.is_dir() and any(cache.iterdir()))
+    assert prepared == [False, False, True, False]  # only the partial dir's weights need the job to read them
     assert errors == [
         f"error: model.init={bert} is a bert model, not GPT-2; pass a GPT-2 checkpoint (a hub name such as gpt2, "
         "or a dir saved with save_pretrained)",
