@@ -13,19 +13,21 @@ from omegaconf.errors import OmegaConfBaseException
 from gpt2exp.errors import UserError
 
 # A config dir the command line adds to gpt2exp's (`--config-dir DIR`: the user's own groups and
-# experiments), set once by the launcher; a job composes with Hydra's own search path, which holds it.
+# experiments), set by the launcher for its command line; a job composes with Hydra's own search path,
+# which holds it.
 _added_config_dir: list[str] = []
 
 
 _added_config_path: list[str] = []
 
 
-def add_config_dir(path: str) -> None:
-    """Compose with `path` searched before gpt2exp's conf/, as Hydra does for `--config-dir`."""
+def add_config_dir(path: str | None) -> None:
+    """Compose with `path` in the search path, after gpt2exp's conf/, as Hydra does for `--config-dir`
+    (None: without one)."""
     from gpt2exp.overrides import quoted
 
-    _added_config_path[:] = [os.path.abspath(os.path.expanduser(path))]
-    _added_config_dir[:] = [f"hydra.searchpath=[{quoted('file://' + _added_config_path[0])}]"]
+    _added_config_path[:] = [os.path.abspath(os.path.expanduser(path))] if path else []
+    _added_config_dir[:] = [f"hydra.searchpath=[{quoted('file://' + p)}]" for p in _added_config_path]
 
 
 def group_options(conf_dir: str, group: str) -> list[str]:
@@ -79,6 +81,7 @@ def _compose(
     if with_hydra:
         setting = hydra_value(cfg, hydra_key) if hydra_key is not None else None
         if not in_job:
+            refuse_chdir(cfg)
             resolve_hydra_interpolations(cfg)
         with open_dict(cfg):
             del cfg["hydra"]
@@ -92,6 +95,21 @@ def _compose(
     return cfg, setting
 
 
+def refuse_chdir(cfg: DictConfig) -> None:
+    """The job would read each relative path (data files, checkpoint.dir, model.init) from the run dir,
+    the launcher having checked it from the launch dir."""
+    if OmegaConf.select(cfg, "hydra.job.chdir") is True:
+        raise UserError(
+            "hydra.job.chdir=true is not supported: gpt2exp reads relative paths from the dir it is started in "
+            "and writes into the run dir by its path; drop hydra.job.chdir"
+        )
+
+
+# Hydra's settings that hold a value only once a job runs: a job key built from one cannot be checked,
+# or recorded the same, at launch.
+SET_WHEN_THE_JOB_RUNS = ("hydra.runtime.output_dir", "hydra.job.num", "hydra.job.id")
+
+
 def resolve_hydra_interpolations(cfg: DictConfig) -> None:
     """Each job key holding `${hydra:...}` (a run named `${hydra:runtime.choices.model}`), resolved in
     place against the Hydra settings `cfg` was composed with. A job resolves them against the
@@ -99,11 +117,21 @@ def resolve_hydra_interpolations(cfg: DictConfig) -> None:
     its composition's for as long as it resolves them."""
     from hydra.core.hydra_config import HydraConfig
 
+    keys = _hydra_interpolated_keys(cfg, "")
+    for key in keys:
+        raw = _raw(cfg, key)
+        if any("${hydra:" + unset.removeprefix("hydra.") in raw for unset in SET_WHEN_THE_JOB_RUNS):
+            raise UserError(
+                f"{key}={raw} uses a Hydra setting known only once the job runs; gpt2exp checks and records every "
+                "value before it starts: use one known at launch, e.g. ${hydra:runtime.choices.model}"
+            )
+    if not keys:
+        return
     holder = HydraConfig.instance()
     before = holder.cfg
     holder.set_config(cfg)
     try:
-        for key in _hydra_interpolated_keys(cfg, ""):
+        for key in keys:
             OmegaConf.update(cfg, key, OmegaConf.select(cfg, key, throw_on_resolution_failure=True), merge=False)
     except OmegaConfBaseException as exc:
         raise UserError(one_line(exc)) from None
@@ -111,9 +139,18 @@ def resolve_hydra_interpolations(cfg: DictConfig) -> None:
         holder.cfg = before
 
 
+def _raw(cfg: DictConfig, key: str) -> str:
+    """The value of `key` as written (its interpolation unresolved)."""
+    if key.endswith("]"):  # a list's item: data.files[0]
+        parent, index = key[: key.rindex("[")], int(key[key.rindex("[") + 1 : -1])
+        return str(OmegaConf.select(cfg, parent)._get_node(index)._value())
+    parent, _, leaf = key.rpartition(".")
+    return str((OmegaConf.select(cfg, parent) if parent else cfg)._get_node(leaf)._value())
+
+
 def _hydra_interpolated_keys(node: Any, prefix: str) -> list[str]:
     keys = []
-    items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else enumerate(node)
+    items = node.items_ex(resolve=False) if isinstance(node, DictConfig) else ((i, None) for i in range(len(node)))
     for key, _ in items:
         path = f"{prefix}{key}" if isinstance(node, DictConfig) else f"{prefix[:-1]}[{key}]"
         if path == "hydra":

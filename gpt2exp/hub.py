@@ -89,7 +89,10 @@ def saved_config(name: str, what: str) -> dict[str, Any] | None:
             raise UserError(f"{what} path not found: {name}; check the path")
         from huggingface_hub import try_to_load_from_cache
 
-        cached = try_to_load_from_cache(name, "config.json")
+        try:
+            cached = try_to_load_from_cache(name, "config.json")
+        except ValueError:  # not a hub name either (a/b/c, spaces): most likely a mistyped relative path
+            raise UserError(f"{what} path not found: {name}; check the path") from None
         if not isinstance(cached, str):
             if not hub_reachable():
                 raise unreachable(what, name)

@@ -151,7 +151,10 @@ def prepare_argv_on_ranks(argv: list[str], conf_dir: str) -> tuple[list[str], Ru
     mine: dict[str, RunPlan | None] = {}
 
     def decide() -> tuple[list[str], RunPlan | None]:
-        use_config_dir_flags(argv)
+        try:
+            use_config_dir_flags(argv)  # before _with_shared_run_dir composes
+        except UserError as exc:
+            fail(str(exc))
         shared = _with_shared_run_dir(argv, conf_dir)
         new_argv, plan = prepare_argv(shared, conf_dir)
         mine["plan"] = plan
@@ -168,7 +171,9 @@ def prepare_argv_on_ranks(argv: list[str], conf_dir: str) -> tuple[list[str], Ru
 
 def use_config_dir_flags(argv: list[str]) -> None:
     """`--config-dir DIR` (`-cd`) adds the user's own groups and experiments to every composition the
-    launcher makes, as Hydra adds it to the job's; gpt2exp's primary config is its own conf/config.yaml."""
+    launcher makes, as Hydra adds it to the job's search path (after gpt2exp's conf/, whose
+    config.yaml is the primary config)."""
+    add_config_dir(None)  # this command line's alone
     flags, override_args = split_argv(argv[1:])
     named = dict(zip(flags, [*flags[1:], None], strict=False))  # each flag and the arg after it
     named |= {f.split("=", 1)[0]: f.split("=", 1)[1] for f in flags if f.startswith("--") and "=" in f}
@@ -269,12 +274,6 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
     multirun = any(a in MULTIRUN_FLAGS for a in flags)
     overrides = parse(override_args)
     check_plugins(overrides)
-    if (last_value(overrides, "hydra.job.chdir") or "").lower() == "true":
-        # the job would read each relative path (data files, checkpoint.dir, model.init) from the run dir
-        raise UserError(
-            "hydra.job.chdir=true is not supported: gpt2exp reads relative paths from the dir it is started in "
-            "and writes into the run dir by its path; drop hydra.job.chdir"
-        )
     job_overrides = [o.input_line for o in overrides if not is_hydra(o)]
     resume = last_value(overrides, "resume")
     if resume is not None and not resume.strip():

@@ -33,7 +33,7 @@ def resolve_target(path: str | Path) -> Target:
     checkpoint.dir the run its checkpoints dir names). Raises UserError for a missing path or one
     that is neither.
     """
-    from gpt2exp.checkpoint import is_checkpoint_dir
+    from gpt2exp.checkpoint import STEP_DIR, is_checkpoint_dir
     from gpt2exp.rundir import CONFIG_OF_RECORD, RUN_JSON, is_run_dir, run_of_checkpoints
 
     given = Path(os.path.expanduser(path))
@@ -42,7 +42,8 @@ def resolve_target(path: str | Path) -> Target:
     resolved = given.resolve()
     if is_run_dir(resolved):
         return Target(run_dir=resolved, checkpoint=None)
-    if is_checkpoint_dir(resolved):
+    if is_checkpoint_dir(resolved) or (STEP_DIR.match(resolved.name) and resolved.is_dir()):
+        # a step dir that lost its manifest is named as one: verifying it says so (`no manifest.json`)
         return Target(run_dir=run_of_checkpoints(resolved.parent), checkpoint=resolved)
     raise UserError(
         f"{path} is neither a gpt2exp run dir ({CONFIG_OF_RECORD} and {RUN_JSON}) "

@@ -191,6 +191,7 @@ def test_a_step_dir_whose_manifest_is_lost_or_misshapen_is_corrupt_to_verify(mad
     path = made / "checkpoints" / "step_00000004" / "manifest.json"
     path.unlink() if manifest is None else path.write_text(manifest)
     assert call(capsys, "verify", str(made)) == (1, f"step_00000002: ok\nstep_00000004: CORRUPT: {problem}\n", "")
+    assert call(capsys, "verify", str(path.parent)) == (1, f"step_00000004: CORRUPT: {problem}\n", "")
 
 
 def test_verify_a_loose_checkpoint_but_list_needs_its_run(tmp_path, capsys):

@@ -174,6 +174,37 @@ def test_a_hydra_interpolation_in_a_job_key_resolves_as_in_the_job(compose):
     assert not HydraConfig.initialized()  # set only while resolving: train() called from Python runs without Hydra
 
 
+@pytest.mark.parametrize(
+    ("override", "error"),
+    [
+        ("checkpoint.dir=${hydra:runtime.output_dir}/ck", "checkpoint.dir=${hydra:runtime.output_dir}/ck uses a Hydra "
+         "setting known only once the job runs; gpt2exp checks and records every value before it starts: use one "
+         "known at launch, e.g. ${hydra:runtime.choices.model}"),  # checked as None/ck, then recorded otherwise
+        ("hydra.job.chdir=yes", "hydra.job.chdir=true is not supported: gpt2exp reads relative paths from the dir "
+         "it is started in and writes into the run dir by its path; drop hydra.job.chdir"),
+    ],
+)  # fmt: skip
+def test_what_only_a_running_job_could_tell_is_refused_at_compose_time(compose, override, error):
+    with pytest.raises(UserError) as refused:
+        compose([override])
+    assert str(refused.value) == error
+
+
+def test_a_hydra_interpolation_in_a_list_item_resolves_too(compose):
+    cfg = compose(["data=text_files", "data.files=[${hydra:runtime.choices.model}.txt,b.txt]"])
+    assert list(cfg.data.files) == ["gpt2_tiny.txt", "b.txt"]
+
+
+def test_a_config_dir_is_this_command_lines_alone(tmp_path):
+    from gpt2exp.composing import add_config_dir, with_added_config_dir
+    from gpt2exp.launch import use_config_dir_flags
+
+    add_config_dir(str(tmp_path))
+    assert with_added_config_dir(["a=1"]) == ["a=1", f"hydra.searchpath=['file://{tmp_path}']"]
+    use_config_dir_flags(["train", "a=1"])  # the next command line, in the same process, names none
+    assert with_added_config_dir(["a=1"]) == ["a=1"]
+
+
 def test_an_interpolation_that_does_not_resolve_names_the_key(compose, monkeypatch):
     monkeypatch.delenv("NO_SUCH_LR", raising=False)
     with pytest.raises(UserError) as refused:

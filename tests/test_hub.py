@@ -64,3 +64,10 @@ def test_a_cached_hub_models_config_is_read_before_the_run_starts(tmp_path, monk
         "model 'org/other' is not a local path, not in the local HF cache, and the Hugging Face hub cannot be "
         "reached (offline); pass a local path saved with save_pretrained, or go online"
     )
+
+
+def test_a_path_that_is_no_hub_name_either_is_a_path_not_found():
+    """a/b/c (a mistyped relative checkpoint path) is no valid repo id: the hub client raises on it."""
+    with pytest.raises(UserError) as refused:
+        hub.saved_config("outputs/a/b/c", "model")
+    assert str(refused.value) == "model path not found: outputs/a/b/c; check the path"

@@ -116,12 +116,20 @@ def test_a_missing_path_under_home_is_named_as_given(tmp_path, monkeypatch):
         resolve_target("~/nope")
 
 
+def test_a_step_dir_without_its_manifest_is_named_as_a_checkpoint_to_be_found_corrupt(tmp_path):
+    """No commit leaves one (they are made under a temporary name): it lost its manifest, and verifying
+    it says so, where "neither a run dir nor a checkpoint dir" misled."""
+    run = make_run_dir(tmp_path / "run")
+    (run / "checkpoints" / "step_00000005").mkdir()
+    target = resolve_target(run / "checkpoints" / "step_00000005")
+    assert (target.run_dir, target.checkpoint) == (run.resolve(), (run / "checkpoints" / "step_00000005").resolve())
+
+
 @pytest.mark.parametrize(
     "name",
     [
         "plain",  # an ordinary dir
         "run/checkpoints",  # the checkpoints dir itself
-        "run/checkpoints/step_00000005",  # a step dir without a manifest: never committed
         "run/checkpoints/latest",  # a file
         "half",  # config.yaml without run.json
     ],
