@@ -23,6 +23,13 @@ GPT2_PARAMS = {
 }
 
 
+def refusal(compose, *overrides: str) -> str:
+    """The one-line UserError that composing `overrides` gives."""
+    with pytest.raises(UserError) as refused:
+        compose(list(overrides))
+    return str(refused.value)
+
+
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
 
@@ -185,9 +192,7 @@ def test_a_hydra_interpolation_in_a_job_key_resolves_as_in_the_job(compose):
     ],
 )  # fmt: skip
 def test_what_only_a_running_job_could_tell_is_refused_at_compose_time(compose, override, error):
-    with pytest.raises(UserError) as refused:
-        compose([override])
-    assert str(refused.value) == error
+    assert refusal(compose, override) == error
 
 
 def test_a_hydra_interpolation_in_a_list_item_resolves_too(compose):
@@ -207,9 +212,7 @@ def test_a_config_dir_is_this_command_lines_alone(tmp_path):
 
 def test_an_interpolation_that_does_not_resolve_names_the_key(compose, monkeypatch):
     monkeypatch.delenv("NO_SUCH_LR", raising=False)
-    with pytest.raises(UserError) as refused:
-        compose(["optimizer.lr=${oc.env:NO_SUCH_LR}"])
-    assert str(refused.value) == (
+    assert refusal(compose, "optimizer.lr=${oc.env:NO_SUCH_LR}") == (
         "KeyError raised while resolving interpolation: \"Environment variable 'NO_SUCH_LR' not found\" "
         "(key optimizer.lr)"
     )
@@ -217,9 +220,7 @@ def test_an_interpolation_that_does_not_resolve_names_the_key(compose, monkeypat
 
 def test_a_sweep_typed_without_m_says_to_add_m(compose):
     """Hydra's first option alone (a list) was the whole hint."""
-    with pytest.raises(UserError) as refused:
-        compose(["optimizer.lr=1e-3,3e-4"])
-    assert str(refused.value) == (
+    assert refusal(compose, "optimizer.lr=1e-3,3e-4") == (
         "Ambiguous value for argument 'optimizer.lr=1e-3,3e-4': to sweep over it add -m (--multirun); for a list "
         "pass optimizer.lr=[a,b], for one string quote it: \"optimizer.lr='a,b'\""
     )
@@ -235,9 +236,7 @@ def test_a_sweep_typed_without_m_says_to_add_m(compose):
     ],
 )  # fmt: skip
 def test_a_group_or_value_removed_says_what_to_choose(compose, removed, error):
-    with pytest.raises(UserError) as refused:
-        compose([removed])
-    assert str(refused.value) == error
+    assert refusal(compose, removed) == error
 
 
 def test_text_files_without_files_says_what_to_set(compose):
