@@ -11,6 +11,7 @@ import hashlib
 import itertools
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -675,7 +676,8 @@ def test_a_row_that_is_not_text_is_one_line_naming_the_file_and_leaves_no_cache(
     with pytest.raises(UserError) as info:
         data.prepare_data(data_cfg(tmp_path, tokenizer_dir, str(folder)))
     expected = error.format(dir=folder)
-    assert str(info.value) == (expected if expected.startswith("data.") else f"{folder}/{expected}")
+    said = re.sub(r"Row #\d+: ", "", str(info.value))  # pyarrow names the row only when it reads on one thread
+    assert said == (expected if expected.startswith("data.") else f"{folder}/{expected}")
     assert not (tmp_path / "cache").exists()
 
 
