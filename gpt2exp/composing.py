@@ -13,12 +13,10 @@ from omegaconf.errors import OmegaConfBaseException
 from gpt2exp.errors import UserError
 
 # A config dir the command line adds to gpt2exp's (`--config-dir DIR`: the user's own groups and
-# experiments), set by the launcher for its command line; a job composes with Hydra's own search path,
-# which holds it.
-_added_config_dir: list[str] = []
-
-
+# experiments), set by the launcher for its command line: its path, and the override that searches it.
+# A job composes with Hydra's own search path, which holds it.
 _added_config_path: list[str] = []
+_added_config_dir: list[str] = []
 
 
 def add_config_dir(path: str | None) -> None:
