@@ -381,8 +381,9 @@ class CheckpointManager:
         self.world = world or World()
         self._last_save_time = time.monotonic()
         if self.world.main:  # a resumed run's, before anything is loaded
-            self._clean_leftovers(checkpoints_root(self.run_dir))
-            self._set_aside_unmanifested(checkpoints_root(self.run_dir))
+            root = checkpoints_root(self.run_dir)
+            self._clean_leftovers(root)
+            self._set_aside_unmanifested(root)
         self._tmp_suffix = str(distributed.broadcast(os.getpid()))  # one temporary dir for all ranks
         # background saves: a frozen copy of the state is written by one thread, one save at a time. A files
         # writer that captures its own share (several ranks: ShardedCheckpointFiles) brings the process

@@ -87,12 +87,12 @@ def check_available(cfg: DictConfig) -> None:
 
 def check_new_run(cfg: DictConfig) -> None:
     """`check_available`, and what only a new run is refused for (a run of record is resumed as it was)."""
-    if cfg.model.init != "scratch" and cfg.data.tokenizer.name == "bpe":
-        raise UserError(
-            f"model.init={cfg.model.init} reads its own tokenizer's token ids, not those of a BPE trained here; "
-            f"add data.tokenizer.name={cfg.model.init} (as +experiment=finetune_gpt2 does)"
-        )
     if cfg.model.init != "scratch":
+        if cfg.data.tokenizer.name == "bpe":
+            raise UserError(
+                f"model.init={cfg.model.init} reads its own tokenizer's token ids, not those of a BPE trained here; "
+                f"add data.tokenizer.name={cfg.model.init} (as +experiment=finetune_gpt2 does)"
+            )
         from gpt2exp.model import check_init
 
         check_init(cfg.model.init)
@@ -266,7 +266,7 @@ def _prepare(argv: list[str], conf_dir: str) -> tuple[list[str], RunPlan | None]
         if any(a in MULTIRUN_FLAGS for a in flags):
             raise UserError("--cfg and --info print one composition and take no -m; drop -m (and the sweep's lists)")
         overrides = [o.input_line for o in parse(override_args) if key_of(o) != "resume"]
-        compose_with_hydra(conf_dir, overrides, "hydra.run.dir")  # a bad override: its one line, as in a run
+        compose(conf_dir, overrides)  # a bad override (Hydra's own too): its one line, as in a run
         return argv, None
     if any(a in INFO_FLAGS for a in args):
         return argv, None

@@ -27,13 +27,13 @@ class Target:
 def resolve_target(path: str | Path) -> Target:
     """The run dir and/or checkpoint dir `path` names, as absolute paths (`~` expanded).
 
-    A run dir has config.yaml and run.json (`rundir.is_run_dir`); a checkpoint dir is a committed
-    `step_*` dir with a manifest (`checkpoint.is_checkpoint_dir`), and belongs to the run whose
+    A run dir has config.yaml and run.json (`rundir.is_run_dir`); a checkpoint dir is a `step_*` dir
+    (committed ones hold a manifest, `checkpoint.is_checkpoint_dir`), and belongs to the run whose
     checkpoints dir holds it (`rundir.run_of_checkpoints`: the run two levels up, or with
     checkpoint.dir the run its checkpoints dir names). Raises UserError for a missing path or one
     that is neither.
     """
-    from gpt2exp.checkpoint import STEP_DIR, is_checkpoint_dir
+    from gpt2exp.checkpoint import STEP_DIR
     from gpt2exp.rundir import CONFIG_OF_RECORD, RUN_JSON, is_run_dir, run_of_checkpoints
 
     given = Path(os.path.expanduser(path))
@@ -42,8 +42,8 @@ def resolve_target(path: str | Path) -> Target:
     resolved = given.resolve()
     if is_run_dir(resolved):
         return Target(run_dir=resolved, checkpoint=None)
-    if is_checkpoint_dir(resolved) or (STEP_DIR.match(resolved.name) and resolved.is_dir()):
-        # a step dir that lost its manifest is named as one: verifying it says so (`no manifest.json`)
+    if STEP_DIR.match(resolved.name) and resolved.is_dir():
+        # committed or not: one that lost its manifest is named too, and verifying it says so
         return Target(run_dir=run_of_checkpoints(resolved.parent), checkpoint=resolved)
     raise UserError(
         f"{path} is neither a gpt2exp run dir ({CONFIG_OF_RECORD} and {RUN_JSON}) "
